@@ -1,0 +1,35 @@
+"""fxsurgeon: model surgery for PyTorch with torch.fx.
+
+Trace a model, rewrite its architecture with passes that keep the trained weights wherever maths allows,
+report the savings and run the result.
+
+>>> import torch, timm, fxsurgeon
+>>> model = timm.create_model("resnet18", pretrained=False).eval()
+>>> small = fxsurgeon.convert(model)
+>>> print(fxsurgeon.summary(small))  # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from .convert import convert
+from .errors import SurgeryError
+from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
+from .record import Conversion, Verification, get_record, summary
+from .tracing import trace
+
+__all__ = [
+    "Conversion",
+    "PassResult",
+    "Rewrite",
+    "Skip",
+    "SurgeryError",
+    "Verification",
+    "__version__",
+    "convert",
+    "get_pass",
+    "get_record",
+    "list_passes",
+    "register_pass",
+    "summary",
+    "trace",
+]

@@ -1,0 +1,284 @@
+"""convert(): copy → trace → run passes → lint/recompile → verify → record on the converted model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from . import __version__
+from .errors import SurgeryError
+from .graph import describe, module_aliases
+from .passes import Skip, get_pass, list_passes
+from .record import Conversion, Verification
+from .tracing import trace
+
+__all__ = ["DEFAULT_TOLERANCE", "compare_outputs", "convert", "model_name", "normalize_inputs"]
+
+#: relative L2 error allowed for rewrites that claim to be exact, by output dtype
+DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+# Plain attributes timm and torchvision code reads off a model; copied so the converted model still answers.
+_CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "head_hidden_size",
+                  "global_pool", "drop_rate", "feature_info", "grad_checkpointing")
+
+
+def model_name(model: nn.Module) -> str:
+    """timm architecture name when there is one, else the class name."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return str(cfg["architecture"])
+    return type(model).__name__
+
+
+def normalize_inputs(example_inputs: Any) -> tuple:
+    """A tensor or a sequence of tensors → a tuple; anything else is a SurgeryError saying what it got."""
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise SurgeryError(
+        f"example_inputs must be a tensor or a tuple of positional inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def _to_device(inputs: tuple, device: torch.device | None) -> tuple:
+    if device is None or device.type == "meta":
+        return inputs
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _restore_modes(model: nn.Module, modes: dict[str, bool], default: bool) -> None:
+    for name, m in model.named_modules():
+        m.training = modes.get(name, m.training if name.rsplit(".", 1)[0] in modes else default)
+
+
+def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
+    """Forward in eval mode without grad; the caller restores modes. A failure names what was running."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as exc:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        dtypes = [str(x.dtype) if isinstance(x, torch.Tensor) else "-" for x in inputs]
+        raise SurgeryError(
+            f"{what} failed on example_inputs of shapes {shapes}, dtypes {dtypes}: {type(exc).__name__}: {exc}. "
+            "Check that the inputs have the shape and dtype the model expects."
+        ) from exc
+
+
+def compare_outputs(reference: Any, output: Any) -> tuple[float, float]:
+    """(max abs error, relative L2 error) over all tensors of two output structures (tuples, dicts, ...)."""
+    ref_leaves, ref_spec = tree_flatten(reference)
+    out_leaves, out_spec = tree_flatten(output)
+    if ref_spec != out_spec:
+        raise SurgeryError(f"converted model returns a different output structure: {out_spec} vs {ref_spec}")
+    max_abs, diff2, ref2 = 0.0, 0.0, 0.0
+    for r, o in zip(ref_leaves, out_leaves):
+        if not isinstance(r, torch.Tensor):
+            continue
+        if r.shape != o.shape:
+            raise SurgeryError(f"converted model output shape {tuple(o.shape)} differs from {tuple(r.shape)}")
+        if not r.is_floating_point():
+            continue
+        d = (o.double() - r.double())
+        if d.numel():
+            max_abs = max(max_abs, float(d.abs().max()))
+        diff2 += float(d.pow(2).sum())
+        ref2 += float(r.double().pow(2).sum())
+    rel = (diff2 / ref2) ** 0.5 if ref2 > 0 else (0.0 if diff2 == 0 else float("inf"))
+    return max_abs, rel
+
+
+def _output_dtype(output: Any) -> torch.dtype:
+    leaves, _ = tree_flatten(output)
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _pass_options(name: str, value: Any) -> dict[str, Any] | None:
+    """Keyword value → options dict, or None when the pass is off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise SurgeryError(f"{name}= takes True, False or a dict of options, got {type(value).__name__}: {value!r}")
+
+
+def convert(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    inplace: bool = False,
+    verify: bool | None = None,
+    tolerance: float | None = None,
+    leaf_modules: Iterable[type[nn.Module]] | None = None,
+    autowrap_functions: Iterable[Callable] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    **passes: Any,
+) -> fx.GraphModule:
+    """Rewrite ``model``'s architecture with fxsurgeon's passes, keeping its trained weights.
+
+    Each pass is a keyword named after it (see :func:`fxsurgeon.list_passes`) taking ``True`` / ``False`` or
+    a dict of that pass's options; a pass not named runs with its defaults when it is on by default.
+    By default ``separable`` runs (m=1: the MobileNet form, approximate; fine-tune or calibrate after) and
+    ``conv_head`` runs where it is registered (exact).
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace. Never modified unless ``inplace=True``.
+        example_inputs: a tensor or tuple of positional inputs. Used for shapes (passes that need them) and,
+            unless ``verify=False``, to compare the converted model with the original.
+        inplace: skip the deep copy (PyTorch ``optimization.fuse`` semantics): the result shares modules
+            with ``model``, which may be left partly modified and should not be used afterwards.
+        verify: compare outputs on ``example_inputs`` (default: whenever they are given). Rewrites that
+            claim exactness must stay within ``tolerance`` or :class:`SurgeryError` is raised.
+        tolerance: relative L2 error allowed for exact rewrites (default by dtype: 1e-4 for float32).
+        leaf_modules / autowrap_functions / concrete_args: tracing controls, see :func:`fxsurgeon.trace`.
+        **passes: ``separable=dict(multiplier=2)``, ``conv_head=True``, ...
+
+    Returns:
+        A ``torch.fx.GraphModule`` on the model's device and dtype, in its train/eval modes, with the
+        :class:`~fxsurgeon.record.Conversion` record at ``converted.meta["fxsurgeon"]``.
+
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+    >>> small = convert(net, separable=dict(multiplier="full"), example_inputs=torch.randn(1, 16, 8, 8))
+    >>> small.meta["fxsurgeon"].verification.rel_error < 1e-5
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(
+            f"convert() takes a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
+        )
+    known = list_passes()
+    unknown = [k for k in passes if k not in known]
+    if unknown:
+        raise SurgeryError(f"unknown convert() option(s) {unknown}; passes: {known}")
+    plan: list[tuple[str, dict[str, Any]]] = []
+    for name in known:
+        info = get_pass(name)
+        opts = _pass_options(name, passes.get(name, info.default))
+        if opts is not None:
+            info.check_options(opts)
+            plan.append((name, opts))
+
+    inputs = normalize_inputs(example_inputs)
+    verify = bool(inputs) if verify is None else verify
+    if verify and not inputs:
+        raise SurgeryError("verify=True needs example_inputs")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    gm = trace(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+               concrete_args=concrete_args, copy_model=not inplace)
+    seconds["trace"] = time.perf_counter() - t0
+    for attr in _CARRIED_ATTRS:
+        if hasattr(model, attr) and not hasattr(gm, attr):
+            val = getattr(model, attr)
+            if not isinstance(val, (nn.Module, torch.Tensor)):
+                setattr(gm, attr, val)
+    modes = _modes(gm)
+    device = _device_of(gm)
+    inputs = _to_device(inputs, device)
+    params_before = sum(p.numel() for p in gm.parameters())
+
+    reference = None
+    if verify:
+        t = time.perf_counter()
+        reference = _run(gm, inputs, "the original model")
+        _restore_modes(gm, modes, model.training)
+        seconds["reference"] = time.perf_counter() - t
+
+    record = Conversion(model=model_name(model), options={n: o for n, o in plan})
+    record.skipped += _dropped_by_trace(model, gm)
+    for name, opts in plan:
+        info = get_pass(name)
+        t = time.perf_counter()
+        if info.needs_shapes and inputs and (device is None or device.type != "meta"):
+            modes_now = _modes(gm)
+            gm.eval()
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+            _restore_modes(gm, modes_now, model.training)
+        result = info.fn(gm, **opts)
+        result.stamp(name)
+        gm.graph.lint()
+        gm.recompile()
+        record.rewrites += result.rewrites
+        record.skipped += result.skipped
+        seconds[name] = time.perf_counter() - t
+
+    if verify:
+        t = time.perf_counter()
+        modes_now = _modes(gm)
+        output = _run(gm, inputs, "the converted model")
+        _restore_modes(gm, modes_now, model.training)
+        max_abs, rel = compare_outputs(reference, output)
+        dtype = _output_dtype(reference)
+        tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, 1e-4)
+        exact = bool(record.rewrites) and record.exact
+        record.verification = Verification(
+            max_abs_error=max_abs, rel_error=rel, tolerance=tol, exact_expected=exact,
+            input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+            device=str(device) if device is not None else "cpu", dtype=str(dtype).replace("torch.", ""),
+        )
+        seconds["verify"] = time.perf_counter() - t
+        if exact and not rel <= tol:
+            targets = ", ".join(r.target for r in record.rewrites[:5])
+            raise SurgeryError(
+                f"rewrites that claim to be exact changed {record.model}'s output: relative L2 error {rel:.3g} "
+                f"> tolerance {tol:g} (max abs {max_abs:.3g}); rewrites include {targets}. "
+                "This is a bug in fxsurgeon: please report it with the model."
+            )
+    record.params_before = params_before
+    record.params_after = sum(p.numel() for p in gm.parameters())
+    record.seconds = seconds
+    record.versions = _versions()
+    gm.meta["fxsurgeon"] = record
+    return gm
+
+
+def _dropped_by_trace(model: nn.Module, gm: fx.GraphModule) -> list[Skip]:
+    """Spatial convs of the original that the traced forward never uses: fx leaves them out of the result."""
+    kept = {name for name, _ in gm.named_modules()}
+    out = []
+    for names in module_aliases(model).values():
+        mod = model.get_submodule(names[0]) if names[0] else model
+        spatial = isinstance(mod, nn.modules.conv._ConvNd) and any(k > 1 for k in mod.kernel_size)
+        if spatial and not any(n in kept for n in names):
+            out.append(Skip(names[0], "not used by the traced forward: torch.fx leaves it out of the "
+                                      "converted model", pass_name="trace", details={"module": describe(mod)}))
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {"fxsurgeon": __version__, "torch": torch.__version__}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out

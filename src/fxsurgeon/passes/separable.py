@@ -1,0 +1,273 @@
+"""Separable pass: each standard k×k conv → depthwise k×k + pointwise 1×1, keeping the trained weights.
+
+Matches every ``nn.Conv2d`` with ``groups == 1`` and a k×k kernel (k in ``kernel_sizes``; 3×3 by default)
+that the traced forward calls, whatever its stride, padding (``"same"`` too), dilation, ``padding_mode`` and
+bias, including convs inside leaf modules (swapped by qualified name; the graph need not change). Emits a
+:class:`~fxsurgeon.modules.SeparableConv2d` at the same qualified name; a module registered under several
+names or called at several sites is converted once and stays shared.
+
+Weights come from a per-input-channel truncated SVD (:func:`fxsurgeon.decompose.separable_factors`): exact
+when the multiplier reaches ``min(C_out, k²)``, otherwise the best approximation at that multiplier, with
+the discarded energy in the record. Every other conv is accounted for as a skip with its reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch.fx as fx
+from torch import nn
+
+from ..decompose import multiplier_for_energy
+from ..errors import SurgeryError
+from ..graph import (
+    called_modules,
+    describe,
+    enclosing_called_module,
+    functional_calls,
+    module_aliases,
+    replace_module,
+)
+from ..modules import depthwise_conv_class, make_separable
+from . import register_pass
+from .base import PassResult, Rewrite, Skip
+
+__all__ = ["Candidate", "find_candidates", "separable", "separable_cost"]
+
+
+@dataclass
+class Candidate:
+    """A conv the separable pass may rewrite: its primary name, every alias, and where it is called from."""
+
+    name: str
+    aliases: list[str]
+    conv: nn.Conv2d
+    leaf: str | None  # the leaf module it sits in, when the graph calls it only through that
+
+    @property
+    def full_rank(self) -> int:
+        c_out, _, kh, kw = self.conv.weight.shape
+        return min(c_out, kh * kw)
+
+
+def separable_cost(conv: nn.Conv2d, multiplier: int) -> tuple[int, int]:
+    """Weight parameters (bias excluded) of ``conv`` and of its depthwise+pointwise form at ``multiplier``.
+
+    Both convs produce the conv's output resolution, so the MAC ratio per output position is the same.
+    """
+    c_out, c_in, kh, kw = conv.weight.shape
+    return c_out * c_in * kh * kw, c_in * multiplier * (kh * kw + c_out)
+
+
+def _kernel_ok(conv: nn.Conv2d, kernel_sizes: str | tuple[int, ...]) -> str | None:
+    kh, kw = conv.kernel_size
+    if kh * kw == 1:
+        return "1x1"  # not a spatial conv: nothing to separate, not worth a record line
+    if kernel_sizes == "all":
+        return None
+    if kh != kw:
+        return f"kernel {kh}x{kw} is not square (kernel_sizes='all' includes it)"
+    if kh not in kernel_sizes:
+        return f"kernel {kh}x{kw} not in kernel_sizes={tuple(kernel_sizes)}"
+    return None
+
+
+def find_candidates(
+    gm: fx.GraphModule,
+    *,
+    kernel_sizes: str | tuple[int, ...] = (3,),
+    include_stem: bool = False,
+    exclude: Iterable[str] = (),
+) -> tuple[list[Candidate], list[Skip]]:
+    """Every conv in ``gm``: the ones the pass may rewrite, and the others with the reason they are skipped."""
+    called = called_modules(gm)
+    aliases = module_aliases(gm)
+    direct_reads = {}  # parameters read by get_attr: module swapped → graph breaks
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            owner = str(node.target).rsplit(".", 1)[0]
+            direct_reads.setdefault(owner, node.name)
+    param_owners: dict[int, list[str]] = {}
+    for name, mod in gm.named_modules():
+        for p in mod.parameters(recurse=False):
+            param_owners.setdefault(id(p), []).append(name)
+    patterns = list(exclude)
+
+    candidates: list[Candidate] = []
+    skipped: list[Skip] = []
+    for name, mod in gm.named_modules():
+        if not isinstance(mod, nn.modules.conv._ConvNd):
+            continue
+        if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd)):
+            if any(k > 1 for k in mod.kernel_size):
+                skipped.append(Skip(name, f"{describe(mod)} is not a 2-D standard conv; left alone"))
+            continue
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        why = _kernel_ok(mod, kernel_sizes)
+        if why == "1x1":
+            continue
+        names = aliases.get(id(mod), [name])
+        leaf = None if any(n in called for n in names) else next(
+            (o for o in (enclosing_called_module(n, called) for n in names) if o), None
+        )
+        if why is None and mod.groups != 1:
+            why = f"groups={mod.groups} > 1: already grouped/depthwise"
+        if why is None and any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns):
+            why = "excluded by the `exclude` option"
+        if why is None and not include_stem and mod.in_channels <= 3:
+            why = f"stem conv (in_channels={mod.in_channels} ≤ 3; include_stem=True rewrites it)"
+        if why is None and depthwise_conv_class(mod) is None:
+            why = f"{type(mod).__module__}.{type(mod).__qualname__} overrides forward (not a plain conv)"
+        if why is None and isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+            why = "lazy conv with uninitialised parameters: run a forward first"
+        if why is None and not any(n in called for n in names) and leaf is None:
+            why = "not called by the traced forward (unused, or reached some other way)"
+        if why is None:
+            read = next((direct_reads[n] for n in names if n in direct_reads), None)
+            if read is not None:
+                why = f"its parameters are read directly by graph node '{read}' (a swap would break that read)"
+        if why is None:
+            tied = {o for p in mod.parameters(recurse=False) for o in param_owners.get(id(p), []) if o not in names}
+            if tied:
+                why = f"weights tied with {', '.join(sorted(tied))}: rewriting would untie them"
+        if why is not None:
+            skipped.append(Skip(name, why, details={"module": describe(mod)}))
+            continue
+        candidates.append(Candidate(name, names, mod, leaf))
+
+    for node in functional_calls(gm, "conv2d"):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        source = _weight_source(weight)
+        target = source.rsplit(".", 1)[0] if source and "." in source else node.name
+        skipped.append(Skip(
+            target,
+            f"conv2d called functionally at graph node '{node.name}'"
+            + (f" with weight '{source}'" if source else "")
+            + " (functional code, or a conv subclass such as a weight-standardised conv whose forward was "
+            "traced through): only nn.Conv2d modules called as modules can be swapped",
+            details={"node": node.name},
+        ))
+    return candidates, skipped
+
+
+def _weight_source(arg: object, depth: int = 6) -> str | None:
+    """The parameter a functional conv's weight argument is computed from (through reshapes, norms, ...)."""
+    frontier = [arg] if isinstance(arg, fx.Node) else []
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            if node.op == "get_attr":
+                return str(node.target)
+            nxt += node.all_input_nodes
+        frontier = nxt
+    return None
+
+
+def _check_options(multiplier, energy, init, kernel_sizes) -> None:
+    if multiplier is not None and multiplier != "full" and (
+        not isinstance(multiplier, int) or isinstance(multiplier, bool) or multiplier < 1
+    ):
+        raise SurgeryError(f"separable: multiplier must be an int >= 1 or 'full', got {multiplier!r}")
+    if energy is not None:
+        if multiplier is not None:
+            raise SurgeryError("separable: give either multiplier= or energy=, not both")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+            raise SurgeryError(f"separable: energy must be a number in (0, 1], got {energy!r}")
+    if init not in ("svd", "random"):
+        raise SurgeryError(f"separable: init must be 'svd' or 'random', got {init!r}")
+    if kernel_sizes != "all" and (
+        isinstance(kernel_sizes, (str, bytes))
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k > 1 for k in kernel_sizes)
+    ):
+        raise SurgeryError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}")
+
+
+@register_pass(order=300, default=True)
+def separable(
+    gm: fx.GraphModule,
+    *,
+    multiplier: int | str | None = None,
+    energy: float | None = None,
+    init: str = "svd",
+    kernel_sizes: str | Iterable[int] = (3,),
+    include_stem: bool = False,
+    include_unprofitable: bool | None = None,
+    exclude: Iterable[str] | None = None,
+) -> PassResult:
+    """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
+
+    Args:
+        gm: the traced model, edited in place.
+        multiplier: channel multiplier m for every layer (default 1, MobileNet's), or ``"full"`` for
+            ``min(C_out, k²)`` per layer, which is exact.
+        energy: instead of a fixed m, per layer the smallest m keeping this fraction of the weight's squared
+            Frobenius norm (e.g. 0.9).
+        init: ``"svd"`` (keep the trained function as well as m allows) or ``"random"`` (PyTorch's default
+            init, for training from scratch).
+        kernel_sizes: square kernel sizes to match, default ``(3,)``; ``"all"`` matches every k×k and
+            non-square kernel bigger than 1×1.
+        include_stem: also rewrite convs with ≤ 3 input channels (RGB stems); they gain little and lose much.
+        include_unprofitable: also rewrite layers whose separable form has no fewer parameters. Default:
+            only with ``multiplier="full"``, which asks for exactness over savings.
+        exclude: fnmatch patterns of qualified names to leave alone, e.g. ``["layer4.*"]``.
+
+    Returns:
+        A :class:`PassResult`; each rewrite's details carry m, parameters before/after and the relative
+        weight error ``||W - W_m||_F / ||W||_F``.
+
+    >>> import torch.nn as nn
+    >>> from fxsurgeon.tracing import trace
+    >>> gm = trace(nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False)))
+    >>> res = separable(gm, multiplier=1)
+    >>> len(res.rewrites), sum(p.numel() for p in gm.parameters())
+    (1, 2336)
+    """
+    kernel_sizes = kernel_sizes if kernel_sizes == "all" else tuple(kernel_sizes)
+    _check_options(multiplier, energy, init, kernel_sizes)
+    candidates, skipped = find_candidates(
+        gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
+    )
+    if include_unprofitable is None:
+        include_unprofitable = multiplier == "full"
+    rewrites: list[Rewrite] = []
+    for cand in candidates:
+        conv = cand.conv
+        if energy is not None:
+            if init == "random":
+                raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
+            m = multiplier_for_energy(conv.weight, float(energy))
+        elif multiplier == "full":
+            m = cand.full_rank
+        else:
+            m = min(multiplier or 1, cand.full_rank)
+        before, after = separable_cost(conv, m)
+        if after >= before and not include_unprofitable:
+            skipped.append(Skip(
+                cand.name,
+                f"not profitable at m={m}: {after:,} weights vs {before:,} (include_unprofitable=True forces it)",
+                details={"module": describe(conv), "multiplier": m, "params_before": before, "params_after": after},
+            ))
+            continue
+        sep, factors = make_separable(conv, m, init=init)
+        for alias in cand.aliases:
+            replace_module(gm, alias, sep)
+        exact = factors is not None and (m >= cand.full_rank or factors.discarded_energy <= 1e-24)
+        details = {
+            "multiplier": m,
+            "full_rank": cand.full_rank,
+            "params_before": before,
+            "params_after": after,
+            "init": init,
+        }
+        if factors is not None:
+            details["relative_error"] = factors.relative_error
+            details["discarded_energy"] = factors.discarded_energy
+        if cand.leaf:
+            details["inside_leaf_module"] = cand.leaf
+        if len(cand.aliases) > 1:
+            details["aliases"] = cand.aliases
+        rewrites.append(Rewrite(cand.name, describe(conv), describe(sep), exact, details=details))
+    return PassResult(gm, rewrites, skipped, "separable")

@@ -1,0 +1,160 @@
+"""The record of a conversion, kept on the converted model at ``converted.meta["fxsurgeon"]``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import SurgeryError
+from .passes.base import Rewrite, Skip
+
+__all__ = ["Conversion", "Verification", "get_record", "summary"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Verification:
+    """Numerical difference between the original and the converted model on the example inputs.
+
+    ``max_abs_error`` is over every output element; ``rel_error`` is ||y' - y||₂ / ||y||₂ over all outputs
+    flattened together. ``exact_expected`` says whether every rewrite claimed to be exact, in which case
+    ``rel_error`` had to stay within ``tolerance``.
+    """
+
+    max_abs_error: float
+    rel_error: float
+    tolerance: float
+    exact_expected: bool
+    input_shapes: list[list[int]]
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Conversion:
+    """What ``convert()`` did: options, every rewrite and skip, verification, timings.
+
+    Attributes:
+        model: the original model's name (timm architecture, or class name).
+        options: the pass options as applied, ``{pass_name: {option: value}}``.
+        rewrites: every :class:`Rewrite`, in pass order.
+        skipped: every :class:`Skip`, in pass order.
+        verification: present when ``convert()`` had example inputs.
+        params_before / params_after: parameter counts (plain ``numel`` sums, shared parameters once).
+        seconds: wall time per step (``trace``, each pass, ``verify``).
+        versions: fxsurgeon / torch / timm versions that made it.
+    """
+
+    model: str
+    options: dict[str, dict[str, Any]]
+    rewrites: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    verification: Verification | None = None
+    params_before: int = 0
+    params_after: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return all(r.exact for r in self.rewrites)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{pass_name: {"rewrites": n, "exact": n, "skipped": n}}`` for every pass that ran."""
+        out = {name: {"rewrites": 0, "exact": 0, "skipped": 0} for name in self.options}
+        for r in self.rewrites:
+            c = out.setdefault(r.pass_name, {"rewrites": 0, "exact": 0, "skipped": 0})
+            c["rewrites"] += 1
+            c["exact"] += int(r.exact)
+        for s in self.skipped:
+            out.setdefault(s.pass_name, {"rewrites": 0, "exact": 0, "skipped": 0})["skipped"] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "options": self.options,
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "verification": self.verification.to_dict() if self.verification else None,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "seconds": self.seconds,
+            "versions": self.versions,
+            "extras": self.extras,
+        }
+
+    def summary(self, max_lines: int = 40) -> str:
+        """Human-readable account: totals per pass, the rewrites, the skips grouped by reason, verification."""
+        lines = [f"fxsurgeon conversion of {self.model}"]
+        delta = self.params_after - self.params_before
+        rel = f" ({delta / self.params_before:+.1%})" if self.params_before else ""
+        lines.append(f"  parameters: {self.params_before:,} → {self.params_after:,}{rel}")
+        for name, c in self.counts().items():
+            lines.append(f"  {name}: {c['rewrites']} rewritten ({c['exact']} exact), {c['skipped']} skipped")
+        if not self.rewrites:
+            lines.append("  0 rewrites: the model is unchanged")
+        shown = self.rewrites[:max_lines]
+        if shown:
+            width = max(len(r.target) for r in shown)
+            lines.append("  rewrites:")
+            for r in shown:
+                extra = ""
+                if "multiplier" in r.details:
+                    extra = f"  m={r.details['multiplier']}"
+                if "relative_error" in r.details:
+                    extra += f" weight err={r.details['relative_error']:.3g}"
+                tag = "exact" if r.exact else "approx"
+                lines.append(f"    {r.target:<{width}}  {r.before} → {r.after}  [{tag}]{extra}")
+            if len(self.rewrites) > len(shown):
+                lines.append(f"    … {len(self.rewrites) - len(shown)} more")
+        if self.skipped:
+            lines.append("  skipped:")
+            by_reason = Counter((s.pass_name, _reason_key(s.reason)) for s in self.skipped)
+            for (pname, reason), n in by_reason.most_common():
+                example = next(s.target for s in self.skipped if s.pass_name == pname and _reason_key(s.reason) == reason)
+                lines.append(f"    {pname}: {n}× {reason} (e.g. {example})")
+        v = self.verification
+        if v is not None:
+            lines.append(
+                f"  verified on inputs {v.input_shapes} ({v.device}, {v.dtype}): max abs error {v.max_abs_error:.3g}, "
+                f"relative L2 error {v.rel_error:.3g}" + (f" (exact rewrites, tolerance {v.tolerance:g})" if v.exact_expected else "")
+            )
+        else:
+            lines.append("  not verified (pass example_inputs= to compare outputs)")
+        return "\n".join(lines)
+
+
+def _reason_key(reason: str) -> str:
+    """Group skips whose reasons differ only in figures: keep the text before the first colon or digit run."""
+    head = reason.split(":", 1)[0]
+    return head if len(head) < len(reason) else reason
+
+
+def get_record(model: nn.Module) -> Conversion:
+    """The :class:`Conversion` record carried by a converted model.
+
+    Raises:
+        SurgeryError: ``model`` was not produced by ``fxsurgeon.convert``.
+    """
+    meta = getattr(model, "meta", None)
+    rec = meta.get("fxsurgeon") if isinstance(meta, dict) else None
+    if not isinstance(rec, Conversion):
+        raise SurgeryError(
+            f"{type(model).__name__} carries no fxsurgeon record (meta['fxsurgeon']); was it made by fxsurgeon.convert?"
+        )
+    return rec
+
+
+def summary(model: nn.Module) -> str:
+    """One call, human-readable: what ``convert()`` changed in ``model``, what it skipped, and how close it is."""
+    return get_record(model).summary()
