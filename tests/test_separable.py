@@ -176,3 +176,28 @@ def test_timm_conv2d_same_keeps_dynamic_padding():
     out = fxsurgeon.convert(net, separable=dict(multiplier="full"), example_inputs=x)
     assert len(fxsurgeon.get_record(out).rewrites) == 1
     torch.testing.assert_close(out(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_settings_override_and_replay():
+    net = nn.Sequential(nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3))
+    out = fxsurgeon.convert(net, separable=dict(multiplier=1, layers={"2": {"form": "dw-pw", "rank": 3}}))
+    rec = fxsurgeon.get_record(out)
+    assert [(r.target, r.details["rank"]) for r in rec.rewrites] == [("0", 1), ("2", 3)]
+    replay = {r.target: {"form": r.details["form"], "rank": r.details["rank"]} for r in rec.rewrites}
+    again = fxsurgeon.convert(net, separable=dict(layers=replay))
+    assert [m.weight.shape for m in again.modules() if isinstance(m, nn.Conv2d)] == [
+        m.weight.shape for m in out.modules() if isinstance(m, nn.Conv2d)
+    ]
+    with pytest.raises(SurgeryError, match="rank"):
+        fxsurgeon.convert(net, separable=dict(layers={"0": {"form": "dw-pw"}}))
+    with pytest.raises(SurgeryError, match="unknown separable form"):
+        fxsurgeon.convert(net, separable=dict(form="tucker"))
+
+
+def test_cifar_resnet20_loads_trained_weights_strictly():
+    from fxsurgeon.models import default_data_dir, load_resnet20
+
+    if not (default_data_dir() / "resnet20-12fca82f.th").exists():
+        pytest.skip("shared/data not present")
+    model = load_resnet20()
+    assert sum(p.numel() for p in model.parameters()) == 269_722

@@ -16,12 +16,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..decompose import multiplier_for_energy
 from ..errors import SurgeryError
+from ..forms import conv_cost, get_form
 from ..graph import (
     called_modules,
     describe,
@@ -30,11 +32,11 @@ from ..graph import (
     module_aliases,
     replace_module,
 )
-from ..modules import depthwise_conv_class, make_separable
+from ..modules import depthwise_conv_class
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
 
-__all__ = ["Candidate", "find_candidates", "separable", "separable_cost"]
+__all__ = ["Candidate", "find_candidates", "separable"]
 
 
 @dataclass
@@ -50,15 +52,6 @@ class Candidate:
     def full_rank(self) -> int:
         c_out, _, kh, kw = self.conv.weight.shape
         return min(c_out, kh * kw)
-
-
-def separable_cost(conv: nn.Conv2d, multiplier: int) -> tuple[int, int]:
-    """Weight parameters (bias excluded) of ``conv`` and of its depthwise+pointwise form at ``multiplier``.
-
-    Both convs produce the conv's output resolution, so the MAC ratio per output position is the same.
-    """
-    c_out, c_in, kh, kw = conv.weight.shape
-    return c_out * c_in * kh * kw, c_in * multiplier * (kh * kw + c_out)
 
 
 def _kernel_ok(conv: nn.Conv2d, kernel_sizes: str | tuple[int, ...]) -> str | None:
@@ -185,10 +178,30 @@ def _check_options(multiplier, energy, init, kernel_sizes) -> None:
         raise SurgeryError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}")
 
 
+def _layer_setting(
+    cand: Candidate, form: str, multiplier: int | str | None, energy: float | None,
+    layers: dict[str, dict[str, Any]],
+) -> tuple[str, int]:
+    """(form, rank) for one candidate: a per-layer override, else the uniform options."""
+    for name in cand.aliases:
+        if name in layers:
+            spec = layers[name]
+            if not isinstance(spec, dict) or "rank" not in spec:
+                raise SurgeryError(f"separable: layers[{name!r}] must be a dict with 'rank' (and 'form'), got {spec!r}")
+            return str(spec.get("form", form)), int(spec["rank"])
+    impl = get_form(form)
+    if energy is not None:
+        return form, multiplier_for_energy(cand.conv.weight, float(energy))
+    if multiplier == "full":
+        return form, impl.full_rank(cand.conv)
+    return form, min(multiplier or 1, impl.full_rank(cand.conv))
+
+
 @register_pass(order=300, default=True)
 def separable(
     gm: fx.GraphModule,
     *,
+    form: str = "dw-pw",
     multiplier: int | str | None = None,
     energy: float | None = None,
     init: str = "svd",
@@ -196,15 +209,18 @@ def separable(
     include_stem: bool = False,
     include_unprofitable: bool | None = None,
     exclude: Iterable[str] | None = None,
+    layers: dict[str, dict[str, Any]] | None = None,
 ) -> PassResult:
     """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
 
     Args:
         gm: the traced model, edited in place.
-        multiplier: channel multiplier m for every layer (default 1, MobileNet's), or ``"full"`` for
-            ``min(C_out, k²)`` per layer, which is exact.
+        form: the separable form (see :data:`fxsurgeon.forms.FORMS`); ``"dw-pw"`` is depthwise k×k with
+            channel multiplier m followed by pointwise 1×1.
+        multiplier: channel multiplier m (the form's rank) for every layer (default 1, MobileNet's), or
+            ``"full"`` for the form's exact rank per layer (``min(C_out, k²)`` for ``dw-pw``).
         energy: instead of a fixed m, per layer the smallest m keeping this fraction of the weight's squared
-            Frobenius norm (e.g. 0.9).
+            Frobenius norm (e.g. 0.9); ``dw-pw`` only.
         init: ``"svd"`` (keep the trained function as well as m allows) or ``"random"`` (PyTorch's default
             init, for training from scratch).
         kernel_sizes: square kernel sizes to match, default ``(3,)``; ``"all"`` matches every k×k and
@@ -213,10 +229,12 @@ def separable(
         include_unprofitable: also rewrite layers whose separable form has no fewer parameters. Default:
             only with ``multiplier="full"``, which asks for exactness over savings.
         exclude: fnmatch patterns of qualified names to leave alone, e.g. ``["layer4.*"]``.
+        layers: per-layer settings that override the uniform ones, ``{"layer1.0.conv1": {"form": "dw-pw",
+            "rank": 3}}``; the record's rewrites give exactly this, so a conversion can be replayed.
 
     Returns:
-        A :class:`PassResult`; each rewrite's details carry m, parameters before/after and the relative
-        weight error ``||W - W_m||_F / ||W||_F``.
+        A :class:`PassResult`; each rewrite's details carry form, rank (m), parameters before/after and the
+        relative weight error ``||W - W_m||_F / ||W||_F``.
 
     >>> import torch.nn as nn
     >>> from fxsurgeon.tracing import trace
@@ -227,6 +245,10 @@ def separable(
     """
     kernel_sizes = kernel_sizes if kernel_sizes == "all" else tuple(kernel_sizes)
     _check_options(multiplier, energy, init, kernel_sizes)
+    get_form(form)
+    if energy is not None and init == "random":
+        raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
+    layers = dict(layers or {})
     candidates, skipped = find_candidates(
         gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
     )
@@ -235,39 +257,29 @@ def separable(
     rewrites: list[Rewrite] = []
     for cand in candidates:
         conv = cand.conv
-        if energy is not None:
-            if init == "random":
-                raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
-            m = multiplier_for_energy(conv.weight, float(energy))
-        elif multiplier == "full":
-            m = cand.full_rank
-        else:
-            m = min(multiplier or 1, cand.full_rank)
-        before, after = separable_cost(conv, m)
-        if after >= before and not include_unprofitable:
+        form_name, rank = _layer_setting(cand, form, multiplier, energy, layers)
+        impl = get_form(form_name)
+        before = conv_cost(conv).params
+        after = impl.cost(conv, rank).params
+        forced = any(n in layers for n in cand.aliases)
+        if after >= before and not (include_unprofitable or forced):
             skipped.append(Skip(
                 cand.name,
-                f"not profitable at m={m}: {after:,} weights vs {before:,} (include_unprofitable=True forces it)",
-                details={"module": describe(conv), "multiplier": m, "params_before": before, "params_after": after},
+                f"not profitable at {form_name} rank {rank}: {after:,} weights vs {before:,} "
+                "(include_unprofitable=True forces it)",
+                details={"module": describe(conv), "form": form_name, "rank": rank,
+                         "params_before": before, "params_after": after},
             ))
             continue
-        sep, factors = make_separable(conv, m, init=init)
+        new, built = impl.build(conv, rank, init=init)
         for alias in cand.aliases:
-            replace_module(gm, alias, sep)
-        exact = factors is not None and (m >= cand.full_rank or factors.discarded_energy <= 1e-24)
-        details = {
-            "multiplier": m,
-            "full_rank": cand.full_rank,
-            "params_before": before,
-            "params_after": after,
-            "init": init,
-        }
-        if factors is not None:
-            details["relative_error"] = factors.relative_error
-            details["discarded_energy"] = factors.discarded_energy
+            replace_module(gm, alias, new)
+        exact = bool(built.pop("exact", False))
+        details = {"form": form_name, "rank": rank, **built, "params_before": before, "params_after": after,
+                   "init": init}
         if cand.leaf:
             details["inside_leaf_module"] = cand.leaf
         if len(cand.aliases) > 1:
             details["aliases"] = cand.aliases
-        rewrites.append(Rewrite(cand.name, describe(conv), describe(sep), exact, details=details))
+        rewrites.append(Rewrite(cand.name, describe(conv), describe(new), exact, details=details))
     return PassResult(gm, rewrites, skipped, "separable")
