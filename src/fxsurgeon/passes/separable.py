@@ -32,6 +32,7 @@ from ..graph import (
     module_aliases,
     replace_module,
 )
+from ..latency import LatencyJudge
 from ..modules import depthwise_conv_class
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
@@ -197,7 +198,7 @@ def _layer_setting(
     return form, min(multiplier or 1, impl.full_rank(cand.conv))
 
 
-@register_pass(order=300, default=True)
+@register_pass(order=300, needs_shapes=True, default=True)
 def separable(
     gm: fx.GraphModule,
     *,
@@ -210,6 +211,8 @@ def separable(
     include_unprofitable: bool | None = None,
     exclude: Iterable[str] | None = None,
     layers: dict[str, dict[str, Any]] | None = None,
+    latency_aware: bool | dict[str, Any] = False,
+    device: str | None = None,
 ) -> PassResult:
     """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
 
@@ -231,6 +234,12 @@ def separable(
         exclude: fnmatch patterns of qualified names to leave alone, e.g. ``["layer4.*"]``.
         layers: per-layer settings that override the uniform ones, ``{"layer1.0.conv1": {"form": "dw-pw",
             "rank": 3}}``; the record's rewrites give exactly this, so a conversion can be replayed.
+        latency_aware: time each candidate conv and its replacement at the layer's input shape, dtype and
+            memory format (needs ``example_inputs``) and keep a rewrite only where it is faster; True, or a
+            dict of :class:`fxsurgeon.latency.LatencyJudge` settings (``dtype``, ``channels_last``,
+            ``batch_size``, ``warmup``, ``iters``, ``margin``, ``timer``). Layers named in ``layers`` are not
+            timed. Kept rewrites carry ``details["latency"]``; dropped ones are skips with both times.
+        device: where ``latency_aware`` times layers, e.g. ``"cuda"`` (default: where the model lives).
 
     Returns:
         A :class:`PassResult`; each rewrite's details carry form, rank (m), parameters before/after and the
@@ -249,6 +258,9 @@ def separable(
     if energy is not None and init == "random":
         raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
     layers = dict(layers or {})
+    if device is not None and not latency_aware:
+        raise SurgeryError(f"separable: device={device!r} is where latency_aware times layers; it needs latency_aware=True")
+    judge = LatencyJudge.from_options(latency_aware, device)
     candidates, skipped = find_candidates(
         gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
     )
@@ -271,12 +283,24 @@ def separable(
                          "params_before": before, "params_after": after},
             ))
             continue
-        new, built = impl.build(conv, rank, init=init)
+        try:
+            new, built = impl.build(conv, rank, init=init)
+        except SurgeryError as exc:  # e.g. an SVD of meta-device weights: say which layer needed them
+            raise SurgeryError(f"separable: layer '{cand.name}' ({describe(conv)}): {exc}") from exc
+        timing = None
+        if judge is not None and not forced:  # keep the rewrite only where it measures faster
+            keep, why, timing = judge.decide(gm, cand.name, cand.aliases, conv, new)
+            if not keep:
+                skipped.append(Skip(cand.name, why, details={"module": describe(conv), "form": form_name,
+                                                             "rank": rank, "latency": timing}))
+                continue
         for alias in cand.aliases:
             replace_module(gm, alias, new)
         exact = bool(built.pop("exact", False))
         details = {"form": form_name, "rank": rank, **built, "params_before": before, "params_after": after,
                    "init": init}
+        if timing is not None:
+            details["latency"] = timing
         if cand.leaf:
             details["inside_leaf_module"] = cand.leaf
         if len(cand.aliases) > 1:

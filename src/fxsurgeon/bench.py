@@ -1,0 +1,689 @@
+"""benchmark(): latency, throughput and peak memory of a model, the same API on CUDA and on CPU.
+
+Timing follows timm's ``benchmark.py`` habits: the model runs in eval mode under ``torch.inference_mode()``,
+warm-up calls come first (they absorb ``torch.compile`` and cuDNN's algorithm search), and every timed call is
+measured on its own — with CUDA events recorded on the model's stream and synchronised after each call on
+CUDA, with ``time.perf_counter`` on CPU. Latency is the median and 90th percentile over those calls; throughput
+is the batch size over the mean latency. The caller's model is never moved, cast or put in eval mode: a copy is
+benchmarked whenever anything has to change.
+
+:func:`compare` puts an original and a converted model's results side by side with their ratio, which is what
+``fxsurgeon bench`` prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = [
+    "DTYPES",
+    "BenchmarkResult",
+    "BenchmarkRow",
+    "Comparison",
+    "benchmark",
+    "compare",
+    "cudnn_benchmark_mode",
+    "device_name",
+    "parse_dtype",
+    "percentile",
+    "resolve_device",
+    "synchronize",
+    "time_calls",
+]
+
+#: dtype names accepted wherever a dtype is asked for (CLI ``--dtype``, ``benchmark(dtype=...)``, recipes)
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
+
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` → ``torch.bfloat16``; None stays None.
+
+    >>> parse_dtype("bf16"), parse_dtype(torch.float16), parse_dtype(None)
+    (torch.bfloat16, torch.float16, None)
+    """
+    if value is None or isinstance(value, torch.dtype):
+        if isinstance(value, torch.dtype) and not value.is_floating_point:
+            raise SurgeryError(f"dtype must be a floating-point dtype, got {value}")
+        return value
+    key = str(value).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise SurgeryError(f"unknown dtype {value!r}; use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short label: ``torch.bfloat16`` → ``"bf16"``."""
+    return _SHORT.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """The device to run on: ``device`` if given (``"cuda"`` → the current CUDA device), else the model's.
+
+    Raises:
+        SurgeryError: CUDA was asked for on a machine where ``torch.cuda.is_available()`` is False.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None:
+        dev = _model_device(model) if model is not None else torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise SurgeryError(f"unknown device {device!r}: {exc}") from exc
+    if dev.type == "meta":
+        raise SurgeryError("cannot time a model on the meta device: it has no data; pass device='cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SurgeryError(
+                f"device {str(device or dev)!r} asked for, but torch.cuda.is_available() is False on this machine "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use device='cpu'"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise SurgeryError(f"device {dev} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, the processor's name (or ``"cpu"``) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return platform.processor() or platform.machine() or "cpu"
+    return str(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on ``device`` (a no-op on CPU, where ops run synchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        sync = getattr(backend, "synchronize", None)
+        if sync is not None:
+            sync()
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_mode(enabled: bool | None) -> Iterator[None]:
+    """Set ``torch.backends.cudnn.benchmark`` inside the block and restore it after (None: leave it)."""
+    if enabled is None:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Full float32 precision inside the block — TF32 off for cuDNN convs and matmuls — restored after.
+
+    On Ampere and later GPUs cuDNN runs float32 convs in TF32 by default (10-bit mantissa), which moves
+    outputs by ~1e-3 relative: enough to hide or fake a difference between two models that should compute
+    the same function. Verification compares under this context; benchmarks do not use it (they measure
+    what deployment runs).
+
+    >>> with ieee_fp32():
+    ...     torch.backends.cudnn.allow_tf32
+    False
+    """
+    cudnn = torch.backends.cudnn
+    with contextlib.ExitStack() as stack:
+        # a TF32 state torch refuses to read (legacy and new APIs mixed) raises RuntimeError: leave it then
+        with contextlib.suppress(RuntimeError):
+            stack.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                            deterministic=cudnn.deterministic, allow_tf32=False))
+        precision = torch.get_float32_matmul_precision()
+        if precision != "highest":
+            torch.set_float32_matmul_precision("highest")
+            stack.callback(torch.set_float32_matmul_precision, precision)
+        yield
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int) -> list[float]:
+    """Call ``fn()`` ``warmup`` times untimed, then ``iters`` times timed; the seconds of each timed call.
+
+    On CUDA each call is bracketed by two CUDA events recorded on the current stream of ``device`` and the
+    end event is synchronised before the next call, so a time is the call's whole latency on the GPU,
+    launch gaps included, not the time to enqueue its kernels. Elsewhere ``time.perf_counter`` brackets the
+    call and the device is synchronised before the clock is read.
+
+    >>> times = time_calls(lambda: sum(range(1000)), torch.device("cpu"), warmup=1, iters=3)
+    >>> len(times), all(t > 0 for t in times)
+    (3, True)
+    """
+    if iters < 1 or warmup < 0:
+        raise SurgeryError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            for _ in range(iters):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                fn()
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000.0)  # elapsed_time is in milliseconds
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0–100) with linear interpolation between order statistics (numpy's default).
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 90)
+    (2.5, 3.7)
+    """
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return round(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo), 12)
+
+
+@dataclass
+class BenchmarkRow:
+    """One batch size's measurement.
+
+    Attributes:
+        batch_size: samples per call.
+        latency_ms_median / latency_ms_p90 / latency_ms_mean / latency_ms_min: per-call latency in ms.
+        throughput: samples per second, ``batch_size / mean latency``.
+        peak_memory_mib: CUDA only (None on CPU, whose allocator keeps no peak statistics): the memory one
+            forward of this model needs on its own — its weights and inputs plus the peak extra allocation
+            during the timed calls (activations, workspaces) as ``torch.cuda.max_memory_allocated`` saw it.
+        first_call_s: wall time of the first warm-up call, which includes ``torch.compile``'s compilation
+            and cuDNN's algorithm search; None when ``warmup=0``.
+        iters / warmup: timed and untimed calls.
+    """
+
+    batch_size: int
+    latency_ms_median: float
+    latency_ms_p90: float
+    latency_ms_mean: float
+    latency_ms_min: float
+    throughput: float
+    peak_memory_mib: float | None
+    first_call_s: float | None
+    iters: int
+    warmup: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchmarkResult:
+    """What :func:`benchmark` measured, for one model in one configuration, one row per batch size."""
+
+    model: str
+    device: str
+    device_name: str
+    dtype: str
+    channels_last: bool
+    compile: str | None
+    input_shapes: list[list[int]]
+    params: int
+    weights_mib: float
+    rows: list[BenchmarkRow] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def row(self, batch_size: int) -> BenchmarkRow:
+        for r in self.rows:
+            if r.batch_size == batch_size:
+                return r
+        raise KeyError(f"no row for batch size {batch_size}; measured: {[r.batch_size for r in self.rows]}")
+
+    def config(self) -> str:
+        """``"cuda (NVIDIA H100), bf16, channels_last, compiled"``: the configuration in one line."""
+        parts = [f"{self.device} ({self.device_name})", self.dtype,
+                 "channels_last" if self.channels_last else "contiguous (NCHW)",
+                 f"compiled ({self.compile})" if self.compile else "eager"]
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows"] = [r.to_dict() for r in self.rows]
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"**{self.model}** — {self.config()}; {self.params:,} parameters ({self.weights_mib:.1f} MiB)",
+            "",
+            "| batch | median ms | p90 ms | samples/s | peak MiB | first call s |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.batch_size} | {r.latency_ms_median:.3f} | {r.latency_ms_p90:.3f} | {r.throughput:,.1f} "
+                f"| {_fmt_mem(r.peak_memory_mib)} | {_fmt(r.first_call_s, '.2f')} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _fmt_mem(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+@dataclass
+class Comparison:
+    """An original and a converted model benchmarked in the same configuration, side by side.
+
+    ``speedup`` is original latency / converted latency (above 1: the converted model is faster);
+    ``memory_ratio`` is converted / original peak memory (below 1: it needs less).
+    """
+
+    original: BenchmarkResult
+    converted: BenchmarkResult
+    conversion: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.original.rows:
+            try:
+                b = self.converted.row(a.batch_size)
+            except KeyError:
+                continue
+            out.append({
+                "batch_size": a.batch_size,
+                "original_ms": a.latency_ms_median, "converted_ms": b.latency_ms_median,
+                "speedup": _ratio(a.latency_ms_median, b.latency_ms_median),
+                "original_p90_ms": a.latency_ms_p90, "converted_p90_ms": b.latency_ms_p90,
+                "original_throughput": a.throughput, "converted_throughput": b.throughput,
+                "throughput_ratio": _ratio(b.throughput, a.throughput),
+                "original_peak_mib": a.peak_memory_mib, "converted_peak_mib": b.peak_memory_mib,
+                "memory_ratio": _ratio(b.peak_memory_mib, a.peak_memory_mib),
+            })
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"original": self.original.to_dict(), "converted": self.converted.to_dict(),
+                "comparison": self.rows(), "conversion": self.conversion}
+
+    def to_markdown(self) -> str:
+        o, c = self.original, self.converted
+        lines = [
+            f"### {o.model}: original vs converted — {o.config()}",
+            "",
+            f"parameters {o.params:,} → {c.params:,} ({_pct(c.params, o.params)}); "
+            f"warm-up {o.rows[0].warmup if o.rows else 0}, {o.rows[0].iters if o.rows else 0} timed calls per row; "
+            "speed-up = original / converted latency (above 1: converted is faster)",
+            "",
+            "| batch | original ms | converted ms | speed-up | original p90 | converted p90 | original samples/s "
+            "| converted samples/s | original peak MiB | converted peak MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows():
+            lines.append(
+                f"| {r['batch_size']} | {r['original_ms']:.3f} | {r['converted_ms']:.3f} | "
+                f"{_fmt(r['speedup'], '.2f')}× | {r['original_p90_ms']:.3f} | {r['converted_p90_ms']:.3f} | "
+                f"{r['original_throughput']:,.1f} | {r['converted_throughput']:,.1f} | "
+                f"{_fmt_mem(r['original_peak_mib'])} | {_fmt_mem(r['converted_peak_mib'])} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write Markdown (``.md``) or JSON (``.json``) by the file's suffix; the path written."""
+        return write_result(self, path)
+
+
+def _pct(after: int, before: int) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"
+
+
+def write_result(result: BenchmarkResult | Comparison, path: str | os.PathLike[str]) -> Path:
+    """Write a result as Markdown (``.md``) or JSON (``.json``), chosen by the suffix."""
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        text = json.dumps(result.to_dict(), indent=2, default=str) + "\n"
+    elif p.suffix.lower() in (".md", ".markdown"):
+        text = result.to_markdown() + "\n"
+    else:
+        raise SurgeryError(f"cannot tell what to write to {str(p)!r}: use a .md or .json file name")
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def compare(original: BenchmarkResult, converted: BenchmarkResult,
+            conversion: dict[str, Any] | None = None) -> Comparison:
+    """Side-by-side :class:`Comparison` of two results measured in the same configuration.
+
+    Raises:
+        SurgeryError: the two were measured on different devices, dtypes, memory formats or compile modes,
+            so their ratio would mean nothing.
+    """
+    for key in ("device", "device_name", "dtype", "channels_last", "compile"):
+        if getattr(original, key) != getattr(converted, key):
+            raise SurgeryError(
+                f"cannot compare results measured with different {key}: "
+                f"{getattr(original, key)!r} vs {getattr(converted, key)!r}"
+            )
+    return Comparison(original, converted, dict(conversion or {}))
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def _normalize_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise SurgeryError(
+        "example_inputs must be a tensor or a non-empty tuple of positional inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _batch_of(inputs: tuple) -> int | None:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return int(x.shape[0])
+    return None
+
+
+def _prepare_inputs(inputs: tuple, batch_size: int | None, device: torch.device, dtype: torch.dtype,
+                    channels_last: bool) -> tuple:
+    """Inputs at ``batch_size`` (example rows repeated cyclically), on ``device``, floats in ``dtype``."""
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            out.append(x)
+            continue
+        if batch_size is not None and x.dim() >= 1 and x.shape[0] != batch_size:
+            if x.shape[0] == 0:
+                raise SurgeryError("example_inputs have an empty batch dimension: cannot resize them")
+            x = x[torch.arange(batch_size) % x.shape[0]]
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(x)
+    return tuple(out)
+
+
+def _needs_copy(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> bool:
+    if any(m.training for m in model.modules()):
+        return True
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device != device or (t.is_floating_point() and t.dtype != dtype):
+            return True
+        if channels_last and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+            return True
+    return False
+
+
+def _compile_options(compile: bool | str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, str):
+        return {"mode": None if compile == "default" else compile}
+    if isinstance(compile, dict):
+        return dict(compile)
+    raise SurgeryError(f"compile= takes True/False, a torch.compile mode name or a dict of its options, got {compile!r}")
+
+
+def _compile_label(opts: dict[str, Any] | None) -> str | None:
+    if opts is None:
+        return None
+    label = opts.get("mode") or "default"
+    if opts.get("backend") not in (None, "inductor"):
+        label = f"{opts['backend']} backend, {label}"
+    return label
+
+
+def _mib(nbytes: float) -> float:
+    return nbytes / 2**20
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _versions(device: torch.device) -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    from . import __version__
+
+    out["fxsurgeon"] = __version__
+    if device.type == "cuda":
+        out["cuda"] = str(torch.version.cuda)
+        if torch.backends.cudnn.is_available():
+            out["cudnn"] = str(torch.backends.cudnn.version())
+    return out
+
+
+def _precision_settings() -> dict[str, Any]:
+    """TF32 settings that change float32 speed on CUDA, for the record."""
+    out: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
+    try:
+        out["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # legacy and new TF32 APIs mixed: torch refuses to read the legacy flag
+        out["cudnn_allow_tf32"] = "unknown"
+    return out
+
+
+def _name(model: nn.Module) -> str:
+    from .convert import model_name
+
+    return model_name(model)
+
+
+def benchmark(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    channels_last: bool = False,
+    compile: bool | str | dict[str, Any] = False,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    cudnn_benchmark: bool | None = True,
+    name: str | None = None,
+) -> BenchmarkResult:
+    """Latency (median, p90), throughput and peak memory of ``model`` on ``device``, per batch size.
+
+    The model runs in eval mode under ``torch.inference_mode()``. When it must be moved, cast, put in
+    channels_last or eval mode, a deep copy is benchmarked, so the caller's model is never changed. Inputs
+    are resized to each batch size by repeating the example rows and cast like the model (integer inputs
+    keep their dtype).
+
+    Args:
+        model: any ``nn.Module`` (a converted ``GraphModule`` too).
+        example_inputs: a tensor or tuple of positional inputs; their first dimension is the batch.
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``, ... (default: where the model lives).
+        dtype: ``"fp32"``, ``"bf16"``, ``"fp16"``, a ``torch.dtype`` (default: the model's); the model and the
+            floating inputs are cast to it (a real cast, not autocast).
+        channels_last: run the model and its 4-D inputs in ``torch.channels_last`` memory format.
+        compile: ``torch.compile`` the model first: True (default mode), a mode name (``"max-autotune"``) or a
+            dict of ``torch.compile`` options. Shapes are static (``dynamic=False``, unless the dict says
+            otherwise), so each batch size is compiled for its own shape during its warm-up; the first call's
+            time (``first_call_s``) shows the compile cost. Many configurations in one process can reach
+            dynamo's recompile limit: call ``torch._dynamo.reset()`` between them.
+        batch_sizes: batch sizes to measure (default: the example's).
+        warmup / iters: untimed and timed calls per batch size.
+        cudnn_benchmark: ``torch.backends.cudnn.benchmark`` during the run (restored after; None leaves it).
+            On by default, as in deployment: cuDNN then picks the fastest algorithm per layer shape.
+        name: label for the result (default: the timm architecture or class name).
+
+    Returns:
+        A :class:`BenchmarkResult` (``to_dict()``, ``to_markdown()``).
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    >>> res = benchmark(net, torch.randn(1, 3, 16, 16), batch_sizes=[1, 4], warmup=1, iters=3)
+    >>> [r.batch_size for r in res.rows], res.rows[0].latency_ms_median > 0
+    ([1, 4], True)
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"benchmark() takes a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(example_inputs)
+    if not isinstance(iters, int) or not isinstance(warmup, int) or iters < 1 or warmup < 0:
+        raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
+    example_batch = _batch_of(inputs)
+    sizes = list(batch_sizes) if batch_sizes is not None else [example_batch]
+    if not sizes or any(b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1) for b in sizes):
+        raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    if batch_sizes is not None and example_batch is None:
+        raise SurgeryError("batch_sizes given, but no example input has a batch dimension to resize")
+    dev = resolve_device(device, model)
+    dt = parse_dtype(dtype) or _model_dtype(model)
+    compile_opts = _compile_options(compile)
+    label = name or _name(model)
+
+    run_model = model
+    if _needs_copy(model, dev, dt, channels_last):
+        run_model = copy.deepcopy(model)
+        run_model.eval()
+        run_model.to(device=dev, dtype=dt)
+        if channels_last:
+            run_model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in run_model.parameters())
+    weight_bytes = _tensor_bytes([*run_model.parameters(), *run_model.buffers()])
+    fn_model: Callable[..., Any] = run_model
+    if compile_opts is not None:
+        opts = {"dynamic": False, **compile_opts}
+        try:
+            fn_model = torch.compile(run_model, **opts)
+        except Exception as exc:  # bad options are reported before any run
+            raise SurgeryError(f"torch.compile({opts}) failed for {label}: {type(exc).__name__}: {exc}") from exc
+
+    result = BenchmarkResult(
+        model=label, device=str(dev), device_name=device_name(dev), dtype=dtype_name(dt),
+        channels_last=bool(channels_last), compile=_compile_label(compile_opts),
+        input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        params=params, weights_mib=_mib(weight_bytes),
+        settings={
+            "warmup": warmup, "iters": iters, "cudnn_benchmark": cudnn_benchmark,
+            "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
+            "threads": torch.get_num_threads(),
+            **(_precision_settings() if dev.type == "cuda" else {}),
+            **({"compile_options": {k: str(v) for k, v in compile_opts.items()}} if compile_opts else {}),
+        },
+        versions=_versions(dev),
+    )
+    with torch.inference_mode(), cudnn_benchmark_mode(cudnn_benchmark if dev.type == "cuda" else None):
+        for b in sizes:
+            batch = _prepare_inputs(inputs, b, dev, dt, channels_last)
+            batch_size = b if b is not None else 1
+            what = (f"benchmarking {label} at batch {batch_size} on {dev} ({dtype_name(dt)}"
+                    f"{', channels_last' if channels_last else ''}{', compiled' if compile_opts is not None else ''})")
+
+            def call(batch=batch, what=what):
+                try:
+                    fn_model(*batch)
+                except Exception as exc:
+                    raise SurgeryError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+            first = None
+            if warmup:
+                synchronize(dev)
+                t0 = time.perf_counter()
+                call()
+                synchronize(dev)
+                first = time.perf_counter() - t0
+            mem_base = None
+            if dev.type == "cuda":
+                synchronize(dev)
+                mem_base = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            times = time_calls(call, dev, warmup=max(warmup - 1, 0), iters=iters)
+            peak = None
+            if mem_base is not None:
+                extra = torch.cuda.max_memory_allocated(dev) - mem_base
+                peak = _mib(weight_bytes + _tensor_bytes(batch) + max(extra, 0))
+            ms = [t * 1000.0 for t in times]
+            mean = sum(ms) / len(ms)
+            result.rows.append(BenchmarkRow(
+                batch_size=batch_size, latency_ms_median=percentile(ms, 50), latency_ms_p90=percentile(ms, 90),
+                latency_ms_mean=mean, latency_ms_min=min(ms), throughput=batch_size / (mean / 1000.0),
+                peak_memory_mib=peak, first_call_s=first, iters=iters, warmup=warmup,
+            ))
+            del batch
+    return result
