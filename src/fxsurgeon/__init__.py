@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .convert import convert
 from .errors import SurgeryError
+from .io import load, save
 from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
 from .tracing import trace
@@ -29,7 +30,9 @@ __all__ = [
     "get_pass",
     "get_record",
     "list_passes",
+    "load",
     "register_pass",
+    "save",
     "summary",
     "trace",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,14 +16,17 @@ from torch.utils._pytree import tree_flatten
 from . import __version__
 from .errors import SurgeryError
 from .graph import describe, module_aliases
+from .io import describe_tracing, infer_source, normalize_source
 from .passes import Skip, get_pass, list_passes
-from .record import Conversion, Verification
-from .tracing import trace
+from .record import RECORD_ATTR, Conversion, Verification
+from .tracing import hooked_modules, lost_hooks, trace
 
 __all__ = ["DEFAULT_TOLERANCE", "compare_outputs", "convert", "model_name", "normalize_inputs"]
 
 #: relative L2 error allowed for rewrites that claim to be exact, by output dtype
 DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+_PRESERVED_KEY = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 # Plain attributes timm and torchvision code reads off a model; copied so the converted model still answers.
 _CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "head_hidden_size",
@@ -138,6 +142,7 @@ def convert(
     leaf_modules: Iterable[type[nn.Module]] | None = None,
     autowrap_functions: Iterable[Callable] | None = None,
     concrete_args: dict[str, Any] | None = None,
+    source: Any = None,
     **passes: Any,
 ) -> fx.GraphModule:
     """Rewrite ``model``'s architecture with fxsurgeon's passes, keeping its trained weights.
@@ -157,6 +162,9 @@ def convert(
             claim exactness must stay within ``tolerance`` or :class:`SurgeryError` is raised.
         tolerance: relative L2 error allowed for exact rewrites (default by dtype: 1e-4 for float32).
         leaf_modules / autowrap_functions / concrete_args: tracing controls, see :func:`fxsurgeon.trace`.
+        source: where ``model`` came from, recorded for :func:`fxsurgeon.save`: a timm name (``"resnet18"``),
+            ``"package.module:factory"``, an importable factory function, or ``{"timm" | "factory": ...,
+            "kwargs": {...}}``. timm models are recognised without it (name, ``num_classes``, ``in_chans``).
         **passes: ``separable=dict(multiplier=2)``, ``conv_head=True``, ...
 
     Returns:
@@ -186,13 +194,16 @@ def convert(
             plan.append((name, opts))
 
     inputs = normalize_inputs(example_inputs)
+    source_spec = normalize_source(source) if source is not None else infer_source(model)
+    tracing = describe_tracing(leaf_modules, autowrap_functions, concrete_args, inputs)
+    hooked = hooked_modules(model)
     verify = bool(inputs) if verify is None else verify
     if verify and not inputs:
         raise SurgeryError("verify=True needs example_inputs")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     gm = trace(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-               concrete_args=concrete_args, copy_model=not inplace)
+               concrete_args=concrete_args, copy_model=not inplace, warn_hooks=False)
     seconds["trace"] = time.perf_counter() - t0
     for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
@@ -201,7 +212,15 @@ def convert(
                 setattr(gm, attr, val)
     modes = _modes(gm)
     device = _device_of(gm)
-    inputs = _to_device(inputs, device)
+    on_meta = device is not None and device.type == "meta"
+    if on_meta and verify:
+        raise SurgeryError(
+            f"{model_name(model)} is on the meta device (structure only, no weight values): it cannot be run to "
+            "verify the conversion. Pass verify=False (example_inputs then only give shapes), or load real weights."
+        )
+    # on meta, shapes still propagate: the example inputs become meta tensors of the same shapes
+    inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs) if on_meta else \
+        _to_device(inputs, device)
     params_before = sum(p.numel() for p in gm.parameters())
 
     reference = None
@@ -211,12 +230,13 @@ def convert(
         _restore_modes(gm, modes, model.training)
         seconds["reference"] = time.perf_counter() - t
 
-    record = Conversion(model=model_name(model), options={n: o for n, o in plan})
+    record = Conversion(model=model_name(model), options={n: o for n, o in plan}, source=source_spec,
+                        tracing=tracing)
     record.skipped += _dropped_by_trace(model, gm)
     for name, opts in plan:
         info = get_pass(name)
         t = time.perf_counter()
-        if info.needs_shapes and inputs and (device is None or device.type != "meta"):
+        if info.needs_shapes and inputs:
             modes_now = _modes(gm)
             gm.eval()
             with torch.no_grad():
@@ -257,7 +277,25 @@ def convert(
     record.seconds = seconds
     record.versions = _versions()
     gm.meta["fxsurgeon"] = record
+    setattr(gm, RECORD_ATTR, record)  # survives torch.save/torch.load, which rebuild ``meta`` empty
+    # GraphModule.__deepcopy__ keeps only graph-referenced attributes, plus those listed under this meta key
+    gm.meta[_PRESERVED_KEY] = {a: gm.__dict__[a] for a in (RECORD_ATTR, *_CARRIED_ATTRS) if a in gm.__dict__}
+    _warn_lost_hooks(hooked, gm)
     return gm
+
+
+def _warn_lost_hooks(hooked: dict[str, list[str]], gm: fx.GraphModule) -> None:
+    """Hooks registered on the original that no longer run in the converted model: say which, once."""
+    lost = lost_hooks(hooked, gm)
+    if lost:
+        names = ", ".join(f"'{n or '<root>'}' ({'/'.join(k)})" for n, k in sorted(lost.items()))
+        warnings.warn(
+            f"hooks on {len(lost)} module(s) do not run in the converted model: {names}. torch.fx inlines the "
+            "forward of non-leaf modules (and of the root), and passes replace the modules they rewrite, so "
+            "their hooks are gone. Register them again on the converted model, or make those module types "
+            "leaf_modules.",
+            stacklevel=2,
+        )
 
 
 def _dropped_by_trace(model: nn.Module, gm: fx.GraphModule) -> list[Skip]:

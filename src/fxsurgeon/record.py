@@ -15,6 +15,9 @@ __all__ = ["Conversion", "Verification", "get_record", "summary"]
 
 SCHEMA_VERSION = 1
 
+#: plain attribute holding a second reference to the record: unlike ``GraphModule.meta`` it survives pickling
+RECORD_ATTR = "_fxsurgeon_record"
+
 
 @dataclass
 class Verification:
@@ -50,6 +53,10 @@ class Conversion:
         params_before / params_after: parameter counts (plain ``numel`` sums, shared parameters once).
         seconds: wall time per step (``trace``, each pass, ``verify``).
         versions: fxsurgeon / torch / timm versions that made it.
+        source: where the original model came from, when known: ``{"timm": name, "kwargs": {...}}`` or
+            ``{"factory": "package.module:function", "kwargs": {...}}``; :func:`fxsurgeon.save` needs it.
+        tracing: the tracing controls and example-input specs ``convert()`` was given, JSON-ready, so that
+            :func:`fxsurgeon.load` can replay the conversion.
     """
 
     model: str
@@ -62,6 +69,8 @@ class Conversion:
     seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] | None = None
+    tracing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -91,7 +100,28 @@ class Conversion:
             "seconds": self.seconds,
             "versions": self.versions,
             "extras": self.extras,
+            "source": self.source,
+            "tracing": self.tracing,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Conversion:
+        """Inverse of :meth:`to_dict` (what :func:`fxsurgeon.load` restores from a saved file's metadata)."""
+        v = data.get("verification")
+        return cls(
+            model=data["model"],
+            options=data.get("options", {}),
+            rewrites=[Rewrite(**r) for r in data.get("rewrites", [])],
+            skipped=[Skip(**s) for s in data.get("skipped", [])],
+            verification=Verification(**v) if v else None,
+            params_before=data.get("params_before", 0),
+            params_after=data.get("params_after", 0),
+            seconds=data.get("seconds", {}),
+            versions=data.get("versions", {}),
+            extras=data.get("extras", {}),
+            source=data.get("source"),
+            tracing=data.get("tracing", {}),
+        )
 
     def summary(self, max_lines: int = 40) -> str:
         """Human-readable account: totals per pass, the rewrites, the skips grouped by reason, verification."""
@@ -148,6 +178,12 @@ def get_record(model: nn.Module) -> Conversion:
     """
     meta = getattr(model, "meta", None)
     rec = meta.get("fxsurgeon") if isinstance(meta, dict) else None
+    if rec is None and isinstance(getattr(model, RECORD_ATTR, None), Conversion):
+        # torch.load of a pickled GraphModule rebuilds it with an empty ``meta``; the copy kept as a plain
+        # attribute survives, so put it back where everything else reads it
+        rec = getattr(model, RECORD_ATTR)
+        if isinstance(meta, dict):
+            meta["fxsurgeon"] = rec
     if not isinstance(rec, Conversion):
         raise SurgeryError(
             f"{type(model).__name__} carries no fxsurgeon record (meta['fxsurgeon']); was it made by fxsurgeon.convert?"

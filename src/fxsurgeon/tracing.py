@@ -14,6 +14,7 @@ import linecache
 import math
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["SurgeryTracer", "private_copy", "timm_notrace", "trace"]
+__all__ = ["SurgeryTracer", "hooked_modules", "lost_hooks", "private_copy", "timm_notrace", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -97,6 +98,47 @@ def private_copy(model: nn.Module) -> nn.Module:
         ) from exc
 
 
+_HOOK_KINDS = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+
+
+def hooked_modules(model: nn.Module) -> dict[str, list[str]]:
+    """``{qualified name: [hook kinds]}`` for every module with forward/backward hooks registered on it."""
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        kinds = [label for attr, label in _HOOK_KINDS.items() if getattr(mod, attr, None)]
+        if kinds and name not in out:
+            out[name] = kinds
+    return out
+
+
+def lost_hooks(hooked: dict[str, list[str]], gm: fx.GraphModule) -> dict[str, list[str]]:
+    """The entries of ``hooked`` (from the original) whose hooks no longer run in ``gm``.
+
+    A hook survives only on a module that the graph still calls as a module (``call_module``, or inside a
+    leaf module that is called) and that is still the hooked object (a deep copy of it), not a replacement.
+    Modules torch.fx traced through, and the root itself, lose theirs.
+    """
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    lost = {}
+    for name, kinds in hooked.items():
+        try:
+            mod = gm.get_submodule(name) if name else None
+        except AttributeError:
+            mod = None
+        inside_leaf = any(name.startswith(c + ".") for c in called)
+        still = mod is not None and (name in called or inside_leaf) and all(
+            getattr(mod, attr, None) for attr, label in _HOOK_KINDS.items() if label in kinds
+        )
+        if not still:
+            lost[name] = kinds
+    return lost
+
+
 def _user_frame(exc: BaseException) -> str | None:
     """The deepest traceback frame outside torch itself: the line of user/timm code that broke tracing."""
     best = None
@@ -117,6 +159,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     use_timm_notrace: bool = True,
     copy_model: bool = True,
+    warn_hooks: bool = True,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into an :class:`torch.fx.GraphModule`.
 
@@ -127,6 +170,8 @@ def trace(
         concrete_args: passed to :meth:`torch.fx.Tracer.trace` to specialise arguments (e.g. flags).
         use_timm_notrace: add timm's registered no-trace modules/functions when timm is installed.
         copy_model: trace a private deep copy (default); ``False`` traces and shares the given instance.
+        warn_hooks: warn (``UserWarning``) naming the modules whose forward/backward hooks the traced graph
+            no longer runs: the root and every module torch.fx traced through rather than called as a leaf.
 
     Returns:
         A GraphModule sharing submodules with the traced copy, in the model's train/eval mode.
@@ -174,4 +219,13 @@ def trace(
     name = type(root).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = root.training
+    if warn_hooks:
+        lost = lost_hooks(hooked_modules(root), gm)
+        if lost:
+            names = ", ".join(f"'{n or '<root>'}' ({'/'.join(k)})" for n, k in sorted(lost.items()))
+            warnings.warn(
+                f"hooks on {len(lost)} module(s) do not run in the traced graph: {names}. torch.fx inlines the "
+                "forward of non-leaf modules and of the root; make those module types leaf_modules to keep them.",
+                stacklevel=2,
+            )
     return gm

@@ -1,0 +1,671 @@
+"""Save and load converted models as safetensors weights plus a JSON recipe: no pickled code.
+
+A converted model is a ``torch.fx.GraphModule`` whose Python code fx generated; pickling it (``torch.save``)
+stores that code and needs ``torch.load(weights_only=False)``, which runs whatever the file says. Instead,
+:func:`save` writes only tensors (safetensors) and, in the file's header metadata under the key
+``"fxsurgeon"``, a JSON document with everything needed to rebuild the same architecture:
+
+- ``source``: where the original model comes from, a timm name with its keyword arguments
+  (``{"timm": "resnet18", "kwargs": {"num_classes": 10}}``) or an importable factory
+  (``{"factory": "package.module:function", "kwargs": {...}}``);
+- ``record``: the full :class:`~fxsurgeon.record.Conversion` (pass options, every rewrite with its form and
+  rank, skips, verification, versions) and the tracing controls ``convert()`` was given;
+- ``structure``: one line per module (type and hyper-parameters) and a hash of the generated code, so a
+  rebuild that differs in any layer is refused rather than silently loaded;
+- weight bookkeeping: tied tensors (stored once), frozen parameters, channels_last tensors, train/eval modes.
+
+:func:`load` builds the original architecture from ``source`` (``pretrained=False``: no download, no SVD),
+replays the recorded conversion (the separable pass gets every layer's recorded form and rank through its
+``layers=`` option, with ``init="random"``), checks the rebuilt structure and state-dict keys and shapes
+against the file, and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "build_original",
+    "describe_tracing",
+    "infer_source",
+    "load",
+    "normalize_source",
+    "read_metadata",
+    "save",
+]
+
+#: version of the metadata layout written by :func:`save`; :func:`load` refuses newer ones
+FORMAT_VERSION = 1
+_META_KEY = "fxsurgeon"
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _qualified(obj: Any) -> str:
+    """``"package.module:Qual.name"`` for an importable function or class."""
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _resolve(spec: str, what: str) -> Any:
+    """Import ``"package.module:attr.path"`` and return the object; SurgeryError saying why otherwise."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise SurgeryError(f"{what} {spec!r} is not of the form 'package.module:name'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SurgeryError(f"cannot import {what} {spec!r}: {type(exc).__name__}: {exc}") from exc
+    return obj
+
+
+def _json_path_error(value: Any, where: str) -> str | None:
+    """Where inside ``value`` something is not plain JSON (dict with str keys, list, str, number, bool, None)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _json_path_error(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has a non-string key {k!r}"
+            bad = _json_path_error(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    return f"{where} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
+
+
+def normalize_source(source: Any) -> dict[str, Any]:
+    """A model source in its canonical form ``{"timm": name | "factory": "pkg.mod:fn", "kwargs": {...}}``.
+
+    Accepts a timm model name (``"resnet18"``), a factory spec (``"package.module:function"``), an importable
+    function or class, or a dict with ``"timm"`` or ``"factory"`` and optional ``"kwargs"`` (JSON values).
+
+    >>> normalize_source("resnet18")
+    {'timm': 'resnet18', 'kwargs': {}}
+    >>> normalize_source({"factory": "fxsurgeon.models:resnet20", "kwargs": {"num_classes": 100}})
+    {'factory': 'fxsurgeon.models:resnet20', 'kwargs': {'num_classes': 100}}
+    """
+    if callable(source) and not isinstance(source, str):
+        qualname = getattr(source, "__qualname__", "")
+        if not getattr(source, "__module__", None) or not qualname or "<" in qualname:
+            raise SurgeryError(
+                f"source {source!r} cannot be imported by name (a lambda or a local function?); "
+                "give a module-level factory, or 'package.module:function'"
+            )
+        source = _qualified(source)
+    if isinstance(source, str):
+        source = {"factory": source} if ":" in source else {"timm": source}
+    if not isinstance(source, dict):
+        raise SurgeryError(
+            f"source must be a timm name, 'package.module:function', a factory function or a dict, got "
+            f"{type(source).__name__}: {source!r}"
+        )
+    kinds = [k for k in ("timm", "factory") if k in source]
+    extra = set(source) - {"timm", "factory", "kwargs"}
+    if len(kinds) != 1 or extra or not isinstance(source[kinds[0]], str):
+        raise SurgeryError(
+            f"source dict needs exactly one of 'timm' (a model name) or 'factory' ('package.module:function') "
+            f"and optionally 'kwargs', got {source!r}"
+        )
+    kwargs = dict(source.get("kwargs") or {})
+    bad = _json_path_error(kwargs, "source kwargs")
+    if bad:
+        raise SurgeryError(f"{bad}: source kwargs must be JSON values (str, number, bool, None, list, dict)")
+    kind = kinds[0]
+    if kind == "factory" and ":" not in source[kind]:
+        raise SurgeryError(f"factory {source[kind]!r} is not of the form 'package.module:function'")
+    return {kind: source[kind], "kwargs": kwargs}
+
+
+def infer_source(model: nn.Module) -> dict[str, Any] | None:
+    """The source of a model built by ``timm.create_model``: its architecture, ``num_classes`` and ``in_chans``.
+
+    Other keyword arguments given to ``create_model`` cannot be read back from the model; :func:`save`
+    rebuilds from this source before writing and refuses when the rebuilt architecture differs, asking for
+    an explicit ``source=``. Returns None for models that do not come from timm.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not type(model).__module__.startswith("timm.") or not isinstance(cfg, dict) or not cfg.get("architecture"):
+        return None
+    kwargs: dict[str, Any] = {}
+    for attr in ("num_classes", "in_chans"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            kwargs[attr] = value
+    return {"timm": str(cfg["architecture"]), "kwargs": kwargs}
+
+
+def build_original(source: dict[str, Any]) -> nn.Module:
+    """Instantiate the original (unconverted) architecture from a normalised source, without pretrained weights."""
+    source = normalize_source(source)
+    kwargs = dict(source["kwargs"])
+    if "timm" in source:
+        try:
+            import timm
+        except ImportError as exc:
+            raise SurgeryError(f"rebuilding timm model {source['timm']!r} needs timm installed") from exc
+        kwargs.setdefault("pretrained", False)
+        if kwargs["pretrained"]:
+            raise SurgeryError("source kwargs must not ask for pretrained=True: the weights come from the file")
+        what = f"timm.create_model({source['timm']!r}, **{kwargs})"
+        build: Callable[[], Any] = lambda: timm.create_model(source["timm"], **kwargs)  # noqa: E731
+    else:
+        factory = _resolve(source["factory"], "model factory")
+        what = f"{source['factory']}(**{kwargs})"
+        build = lambda: factory(**kwargs)  # noqa: E731
+    try:
+        model = build()
+    except Exception as exc:
+        raise SurgeryError(f"rebuilding the original model with {what} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"{what} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- tracing
+
+
+def _input_spec(x: Any) -> dict[str, Any]:
+    if isinstance(x, torch.Tensor):
+        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    if _json_path_error(x, "") is None:
+        return {"value": x}
+    return {"type": f"{type(x).__module__}.{type(x).__qualname__}"}
+
+
+def describe_tracing(
+    leaf_modules: Iterable[type] | None,
+    autowrap_functions: Iterable[Callable] | None,
+    concrete_args: dict[str, Any] | None,
+    inputs: tuple,
+) -> dict[str, Any]:
+    """JSON-ready account of how ``convert()`` traced the model, for the record and for :func:`load`.
+
+    Types and functions are named ``"package.module:qualname"``; ``concrete_args`` is kept as is when it is
+    plain JSON and described by ``repr`` otherwise (such a conversion cannot be replayed by :func:`load`);
+    example inputs keep only their shapes and dtypes.
+    """
+    out: dict[str, Any] = {}
+    if leaf_modules:
+        out["leaf_modules"] = [_qualified(t) for t in leaf_modules]
+    if autowrap_functions:
+        out["autowrap_functions"] = [_qualified(f) for f in autowrap_functions]
+    if concrete_args:
+        if _json_path_error(concrete_args, "concrete_args") is None:
+            out["concrete_args"] = dict(concrete_args)
+        else:
+            out["concrete_args_repr"] = repr(concrete_args)
+    if inputs:
+        out["example_inputs"] = [_input_spec(x) for x in inputs]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- structure
+
+
+def structure(gm: nn.Module) -> list[str]:
+    """One line per module (qualified name, type, hyper-parameters), then the hash of the generated code.
+
+    Two models with the same lines compute the same function given the same state dict.
+    """
+    lines = []
+    for name, mod in gm.named_modules(remove_duplicate=False):
+        if isinstance(mod, fx.GraphModule) and not name:
+            kind = "GraphModule"
+        else:
+            kind = f"{type(mod).__module__}.{type(mod).__qualname__}"
+        lines.append(f"{name or '<root>'}: {kind}({mod.extra_repr()})")
+    code = gm.code if isinstance(gm, fx.GraphModule) else ""
+    lines.append("code sha256: " + hashlib.sha256(code.encode()).hexdigest())
+    return lines
+
+
+def _structure_diff(saved: list[str], rebuilt: list[str], limit: int = 6) -> str:
+    import difflib
+
+    diff = [d for d in difflib.unified_diff(saved, rebuilt, "saved", "rebuilt", n=0, lineterm="")
+            if d[:1] in "+-" and not d.startswith(("+++", "---"))]
+    shown = "\n    ".join(diff[:limit])
+    more = f"\n    … {len(diff) - limit} more" if len(diff) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+# ----------------------------------------------------------------------------------------------- replay
+
+
+def _escape(name: str) -> str:
+    """fnmatch pattern matching exactly ``name``."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Module) -> dict[str, Any]:
+    """Options reproducing exactly the recorded separable rewrites on the freshly built ``model``.
+
+    Every recorded layer gets its recorded form and rank through ``layers=`` (which forces the rewrite
+    whatever its profitability); every other spatial conv is excluded by name; data-driven choices
+    (``energy=``, budgets) are therefore not recomputed, and ``init="random"`` skips the SVDs.
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    for r in rewrites:
+        d = r.get("details", {})
+        if "rank" not in d:
+            raise SurgeryError(f"separable rewrite of '{r['target']}' records no rank; it cannot be replayed")
+        layers[r["target"]] = {"form": d.get("form", options.get("form", "dw-pw")), "rank": int(d["rank"])}
+    groups: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            groups.setdefault(id(mod), []).append(name)
+    exclude = [_escape(n) for names in groups.values() if not set(names) & set(layers) for n in names]
+    return {"layers": layers, "exclude": exclude, "include_stem": True, "kernel_sizes": "all", "init": "random"}
+
+
+#: pass name → fn(recorded options, recorded rewrites of that pass, rebuilt original) → replay options.
+#: Passes without an entry are replayed with their recorded options, which suits passes whose result is
+#: determined by the architecture alone; :func:`load` checks that the replayed rewrites match in any case.
+REPLAYERS: dict[str, Callable[[dict[str, Any], list[dict], nn.Module], dict[str, Any]]] = {
+    "separable": _replay_separable,
+}
+
+
+def _example_inputs(specs: list[dict[str, Any]], model: nn.Module) -> tuple:
+    float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out = []
+    for spec in specs:
+        if "shape" in spec:
+            dtype = getattr(torch, spec["dtype"])
+            out.append(torch.zeros(spec["shape"], dtype=float_dtype if dtype.is_floating_point else dtype))
+        elif "value" in spec:
+            out.append(spec["value"])
+        else:
+            raise SurgeryError(f"example input of type {spec.get('type')} cannot be recreated for the replay")
+    return tuple(out)
+
+
+def _rebuild(meta: dict[str, Any], source: dict[str, Any] | None = None, *, materialize: bool = True) -> fx.GraphModule:
+    """Build the original from its source and replay the recorded conversion (random init, no verification).
+
+    The replay runs on the meta device, so shape propagation and the passes cost no arithmetic; with
+    ``materialize`` the result then gets (uninitialised) CPU storage for the caller to fill with a strict
+    state-dict load, and the non-persistent buffers of the freshly built model (index tables, masks, which
+    no file holds) are put back. When any of that fails (a module that needs real values to run, a buffer
+    that cannot be traced back), the replay is redone on CPU with real tensors.
+    """
+    source = normalize_source(source) if source is not None else meta["source"]
+    record = meta["record"]
+    tracing = record.get("tracing", {})
+    if "concrete_args_repr" in tracing:
+        raise SurgeryError(f"the conversion used concrete_args {tracing['concrete_args_repr']} that are not "
+                           "plain JSON: it cannot be replayed")
+    from .passes import list_passes
+
+    known = list_passes()
+    missing = [p for p in record["options"] if p not in known]
+    if missing:
+        raise SurgeryError(f"the model was converted with pass(es) {missing} that this fxsurgeon "
+                           f"({meta.get('versions', {}).get('fxsurgeon', '?')} saved it) does not have; known: {known}")
+    model = build_original(source)
+    try:
+        kept = _non_persistent_buffers(model)
+        model.to("meta")
+        gm = _replay(record, source, model)
+        if materialize:
+            gm.to_empty(device="cpu")
+            _restore_buffers(gm, kept)
+        return gm
+    except Exception:  # fall back to the plain replay below, whose errors are the ones to report
+        pass
+    return _replay(record, source, build_original(source))
+
+
+def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for b in mod._non_persistent_buffers_set:
+            if mod._buffers.get(b) is not None:
+                out[f"{name}.{b}" if name else b] = mod._buffers[b]
+    return out
+
+
+def _restore_buffers(gm: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    for name, mod in gm.named_modules(remove_duplicate=False):
+        for b in mod._non_persistent_buffers_set:
+            if mod._buffers.get(b) is not None:
+                key = f"{name}.{b}" if name else b
+                if key not in kept:
+                    raise KeyError(key)  # made by a pass: only a real replay can fill it
+                mod._buffers[b] = kept[key]
+
+
+def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module) -> fx.GraphModule:
+    from .convert import convert
+    from .passes import get_pass, list_passes
+
+    tracing = record.get("tracing", {})
+    passes: dict[str, Any] = {name: False for name in list_passes()}
+    needs_shapes = False
+    for name, opts in record["options"].items():
+        done = [r for r in record["rewrites"] if r.get("pass_name") == name]
+        replay = REPLAYERS.get(name)
+        passes[name] = replay(opts, done, model) if replay else dict(opts)
+        needs_shapes |= get_pass(name).needs_shapes
+    inputs = _example_inputs(tracing.get("example_inputs", []), model) if needs_shapes else ()
+    return convert(
+        model, example_inputs=inputs or None, verify=False, inplace=True, source=source,
+        leaf_modules=[_resolve(s, "leaf module type") for s in tracing.get("leaf_modules", [])] or None,
+        autowrap_functions=[_resolve(s, "autowrapped function") for s in tracing.get("autowrap_functions", [])] or None,
+        concrete_args=tracing.get("concrete_args"),
+        **passes,
+    )
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    kind = "timm" if "timm" in source else "factory"
+    return f"{kind} {source[kind]!r}" + (f" with {source['kwargs']}" if source.get("kwargs") else "")
+
+
+def _versions_text(meta: dict[str, Any]) -> str:
+    v = meta.get("versions", meta)
+    return ", ".join(f"{k} {v[k]}" for k in ("fxsurgeon", "torch", "timm") if k in v)
+
+
+def _now() -> dict[str, str]:
+    from .convert import _versions
+
+    return _versions()
+
+
+def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, list[int]], *, check_structure: bool) -> None:
+    """Refuse a rebuilt model whose state-dict keys/shapes, replayed rewrites or module structure differ."""
+    have = {k: list(v.shape) for k, v in gm.state_dict().items()}
+    missing = sorted(set(shapes) - set(have))
+    unexpected = sorted(set(have) - set(shapes))
+    wrong = sorted(k for k in set(have) & set(shapes) if have[k] != shapes[k])
+    hint = (f"Saved with {_versions_text(meta)}; now {_versions_text(_now())}. If the model's source is wrong, "
+            "pass source= (a timm name with kwargs, or 'package.module:function').")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} saved tensor(s) the rebuilt model lacks (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} rebuilt tensor(s) not in the file (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append("shape mismatches: " + ", ".join(f"{k} saved {shapes[k]} vs rebuilt {have[k]}" for k in wrong[:3]))
+        raise SurgeryError(
+            f"the model rebuilt from {_source_text(meta['source'])} does not match the saved weights: "
+            + "; ".join(parts) + ". " + hint
+        )
+    if not check_structure:
+        return
+    rebuilt = structure(gm)
+    if rebuilt != meta["structure"]:
+        raise SurgeryError(
+            f"the model rebuilt from {_source_text(meta['source'])} differs from the saved architecture:"
+            + _structure_diff(meta["structure"], rebuilt) + "\n" + hint
+            + " load(..., check_structure=False) accepts a rebuild whose weights still match."
+        )
+    replayed = [(r.pass_name, r.target, r.after) for r in gm.meta["fxsurgeon"].rewrites]
+    recorded = [(r["pass_name"], r["target"], r["after"]) for r in meta["record"]["rewrites"]]
+    if replayed != recorded:
+        diff = [f"recorded {a}, replayed {b}" for a, b in zip(recorded, replayed) if a != b]
+        diff += [f"recorded {a}, replayed nothing" for a in recorded[len(replayed):]]
+        diff += [f"replayed {b}, not recorded" for b in replayed[len(recorded):]]
+        raise SurgeryError(
+            f"replaying the conversion of {meta['record']['model']} from {_source_text(meta['source'])} gave "
+            "different rewrites: " + "; ".join(diff[:4]) + (f"; … {len(diff) - 4} more" if len(diff) > 4 else "")
+            + ". " + hint
+        )
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+
+def _weights(gm: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(tensors to write, {alias key: stored key} for tied tensors, keys of channels_last tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    channels_last: list[str] = []
+    first: dict[int, str] = {}
+    storages: dict[tuple[int, str], str] = {}
+    for key, t in gm.state_dict(keep_vars=True).items():
+        if t.is_meta:
+            raise SurgeryError(f"tensor '{key}' is on the meta device: there are no weights to save. "
+                               "Load or initialise real weights first (e.g. model.to_empty(device='cpu')).")
+        if id(t) in first:
+            tied[key] = first[id(t)]
+            continue
+        first[id(t)] = key
+        data = t.detach()
+        if data.dim() == 4 and not data.is_contiguous() and data.is_contiguous(memory_format=torch.channels_last):
+            channels_last.append(key)
+        data = data.cpu().contiguous()
+        if data.numel():
+            where = (data.untyped_storage().data_ptr(), str(data.device))
+            if where in storages:  # a view sharing memory with another tensor: safetensors needs it separate
+                data = data.clone()
+            storages[where] = key
+        tensors[key] = data
+    return tensors, tied, channels_last
+
+
+def _retie(gm: nn.Module, tied: dict[str, str]) -> None:
+    """Make every alias key name the same Parameter/buffer object as the key it was tied to when saved."""
+    for alias, key in tied.items():
+        owner, _, leaf = key.rpartition(".")
+        a_owner, _, a_leaf = alias.rpartition(".")
+        src = gm.get_submodule(owner)
+        dst = gm.get_submodule(a_owner)
+        for table in ("_parameters", "_buffers"):
+            if leaf in getattr(src, table) and a_leaf in getattr(dst, table):
+                getattr(dst, table)[a_leaf] = getattr(src, table)[leaf]
+
+
+def _modes(gm: nn.Module) -> dict[str, Any]:
+    root = gm.training
+    return {"root": root, "others": [n for n, m in gm.named_modules() if n and m.training != root]}
+
+
+def save(converted: nn.Module, path: str | os.PathLike, *, source: Any = None, check: bool = True) -> None:
+    """Write a converted model to ``path`` as safetensors weights plus the recipe to rebuild it (no pickle).
+
+    Args:
+        converted: a model returned by :func:`fxsurgeon.convert` (it carries the record), possibly trained or
+            calibrated since: its current weights, ``requires_grad`` flags and train/eval modes are saved.
+        path: the file to write (conventionally ``*.safetensors``). Written to a temporary file first and
+            renamed, so an existing file is never left half-written.
+        source: where the original model comes from, when ``convert()`` did not know it: a timm name,
+            ``"package.module:function"``, a module-level factory function, or
+            ``{"factory": "package.module:function", "kwargs": {...}}``. Overrides the recorded one.
+        check: rebuild the model from the file's recipe before writing and refuse to write a file that
+            :func:`load` could not turn back into the same architecture (default; costs one rebuild).
+
+    Raises:
+        SurgeryError: no record, no known source, a recipe that is not plain JSON, meta-device weights, or a
+            rebuild that differs from ``converted``; nothing is written then.
+
+    >>> import tempfile, os, torch, fxsurgeon
+    >>> from fxsurgeon.models import resnet20
+    >>> small = fxsurgeon.convert(resnet20(), source=resnet20)
+    >>> path = os.path.join(tempfile.mkdtemp(), "small.safetensors")
+    >>> fxsurgeon.save(small, path)
+    >>> again = fxsurgeon.load(path)
+    >>> torch.equal(again.state_dict()["layer1.0.conv1.depthwise.weight"],
+    ...             small.state_dict()["layer1.0.conv1.depthwise.weight"])
+    True
+    """
+    from safetensors.torch import save_file
+
+    from .record import get_record
+
+    record = get_record(converted)
+    src = normalize_source(source) if source is not None else record.source
+    if src is None:
+        raise SurgeryError(
+            f"fxsurgeon.save needs to know how to rebuild the original {record.model}: it was not created by "
+            "timm.create_model, and convert() was given no source. Pass source='package.module:function' "
+            "(a module-level function returning the unconverted model; kwargs via "
+            "source={'factory': ..., 'kwargs': {...}}) to save() or convert()."
+        )
+    data = record.to_dict()
+    data["source"] = src
+    for where in ("options", "tracing"):
+        bad = _json_path_error(data[where], f"record {where}")
+        if bad:
+            raise SurgeryError(f"{bad}: the recipe must be plain JSON to be saved without pickling")
+    if "concrete_args_repr" in record.tracing:
+        raise SurgeryError(f"the conversion used concrete_args {record.tracing['concrete_args_repr']} that are not "
+                           "plain JSON: it cannot be saved as a recipe. Use torch.save instead.")
+    tensors, tied, channels_last = _weights(converted)
+    meta = {
+        "format": "fxsurgeon", "format_version": FORMAT_VERSION,
+        "source": src, "record": data, "versions": _now(),
+        "structure": structure(converted),
+        "tied": tied,
+        "frozen": [n for n, p in converted.named_parameters(remove_duplicate=False) if not p.requires_grad],
+        "channels_last": channels_last,
+        "modes": _modes(converted),
+    }
+    try:
+        text = json.dumps(meta, allow_nan=True)
+    except (TypeError, ValueError) as exc:  # e.g. a pass put a non-JSON value in a rewrite's details
+        raise SurgeryError(f"the record of {record.model} is not JSON-serialisable: {exc}") from exc
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise SurgeryError(f"cannot save to {path}: directory {path.parent} does not exist")
+    if check:
+        shapes = {k: list(t.shape) for k, t in tensors.items()} | {k: list(tensors[v].shape) for k, v in tied.items()}
+        _check_rebuilt(_rebuild(json.loads(text), materialize=False), meta, shapes, check_structure=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: text})
+        os.replace(tmp, path)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise SurgeryError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The fxsurgeon metadata of a file written by :func:`save` (source, record, structure, ...), no tensors read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:
+        raise SurgeryError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
+    if _META_KEY not in header:
+        raise SurgeryError(f"{path} was not written by fxsurgeon.save: its header has no '{_META_KEY}' metadata")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except ValueError as exc:
+        raise SurgeryError(f"{path}: the fxsurgeon metadata is not valid JSON: {exc}") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not isinstance(version, int):
+        raise SurgeryError(f"{path}: the fxsurgeon metadata has no format_version")
+    if version > FORMAT_VERSION:
+        raise SurgeryError(f"{path} uses fxsurgeon file format {version}, newer than this fxsurgeon's "
+                           f"{FORMAT_VERSION} (saved with {_versions_text(meta)}): upgrade fxsurgeon")
+    for key in ("source", "record", "structure"):
+        if key not in meta:
+            raise SurgeryError(f"{path}: the fxsurgeon metadata lacks '{key}'")
+    return meta
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    source: Any = None,
+    check_structure: bool = True,
+) -> fx.GraphModule:
+    """Rebuild a model written by :func:`save` and load its weights strictly; no code is unpickled.
+
+    The original architecture comes from the recorded source (``timm.create_model(name, pretrained=False,
+    **kwargs)`` or the factory, which is imported by name); the recorded conversion is replayed on it with
+    random initialisation, then the saved weights, dtypes, ``requires_grad`` flags, channels_last layouts and
+    train/eval modes are restored, with the saved record at ``meta["fxsurgeon"]``.
+
+    Args:
+        path: a file written by :func:`save`.
+        device: where to put the model (default: CPU).
+        source: rebuild from this source instead of the recorded one (e.g. a factory that moved).
+        check_structure: refuse a rebuild whose module hyper-parameters or generated code differ from the
+            saved ones (default). Keys and shapes of the state dict are always checked.
+
+    Raises:
+        SurgeryError: not an fxsurgeon file, an unknown source or pass, or a rebuild that does not match the
+            saved weights or structure (the message shows the difference and both sets of versions).
+    """
+    from safetensors.torch import load_file
+
+    from .record import RECORD_ATTR, Conversion
+
+    meta = read_metadata(path)
+    tensors = load_file(str(path))
+    tied = meta.get("tied", {})
+    missing = sorted(v for v in tied.values() if v not in tensors)
+    if missing:
+        raise SurgeryError(f"{path}: tied tensors point at keys missing from the file: {missing[:3]}")
+    state = dict(tensors) | {alias: tensors[key] for alias, key in tied.items()}
+    if source is not None:
+        meta = dict(meta, source=normalize_source(source))
+    gm = _rebuild(meta, meta["source"])
+    _check_rebuilt(gm, meta, {k: list(t.shape) for k, t in state.items()}, check_structure=check_structure)
+    _retie(gm, tied)
+
+    # the rebuild is in the factory's dtype (usually float32): give every tensor the saved dtype and layout
+    # in place (keeping Parameter objects, hence ties), then copy values in with a strict load
+    channels_last = set(meta.get("channels_last", []))
+    seen: set[int] = set()
+    for key, t in gm.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        saved = state[key]
+        fmt = torch.channels_last if key in channels_last else torch.contiguous_format
+        if t.dtype != saved.dtype or key in channels_last:
+            t.data = t.data.to(dtype=saved.dtype, memory_format=fmt)
+    gm.load_state_dict(state, strict=True)
+    frozen = set(meta.get("frozen", []))
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        p.requires_grad_(name not in frozen)
+    modes = meta.get("modes", {"root": False, "others": []})
+    flip = set(modes.get("others", []))
+    for name, m in gm.named_modules():
+        m.training = (not modes["root"]) if name in flip else bool(modes["root"])
+    if device is not None:
+        gm.to(device)
+    record = Conversion.from_dict(meta["record"])
+    record.source = meta["source"]
+    record.extras = dict(record.extras, loaded_from=str(path))
+    gm.meta["fxsurgeon"] = record
+    setattr(gm, RECORD_ATTR, record)
+    return gm
