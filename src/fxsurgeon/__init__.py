@@ -16,12 +16,14 @@ from .errors import SurgeryError
 from .io import load, save
 from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
+from .report import SavingsReport, savings
 from .tracing import trace
 
 __all__ = [
     "Conversion",
     "PassResult",
     "Rewrite",
+    "SavingsReport",
     "Skip",
     "SurgeryError",
     "Verification",
@@ -33,6 +35,7 @@ __all__ = [
     "load",
     "register_pass",
     "save",
+    "savings",
     "summary",
     "trace",
 ]

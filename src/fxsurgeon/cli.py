@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("--batch-size", type=int, default=1)
     p.set_defaults(func=_cmd_convert)
+    from .report_cli import add_report_command
+
+    add_report_command(sub)
     return parser
 
 
