@@ -233,6 +233,7 @@ def convert(
     record = Conversion(model=model_name(model), options={n: o for n, o in plan}, source=source_spec,
                         tracing=tracing)
     record.skipped += _dropped_by_trace(model, gm)
+    record.skipped += _unsupported_modules(gm)
     for name, opts in plan:
         info = get_pass(name)
         t = time.perf_counter()
@@ -296,6 +297,23 @@ def _warn_lost_hooks(hooked: dict[str, list[str]], gm: fx.GraphModule) -> None:
             "leaf_modules.",
             stacklevel=2,
         )
+
+
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
+                       "torch.nn.intrinsic.quantized", "torch.ao.nn.sparse.quantized")
+
+
+def _unsupported_modules(gm: fx.GraphModule) -> list[Skip]:
+    """Quantized convs and linears: no pass can rewrite packed integer weights, so they are reported, not matched."""
+    out = []
+    for name, mod in gm.named_modules():
+        kind = type(mod).__module__
+        if kind.startswith(_QUANTIZED_PACKAGES) and ("Conv" in type(mod).__name__ or "Linear" in type(mod).__name__):
+            out.append(Skip(
+                name, f"quantized module {kind}.{type(mod).__qualname__}: fxsurgeon rewrites float modules only; "
+                "convert the float model, then quantize", pass_name="convert", details={"module": type(mod).__name__},
+            ))
+    return out
 
 
 def _dropped_by_trace(model: nn.Module, gm: fx.GraphModule) -> list[Skip]:
