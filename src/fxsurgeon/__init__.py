@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from .convert import convert
 from .errors import SurgeryError
+from .heads import class_map
 from .io import load, save
 from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
@@ -28,6 +29,7 @@ __all__ = [
     "SurgeryError",
     "Verification",
     "__version__",
+    "class_map",
     "convert",
     "get_pass",
     "get_record",
