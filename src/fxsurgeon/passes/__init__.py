@@ -84,4 +84,4 @@ def list_passes() -> list[str]:
 
 
 # Importing the pass modules registers them.
-from . import conv_head, separable  # noqa: E402,F401
+from . import concat_fusion, conv_head, separable  # noqa: E402,F401
