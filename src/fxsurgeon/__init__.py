@@ -11,6 +11,7 @@ report the savings and run the result.
 
 __version__ = "0.1.0"
 
+from .bench import BenchmarkResult, benchmark
 from .convert import convert
 from .errors import SurgeryError
 from .heads import class_map
@@ -21,6 +22,7 @@ from .report import SavingsReport, savings
 from .tracing import trace
 
 __all__ = [
+    "BenchmarkResult",
     "Conversion",
     "PassResult",
     "Rewrite",
@@ -29,6 +31,7 @@ __all__ = [
     "SurgeryError",
     "Verification",
     "__version__",
+    "benchmark",
     "class_map",
     "convert",
     "get_pass",

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -521,12 +522,9 @@ def _tensor_bytes(tensors) -> int:
 
 def _versions(device: torch.device) -> dict[str, str]:
     out = {"torch": torch.__version__}
-    try:
-        import timm
-
-        out["timm"] = timm.__version__
-    except ImportError:
-        pass
+    timm = sys.modules.get("timm")  # only when in use: importing it just for its version costs seconds
+    if timm is not None:
+        out["timm"] = str(getattr(timm, "__version__", "?"))
     from . import __version__
 
     out["fxsurgeon"] = __version__

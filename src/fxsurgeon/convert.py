@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from . import __version__
+from .bench import ieee_fp32
 from .errors import SurgeryError
 from .graph import describe, module_aliases
 from .io import describe_tracing, infer_source, normalize_source
@@ -79,7 +80,8 @@ def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
     """Forward in eval mode without grad; the caller restores modes. A failure names what was running."""
     model.eval()
     try:
-        with torch.no_grad():
+        # TF32 (cuDNN's float32 default on Ampere+) moves outputs ~1e-3: compare in full float32
+        with torch.no_grad(), ieee_fp32():
             return model(*inputs)
     except Exception as exc:
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
