@@ -66,6 +66,16 @@ def test_example2_cross_check_conv_agrees(example2):
     assert r.cross_check["modules"] == []
 
 
+def test_fidelity_from_the_record_when_not_measured(example2):
+    net, converted, x, measured = example2
+    r = savings(net, converted, x, measure_fidelity=False, torch_cross_check=False)
+    verification = converted.meta["fxsurgeon"].verification
+    assert r.fidelity_source == "conversion record" and r.cross_check is None
+    assert (r.max_abs_error, r.rel_error) == (verification.max_abs_error, verification.rel_error)
+    assert r.rel_error == pytest.approx(measured.rel_error, rel=1e-5)  # same inputs, same models
+    assert r.cosine_similarity is None and r.top1_agreement is None
+
+
 def test_depth_cuts_the_module_breakdown(example2):
     *_, r = example2
     assert [m["name"] for m in r.by_module(0)] == [""]
@@ -199,9 +209,6 @@ def test_resnet18_passes_cross_check_and_fidelity(resnet18):
     assert r.top1_agreement is not None and 0 <= r.top1_agreement <= 1
     assert [s["name"] for s in r.stages()] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4",
                                                "global_pool", "fc"]
-    no_measure = savings(model, converted, x, measure_fidelity=False, torch_cross_check=False)
-    assert no_measure.fidelity_source == "conversion record" and no_measure.cross_check is None
-    assert no_measure.rel_error == verification.rel_error and no_measure.cosine_similarity is None
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -329,3 +336,66 @@ def test_bad_input_is_a_surgery_error(example2):
         savings(net, converted, x, depth=-1)
     with pytest.raises(SurgeryError, match=r"failed on example_inputs|could not trace"):
         savings(net, converted, torch.randn(1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------- per-rewrite attribution
+
+
+class Branches(Fusion):
+    """Seed example 3 with its branches: two 3×3 convs from one 8-channel input, concat, 1×1 fusion 96→48."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(8, 64, 3, padding=1)
+
+    def forward(self, x):
+        return self.fuse(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+@pytest.mark.parametrize("mode", ["identity", "reduce"])
+def test_example3_concat_fusion_rewrite_is_attributed(mode):
+    if "concat_fusion" not in fxsurgeon.list_passes():
+        pytest.skip("the concat_fusion pass is not in this build")
+    net = Branches().eval()
+    x = torch.randn(1, 8, 16, 16)
+    opts = {"mode": "identity"} if mode == "identity" else {"mode": "reduce", "out_channels": 24}
+    converted = fxsurgeon.convert(net, example_inputs=x, separable=False, concat_fusion=opts)
+    r = savings(net, converted, x)
+    hw = 16 * 16
+    branches = (32 + 64) * 8 * 9 * hw
+    assert r.macs_before == branches + 48 * 96 * hw
+    (w,) = r.rewrites
+    if mode == "identity":  # an identity 96→96 1×1 conv after the concat: added, nothing removed
+        assert (w["macs_before"], w["macs_after"], w["params_after"]) == (0, 96 * 96 * hw, 96 * 96)
+    else:  # fusion 96→24 before the consumer, which narrows to 24→48
+        assert w["modules"] == [*w["details"]["modules"], "fuse"]
+        assert (w["macs_before"], w["macs_after"]) == (48 * 96 * hw, 24 * 96 * hw + 48 * 24 * hw)
+        assert (w["params_before"], w["params_after"]) == (96 * 48 + 48, 96 * 24 + 24 * 48 + 48)
+    assert r.passes["concat_fusion"]["macs_after"] - r.passes["concat_fusion"]["macs_before"] == \
+        r.macs_after - r.macs_before
+    assert r.unattributed == {"macs": 0, "params": 0}
+
+
+def test_attribution_counts_each_module_once():
+    from fxsurgeon.passes.base import Rewrite
+    from fxsurgeon.report_attrib import attribute_rewrites, footprint
+    from fxsurgeon.report_count import Counts
+
+    def counts(macs: dict, params: dict) -> Counts:
+        return Counts(total_macs=macs[""], params=params, module_macs=macs, module_ops={}, uncounted={},
+                      module_names=list(macs))
+
+    before = counts({"": 100, "a": 60, "a.x": 40, "b": 40}, {"": 10, "a": 6, "a.x": 4, "b": 4})
+    after = counts({"": 50, "a": 30, "a.x": 10, "b": 10, "new": 10}, {"": 5, "a": 3, "a.x": 1, "b": 1, "new": 1})
+    rewrites = [
+        Rewrite("a.x", "x", "x'", True, "p1"),
+        Rewrite("a", "a", "a'", False, "p2", details={"modules": ["new"], "consumers": ["b"], "role": "b"}),
+        Rewrite("a.x", "x", "x''", True, "p2"),
+    ]
+    assert footprint(rewrites[1], after.module_names) == ["a", "new", "b"]
+    rows, passes, unattributed = attribute_rewrites(rewrites, {}, before, after)
+    assert [(w["modules"], w["counted"]) for w in rows] == [(["a.x"], True), (["a", "new", "b"], True), ([], False)]
+    # "a" encloses the already counted "a.x": only its remainder is the second rewrite's
+    assert (rows[1]["macs_before"], rows[1]["macs_after"]) == (20 + 0 + 40, 20 + 10 + 10)
+    assert passes["p1"]["macs_before"] == 40 and passes["p2"]["params_after"] == 2 + 1 + 1
+    assert unattributed == {"macs": 0, "params": 0}

@@ -71,10 +71,10 @@ def test_json_report_validates_and_plots_are_written(tmp_path, capsys):
 
 
 def test_gate_exits_0_when_met_and_1_with_a_line_per_miss(tmp_path, capsys):
-    code, out, err = _run(capsys, "report", *TINY_ARGS, "--format", "md", "--min-mac-savings", "30%",
+    code, out, err = _run(capsys, "report", *TINY_ARGS, "--min-mac-savings", "30%",
                           "--min-param-savings", "0.5", "--max-rel-error", "10")
     assert code == 0 and err == ""
-    assert "**Totals:** MACs " in out and "<details>" in out
+    assert out.startswith("fxsurgeon savings report: CifarResNet") and "MACs" in out  # table: the default
 
     code, out, err = _run(capsys, "report", *TINY_ARGS, "--format", "csv", "--min-mac-savings", "99%",
                           "--min-param-savings", "10%", "--max-rel-error", "1e-3")
@@ -84,11 +84,6 @@ def test_gate_exits_0_when_met_and_1_with_a_line_per_miss(tmp_path, capsys):
     assert lines[0].startswith("fxsurgeon: threshold missed: MAC savings ") and "< required 99.0%" in lines[0]
     assert lines[1].startswith("fxsurgeon: threshold missed: relative L2 error ") and "> allowed 0.001" in lines[1]
     assert out.startswith("model,input_shape,") and out.count("\n") == 2  # the report is still written
-
-
-def test_table_is_the_default_format(capsys):
-    code, out, _ = _run(capsys, "report", *TINY_ARGS)
-    assert code == 0 and out.startswith("fxsurgeon savings report: CifarResNet") and "MACs" in out
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ from .convert import (
 )
 from .errors import SurgeryError
 from .record import Conversion
+from .report_attrib import attribute_rewrites
 from .report_count import Counts, count_model, cross_check
 
 __all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
@@ -295,43 +296,6 @@ def _record_of(model: nn.Module) -> Conversion | None:
     return rec if isinstance(rec, Conversion) else None
 
 
-def _rewrite_rows(record: Conversion | None, before: Counts, after: Counts) -> tuple[list, dict, dict]:
-    """Per-rewrite MACs/params at its target in both models, totals per pass, and what no rewrite explains.
-
-    A target's figures are those of the module at that qualified name (0 where a model has none: added or
-    removed). A target inside an earlier-counted target, or repeated, is listed but not counted again.
-    """
-    rows: list[dict[str, Any]] = []
-    passes: dict[str, dict[str, int]] = {}
-    counts = record.counts() if record is not None else {}
-    for name, c in counts.items():
-        passes[name] = {**c, "macs_before": 0, "macs_after": 0, "params_before": 0, "params_after": 0}
-    counted: list[str] = []
-    for r in record.rewrites if record is not None else []:
-        t = r.target
-        fig = {
-            "macs_before": before.module_macs.get(t, 0), "macs_after": after.module_macs.get(t, 0),
-            "params_before": before.params.get(t, 0) if t in before.module_macs else 0,
-            "params_after": after.params.get(t, 0) if t in after.module_macs else 0,
-        }
-        dup = any(t == c or t.startswith(c + ".") for c in counted)
-        rows.append({"target": t, "pass": r.pass_name, "before": r.before, "after": r.after, "exact": r.exact,
-                     **fig, "counted": not dup, "details": r.details})
-        if not dup:
-            counted.append(t)
-            p = passes.setdefault(r.pass_name, {"rewrites": 0, "exact": 0, "skipped": 0, "macs_before": 0,
-                                                "macs_after": 0, "params_before": 0, "params_after": 0})
-            for k, v in fig.items():
-                p[k] += v
-    d_macs = sum(p["macs_after"] - p["macs_before"] for p in passes.values())
-    d_params = sum(p["params_after"] - p["params_before"] for p in passes.values())
-    unattributed = {
-        "macs": (after.total_macs - before.total_macs) - d_macs,
-        "params": (after.params.get("", 0) - before.params.get("", 0)) - d_params,
-    }
-    return rows, passes, unattributed
-
-
 def savings(
     original: nn.Module,
     converted: nn.Module,
@@ -398,7 +362,8 @@ def savings(
         fid = dict.fromkeys(("max_abs_error", "rel_error", "cosine_similarity", "top1_agreement"))
         source = "none"
 
-    rows, passes, unattributed = _rewrite_rows(record, before, after)
+    rows, passes, unattributed = attribute_rewrites(record.rewrites if record else [],
+                                                    record.counts() if record else {}, before, after)
     skipped = [{"target": s.target, "pass": s.pass_name, "reason": s.reason}
                for s in (record.skipped if record is not None else [])]
     names = [r["name"] for r in module_rows(before, after, depth)]

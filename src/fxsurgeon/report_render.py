@@ -110,11 +110,13 @@ def _pass_rows(r: SavingsReport) -> list[list[Any]]:
                      f"{p['params_after'] - p['params_before']:+,}"])
     u = r.unattributed
     if u["macs"] or u["params"]:
-        rows.append(["(not at a rewrite target)", "", "", "", "", f"{u['macs']:+,}", "", f"{u['params']:+,}"])
+        rows.append(["(no rewrite)", "", "", "", "", f"{u['macs']:+,}", "", f"{u['params']:+,}"])
     return rows
 
 
-_PASS_HEADERS = ["pass", "rewrites", "exact", "skipped", "MACs at targets", "Δ MACs", "params at targets", "Δ params"]
+# figures of the modules each pass's rewrites touched (fxsurgeon.report_attrib)
+_PASS_HEADERS = ["pass", "rewrites", "exact", "skipped", "MACs before → after", "Δ MACs", "params before → after",
+                 "Δ params"]
 
 
 def _module_rows(r: SavingsReport, depth: int | None = None) -> list[list[Any]]:
