@@ -211,6 +211,28 @@ def test_keeps_norm_activation_and_converts_mlp_head_linears():
     torch.testing.assert_close(out(x), norm(x), rtol=1e-5, atol=1e-6)
 
 
+def test_timm_norm_mlp_head_with_hidden_layer():
+    timm = pytest.importorskip("timm")
+
+    class WithHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3)
+            self.head = timm.layers.NormMlpClassifierHead(16, 5, hidden_size=12)
+
+        def forward(self, x):
+            return self.head(self.conv(x))
+
+    net = WithHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = convert(net, x, fully_convolutional=True)
+    rw, sk = records(out)
+    assert [(r.target, r.details["role"]) for r in rw] == [("head.pre_logits.fc", "hidden"), ("head.fc", "classifier")]
+    assert len(sk) == 1 and "layer_norm ('head.norm')" in sk[0].reason and "tanh" in sk[0].reason
+    assert not linears_called(out)
+    torch.testing.assert_close(out(x), net(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("norm", [nn.LayerNorm(16), nn.BatchNorm1d(16), nn.GELU()], ids=["layernorm", "batchnorm1d", "gelu"])
 def test_fully_convolutional_refused_with_norm_or_nonlinearity(norm):
     net = Net(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), norm)).eval()

@@ -665,7 +665,7 @@ def _expand_classifier_head(gm: fx.GraphModule) -> None:
     ``ClassifierHead.forward`` is ``flatten(fc(drop(global_pool(x))))``; calling those four submodules in turn
     computes the same thing, and the graph then shows the pool and the Linear to the matcher.
     """
-    for node in list(gm.graph.nodes):
+    for node in _output_frontier(gm):
         mod = _module(gm, node)
         if mod is None or not _is_timm(mod, "ClassifierHead") or node.kwargs or len(node.args) != 1:
             continue
@@ -848,7 +848,10 @@ def _channel_dropout(ctx: _Context, node: fx.Node, cur: fx.Node, plan: dict[str,
 def _fc_refusal(ctx: _Context, match: HeadMatch) -> str | None:
     """Why the classifier cannot move before the pool exactly, or None."""
     blockers = [n for n in match.chain if _kind(ctx, n) not in _FC_KINDS]
+    # name the operations that matter: permutes around a channels-last norm only come with it
+    named = [n for n in blockers if not (n.op == "call_method" and n.target in ("permute", "transpose"))] or blockers
     if blockers:
+        blockers = named
         what = ", ".join(_desc(ctx.gm, n) for n in blockers[:4]) + (" …" if len(blockers) > 4 else "")
         return (f"{what} between the pool and the classifier "
                 + ("is not a linear per-position operation" if len(blockers) == 1 else
