@@ -13,6 +13,7 @@ import warnings
 import jsonschema
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxsurgeon
@@ -399,3 +400,43 @@ def test_attribution_counts_each_module_once():
     assert (rows[1]["macs_before"], rows[1]["macs_after"]) == (20 + 0 + 40, 20 + 10 + 10)
     assert passes["p1"]["macs_before"] == 40 and passes["p2"]["params_after"] == 2 + 1 + 1
     assert unattributed == {"macs": 0, "params": 0}
+
+
+# ------------------------------------------------------------------------------- ops torch.fx inlined
+
+
+class FunctionalConv(nn.Module):
+    """Not a torch.nn leaf: fx traces into it, so its F.conv2d lands in the GraphModule's root forward."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class InlinedBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = FunctionalConv(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn(self.conv(x))
+
+
+def test_inlined_ops_stay_with_their_module():
+    from fvcore.nn import FlopCountAnalysis
+
+    net = nn.Sequential(InlinedBlock(8), InlinedBlock(8)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    gm = fxsurgeon.convert(net, example_inputs=x, separable=False, conv_head=False)  # nothing rewritten
+    plain = FlopCountAnalysis(gm, x).unsupported_ops_warnings(False).by_module()
+    assert plain["0.conv"] == 0 and plain[""] == 2 * (8 * 8 * 9 * 256 + 2 * 8 * 256)  # what fvcore alone says
+    r = savings(net, gm, x, depth=2)
+    assert r.macs_after == plain[""]
+    for row in r.by_module():
+        assert (row["macs_before"], row["params_before"]) == (row["macs_after"], row["params_after"]), row
+    assert {row["name"]: row["macs_after"] for row in r.by_module()}["0.conv"] == 8 * 8 * 9 * 16 * 16
+    # FlopCounterMode's per-module FLOPs follow the same attribution: only batch norm differs, as explained
+    assert {c for m in r.cross_check["modules"] for c in m["difference_macs"]} == {"batch_norm"}

@@ -23,6 +23,7 @@ from torch import nn
 
 from .convert import _modes, _restore_modes
 from .errors import SurgeryError
+from .report_scope import ScopedGraph, scoped
 
 __all__ = ["REASONS", "Counts", "count_model", "cross_check", "inclusive_torch_flops", "op_category"]
 
@@ -109,57 +110,82 @@ def count_model(model: nn.Module, inputs: tuple, *, what: str = "the model", tor
 
     fvcore's own warnings (unsupported ops, uncalled modules, tracer warnings) are switched off on this one
     analysis object, never through global logging or warning state; the ops it did not count come back in
-    :attr:`Counts.uncounted` instead. The model's train/eval modes are restored afterwards.
+    :attr:`Counts.uncounted` instead. A GraphModule is run node by node so that the ops torch.fx inlined are
+    filed under the module they were written in (:mod:`fxsurgeon.report_scope`); totals are unchanged. The
+    model's train/eval modes are restored afterwards.
     """
-    FlopCountAnalysis, parameter_count = _fvcore()
     modes = _modes(model)
     model.eval()  # a traced forward in train mode would update BatchNorm statistics of the caller's model
     try:
         with torch.no_grad():
-            analysis = (
-                FlopCountAnalysis(model, inputs)
-                .unsupported_ops_warnings(False)
-                .uncalled_modules_warnings(False)
-                .tracer_warnings("none")
-            )
-            try:
-                total = analysis.total()
-            except Exception as exc:
-                raise SurgeryError(
-                    f"fvcore could not trace {what} ({type(model).__name__}) with torch.jit: "
-                    f"{type(exc).__name__}: {exc}. fvcore needs a model torch.jit.trace accepts "
-                    "(tensor or tuple outputs, inputs on the model's device)."
-                ) from exc
-            by_module = analysis.by_module()
-            by_module_ops = analysis.by_module_and_operator()
-            uncounted = analysis.unsupported_ops()
-            torch_flops = _torch_flops(model, inputs, what) if torch_counter else None
+            runner = scoped(model)
+            if runner is not None:
+                try:
+                    return _count(model, runner, inputs, what, torch_counter)
+                except Exception:
+                    pass  # the node-by-node run failed where the plain forward may not: count it as fx built it
+            return _count(model, model, inputs, what, torch_counter)
     finally:
         _restore_modes(model, modes, model.training)
+
+
+def _count(model: nn.Module, runner: nn.Module, inputs: tuple, what: str, torch_counter: bool) -> Counts:
+    FlopCountAnalysis, parameter_count = _fvcore()
+    analysis = (
+        FlopCountAnalysis(runner, inputs)
+        .unsupported_ops_warnings(False)
+        .uncalled_modules_warnings(False)
+        .tracer_warnings("none")
+    )
+    try:
+        total = analysis.total()
+    except Exception as exc:
+        raise SurgeryError(
+            f"fvcore could not trace {what} ({type(model).__name__}) with torch.jit: {type(exc).__name__}: "
+            f"{exc}. fvcore needs a model torch.jit.trace accepts (tensor or tuple outputs, inputs on the "
+            "model's device)."
+        ) from exc
     named = list(model.named_modules())
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     return Counts(
         total_macs=int(total),
         params={k: int(v) for k, v in parameter_count(model).items()},
-        module_macs={k: int(v) for k, v in by_module.items()},
-        module_ops={k: {op: int(v) for op, v in ops.items()} for k, ops in by_module_ops.items()},
-        uncounted={k: int(v) for k, v in sorted(uncounted.items())},
+        module_macs={k: int(v) for k, v in analysis.by_module().items()},
+        module_ops={k: {op: int(v) for op, v in ops.items()} for k, ops in analysis.by_module_and_operator().items()},
+        uncounted={k: int(v) for k, v in sorted(analysis.unsupported_ops().items())},
         module_names=[n for n, _ in named],
         containers={n for n, m in named if isinstance(m, containers)},
-        torch_flops=torch_flops,
+        torch_flops=_torch_flops(runner, inputs, what) if torch_counter else None,
     )
 
 
-def _torch_flops(model: nn.Module, inputs: tuple, what: str) -> dict[str, dict[str, int]]:
+def _torch_flops(runner: nn.Module, inputs: tuple, what: str) -> dict[str, dict[str, int]]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    is_scoped = isinstance(runner, ScopedGraph)
+    if is_scoped:
+        runner.count_torch, runner.moved = True, {}
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            model(*inputs)
+            runner(*inputs)
     except Exception as exc:
         raise SurgeryError(f"FlopCounterMode failed on {what}: {type(exc).__name__}: {exc}") from exc
-    return exclusive_torch_flops(counter.get_flop_counts())
+    finally:
+        if is_scoped:
+            runner.count_torch = False
+    exclusive = exclusive_torch_flops(counter.get_flop_counts())
+    if is_scoped:
+        # FlopCounterMode filed the inlined nodes under the root: hand them to the module they came from
+        for scope, ops in runner.moved.items():
+            for op, v in ops.items():
+                cat = op_category(op)
+                for name, sign in (("", -1), (scope, 1)):
+                    bucket = exclusive.setdefault(name, {})
+                    bucket[cat] = bucket.get(cat, 0) + sign * v
+        exclusive = {n: {c: v for c, v in ops.items() if v} for n, ops in exclusive.items()}
+        exclusive = {n: ops for n, ops in exclusive.items() if ops}
+    return exclusive
 
 
 def exclusive_torch_flops(raw: dict[str, dict]) -> dict[str, dict[str, int]]:
