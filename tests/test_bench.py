@@ -267,3 +267,58 @@ def test_bench_cli_usage_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "resnet10t", "--device", "cuda"]) == 2
         assert "cuda" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- benchmarks/gpu_bench.py
+
+
+def _gpu_bench_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("fxsurgeon_gpu_bench_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_bench_estimates_from_what_it_measured(tmp_path):
+    gb = _gpu_bench_module()
+    args = gb.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    args.deadline = __import__("time").time() + 100
+    runner = gb.Runner(args, torch.device("cpu"))
+    assert runner.estimate("m", "compiled") == gb.DEFAULT_ESTIMATE_S["compiled"] * gb.SAFETY
+    runner.observed[("a", "compiled")] = 30.0
+    assert runner.estimate("b", "compiled") == 30.0 * gb.SAFETY  # unseen model: the slowest of its mode
+    runner.observed[("b", "compiled")] = 10.0
+    assert runner.estimate("b", "compiled") == 10.0 * gb.SAFETY
+    assert runner.fits("b", "compiled")[0]
+    runner.observed[("b", "compiled")] = 200.0
+    ok, why = runner.fits("b", "compiled")
+    assert not ok and "time budget" in why
+
+
+@pytest.mark.timm
+def test_gpu_bench_skips_what_does_not_fit_and_still_writes(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--models", "resnet10t",
+         "--batch-sizes", "1", "--dtypes", "fp32", "--input-size", "3", "32", "32", "--deadline",
+         str(time.time() + 5), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert data["models"]["resnet10t"]["rewrites"] > 0
+    assert [(r["variant"], r["mode"], r["status"]) for r in data["rows"]] == [
+        ("default", "eager", "skipped"), ("latency-aware", "eager", "skipped"), ("default", "compiled", "skipped")]
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert "skipped: time budget" in md and "0 configurations measured, 3 skipped for time" in md
