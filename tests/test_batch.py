@@ -54,6 +54,22 @@ HOOKS = textwrap.dedent('''
         return ok()
 
     slow1 = slow2 = slow3 = slow4 = slow5 = slow6 = _slow
+
+    class ZeroBranch(nn.Module):
+        """A residual block as timm initialises it: the branch's last norm has zero weight."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            nn.init.zeros_(self.bn.weight)
+            self.pretrained_cfg = {"input_size": (8, 8, 8)}
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    def zero_branch():
+        return ZeroBranch()
 ''')
 
 EXACT = {"separable": {"multiplier": "full"}}
@@ -85,6 +101,27 @@ def test_convert_one_fields_and_numbers(hooks):
     assert res["passes"]["separable"]["rewrites"] == 1  # the 8→16 conv; the RGB stem is skipped
     # 3x3 8→16 on 16×16: 8·16·9·256 = 294,912 MACs; exact form m=9: dw 8·9·9·256 + pw 72·16·256
     assert res["macs_before"] - res["macs_after"] == 294_912 - (8 * 9 * 9 * 256 + 72 * 16 * 256)
+
+
+def test_perturbed_init_lets_verification_see_silenced_branches(hooks):
+    approx = {"separable": {"multiplier": 1}}
+    blind = convert_one(Job("batchhooks:zero_branch", recipe=approx, perturb_init=False, count_macs=False))
+    assert blind["rel_error"] == 0.0 and blind["passes"]["separable"]["rewrites"] == 1
+    seen = convert_one(Job("batchhooks:zero_branch", recipe=approx, count_macs=False))
+    assert seen["perturbed"] == 2 and seen["rel_error"] > 1e-3  # bn weight and bias were constant
+    exact = convert_one(Job("batchhooks:zero_branch", recipe=EXACT, count_macs=False))
+    assert exact["rel_error"] <= 1e-4
+
+
+def test_silencing_params_found():
+    from torch import nn
+
+    from fxsurgeon.batch import silencing_params
+
+    block = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3))
+    assert silencing_params(block) == []
+    nn.init.zeros_(block[1].weight)
+    assert silencing_params(block) == ["1.weight"]
 
 
 def test_max_params_skips_without_building(hooks):

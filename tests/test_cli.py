@@ -25,6 +25,12 @@ TINY = textwrap.dedent('''
 
     def sleepy():
         time.sleep(3600)
+
+    def zero_bn():
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        nn.init.zeros_(m[1].weight)  # like timm's zero_init_last: the verification cannot see the conv
+        m.pretrained_cfg = {"input_size": (3, 8, 8)}
+        return m
 ''')
 
 
@@ -55,6 +61,7 @@ def test_convert_end_to_end(tiny, exact_recipe, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "separable: 1 rewritten (1 exact)" in printed and f"saved to {out}" in printed
+    assert "savings: parameters" in printed and "MACs" in printed and "note:" not in printed
     converted = torch.load(out, weights_only=False)
     torch.manual_seed(0)  # the command's default --seed: the same random weights
     original = load_model(tiny)
@@ -65,6 +72,13 @@ def test_convert_end_to_end(tiny, exact_recipe, tmp_path, capsys):
     # the saved model is a MODEL too: converting it again finds no standard 3x3 conv left to rewrite
     assert main(["convert", str(out), "--recipe", str(exact_recipe)]) == 0
     assert "separable: 0 rewritten" in capsys.readouterr().out
+
+
+def test_convert_notes_branches_silenced_by_fresh_weights(tiny, capsys):
+    assert main(["convert", "clitiny:zero_bn", "--no-savings"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: 1 scaling parameters of this model are zero (e.g. 1.weight)" in printed
+    assert "savings:" not in printed
 
 
 def test_convert_bad_recipe_exit_2_names_key_and_file(tiny, tmp_path, capsys):

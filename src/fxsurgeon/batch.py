@@ -63,15 +63,17 @@ __all__ = [
     "error_cause",
     "expand_models",
     "latest_results",
+    "perturb_constant_params",
     "run_batch",
     "run_isolated",
+    "silencing_params",
     "summary_markdown",
 ]
 
 #: keys every result line carries (None where not known)
 RESULT_KEYS = (
     "model", "status", "error", "cause", "phase", "params_before", "params_after", "macs_before", "macs_after",
-    "macs_error", "max_abs_error", "rel_error", "tolerance", "exact_expected", "verified", "input_shape",
+    "macs_error", "perturbed", "max_abs_error", "rel_error", "tolerance", "exact_expected", "verified", "input_shape",
     "passes", "skip_reasons", "seconds", "seconds_by_step", "recipe", "config", "versions", "finished",
 )
 
@@ -107,6 +109,10 @@ class Job:
         max_memory: address-space limit in bytes for the model's process (``RLIMIT_AS``; None: none), so
             one huge model fails alone instead of waking the machine's out-of-memory killer.
         count_macs: count MACs before/after with fvcore.
+        perturb_init: give constant-initialised parameters random values first (see
+            :func:`perturb_constant_params`): random-init timm models silence whole residual branches with
+            zero-initialised norms and 1e-6 layer scales, and a verification that cannot see a branch cannot
+            catch a wrong rewrite in it.
     """
 
     model: str
@@ -121,12 +127,13 @@ class Job:
     timeout: float | None = None
     max_memory: int | None = None
     count_macs: bool = True
+    perturb_init: bool = True
 
     def config(self) -> str:
         """A short hash of the settings that change a result: a rerun with the same one may skip the model."""
         keys = {"recipe": self.recipe, "input_size": self.input_size, "image_size": self.image_size,
                 "batch_size": self.batch_size, "max_params": self.max_params, "seed": self.seed,
-                "count_macs": self.count_macs}
+                "count_macs": self.count_macs, "perturb_init": self.perturb_init}
         blob = json.dumps(keys, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -170,6 +177,8 @@ def convert_one(job: Job, phase: Callable[[str], None] | None = None) -> dict[st
     tell("build")
     t = time.perf_counter()
     model, x = _model_and_input(job)
+    if job.perturb_init:
+        out["perturbed"] = perturb_constant_params(model, job.seed)
     steps["build"] = time.perf_counter() - t
     out["input_shape"] = list(x.shape)
     tell("convert")
@@ -195,6 +204,61 @@ def convert_one(job: Job, phase: Callable[[str], None] | None = None) -> dict[st
         steps["macs"] = time.perf_counter() - t
     out["seconds_by_step"] = steps
     out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def perturb_constant_params(model, seed: int = 0) -> int:
+    """Give every constant-initialised parameter random values around its constant; returns how many changed.
+
+    A freshly built timm model sets the last norm of each residual block to zero (``zero_init_last``),
+    layer scales to 1e-6, NFNet skip gains to 0: the branch behind them contributes nothing (or 1e-6) to the
+    output, so comparing outputs cannot see an error in it. Constant tensors (every element equal, or a
+    scalar 0) become ``c + U(-½, ½)·max(|c|, ½)``; trained weights are never constant, so this only touches
+    what initialisation left uniform (norm weights and biases, gains, tokens, zero biases).
+
+    >>> import torch.nn as nn
+    >>> bn = nn.BatchNorm2d(4); _ = nn.init.zeros_(bn.weight)
+    >>> perturb_constant_params(bn), bool((bn.weight != 0).all())
+    (2, True)
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    changed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_floating_point() or p.numel() == 0 or p.device.type == "meta":
+                continue
+            flat = p.detach().reshape(-1)
+            c = float(flat[0])
+            if p.numel() == 1 and c != 0.0:
+                continue  # one learned scalar cannot be told from an initial constant; only a zero silences
+            if not bool((flat == flat[0]).all()):
+                continue
+            noise = torch.rand(p.shape, generator=gen, dtype=torch.float64) - 0.5
+            p.copy_((c + noise * max(abs(c), 0.5)).to(p.dtype))
+            changed += 1
+    return changed
+
+
+def silencing_params(model) -> list[str]:
+    """Parameters that are all (near) zero multipliers in a fresh model: norm weights, gains, layer scales.
+
+    Names of floating-point parameters called ``weight``, ``gamma``, ``gain``, ``scale`` (or ending so) whose
+    every element has magnitude ≤ 1e-5: whatever branch they scale is invisible in the output.
+
+    >>> import torch.nn as nn
+    >>> bn = nn.BatchNorm2d(4); _ = nn.init.zeros_(bn.weight)
+    >>> silencing_params(nn.Sequential(bn))
+    ['0.weight']
+    """
+    out = []
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if not p.is_floating_point() or p.numel() == 0 or p.device.type == "meta":
+            continue
+        if leaf.endswith(("weight", "gamma", "gain", "scale")) and float(p.detach().abs().max()) <= 1e-5:
+            out.append(name)
     return out
 
 
@@ -786,6 +850,7 @@ def run_batch(
     threads: int | None = None,
     max_memory: int | None = None,
     count_macs: bool = True,
+    perturb_init: bool = True,
     force: bool = False,
     retry_failed: bool = False,
     dask_scheduler: Any = None,
@@ -803,7 +868,7 @@ def run_batch(
         workers: models converted at the same time (local scheduler; a Dask cluster sets its own).
         timeout: seconds per model (its process group is killed after that; None: no limit).
         max_params: skip larger models (counted on the meta device before building them).
-        input_size / image_size / batch_size / seed / max_memory / count_macs: see :class:`Job`.
+        input_size / image_size / batch_size / seed / max_memory / count_macs / perturb_init: see :class:`Job`.
         threads: torch threads per model process; default: the CPU count divided by ``workers``.
         force: convert again models already recorded; the newer line wins in summaries.
         retry_failed: convert again models recorded as ``error`` or ``timeout``.
@@ -837,7 +902,7 @@ def run_batch(
     base = Job(model="", recipe=dict(recipe or {}), recipe_name=recipe_name,
                input_size=tuple(input_size) if input_size else None, image_size=image_size, batch_size=batch_size,
                max_params=max_params, seed=seed, threads=threads, timeout=timeout, max_memory=max_memory,
-               count_macs=count_macs)
+               count_macs=count_macs, perturb_init=perturb_init)
     config = base.config()
     previous, _bad = results_file.read()
     done = {}

@@ -226,10 +226,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     x = _example_input(model, args.input_size, args.batch_size, args.seed)
     converted = convert(model, example_inputs=x, **recipe)
     print(summary(converted))
-    if args.report:
-        from .report import savings
+    from .report import savings
 
-        report = savings(model, converted, x)
+    # the full report only when asked for; the savings line needs the two MAC counts alone
+    report = savings(model, converted, x) if args.report else None
+    if not args.no_savings:
+        try:
+            counted = report or savings(model, converted, x, measure_fidelity=False, torch_cross_check=False)
+        except SurgeryError as exc:
+            print(f"  savings: not counted ({exc})")
+        else:
+            print(f"  savings: parameters {_change(counted.params_before, counted.params_after)}, MACs "
+                  f"{_change(counted.macs_before, counted.macs_after)} (fvcore: one multiply-add = 1 MAC)")
+    _warn_silenced(model, args)
+    if report is not None:
         text = report.to_json() if args.report.endswith(".json") else report.to_markdown()
         _write_text(args.report, text)
         print(f"report written to {args.report}")
@@ -237,6 +247,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         _save_model(converted, args.out, args.model)
         print(f"converted model saved to {args.out}")
     return 0
+
+
+def _change(before: int, after: int) -> str:
+    rel = f" ({after / before - 1:+.1%})" if before else ""
+    return f"{before:,} → {after:,}{rel}"
+
+
+def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Say when the verification above is blind to part of the model (fresh timm weights zero some branches)."""
+    if args.pretrained or args.weights:
+        return
+    from .batch import silencing_params
+
+    names = silencing_params(model)
+    if names:
+        print(f"  note: {len(names)} scaling parameters of this model are zero (e.g. {names[0]}): fresh "
+              "weights silence the branches behind them, so the error above cannot show what happens there. "
+              "Use --pretrained or --weights for a meaningful error (`fxsurgeon batch` randomises them).")
 
 
 def _add_convert(sub) -> None:
@@ -256,6 +284,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (downloads them)")
     p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
+    p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -277,7 +306,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         models, out=args.out, recipe=recipe, recipe_name=args.recipe, summary=args.summary,
         workers=args.workers, timeout=args.timeout, max_params=args.max_params, input_size=args.input_size,
         image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-        max_memory=args.max_memory, count_macs=not args.no_macs, force=args.force,
+        max_memory=args.max_memory, count_macs=not args.no_macs, perturb_init=not args.no_perturb_init,
+        force=args.force,
         retry_failed=args.retry_failed, dask_scheduler=args.dask_scheduler, progress=not args.no_progress,
     )
     results = outcome.results
@@ -314,6 +344,9 @@ def _add_batch(sub) -> None:
     p.add_argument("--max-memory", type=parse_bytes, metavar="SIZE",
                    help="address-space limit per model process, e.g. 8G: a model over it fails alone")
     p.add_argument("--no-macs", action="store_true", help="do not count MACs (faster)")
+    p.add_argument("--no-perturb-init", action="store_true",
+                   help="keep timm's constant initial values (zero-initialised norms silence residual branches, "
+                        "hiding them from verification; by default they get random values first)")
     p.add_argument("--force", action="store_true", help="convert again models already in --out")
     p.add_argument("--retry-failed", action="store_true", help="convert again models that failed or timed out")
     p.add_argument("--dask-scheduler", metavar="ADDRESS", help="run on a Dask cluster (pip install fxsurgeon[distributed])")

@@ -236,16 +236,19 @@ def convert(
                         tracing=tracing)
     record.skipped += _dropped_by_trace(model, gm)
     record.skipped += _unsupported_modules(gm)
+    shapes_stale = True  # ShapeProp's node.meta["tensor_meta"] stay valid until a pass rewrites something
     for name, opts in plan:
         info = get_pass(name)
         t = time.perf_counter()
-        if info.needs_shapes and inputs:
+        if info.needs_shapes and inputs and shapes_stale:
             modes_now = _modes(gm)
             gm.eval()
             with torch.no_grad():
                 ShapeProp(gm).propagate(*inputs)
             _restore_modes(gm, modes_now, model.training)
+            shapes_stale = False
         result = info.fn(gm, **opts)
+        shapes_stale = shapes_stale or bool(result.rewrites)
         result.stamp(name)
         gm.graph.lint()
         gm.recompile()
