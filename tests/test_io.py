@@ -427,3 +427,42 @@ def test_replay_runs_on_meta_and_restores_non_persistent_buffers(tmp_path, monke
     again = fxsurgeon.load(path)
     assert devices == ["meta", "cpu"]
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- other passes
+
+
+class CatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = nn.Conv2d(16, 24, 3, padding=1)
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x):
+        y = self.mix(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def cat_net() -> nn.Module:
+    return CatNet()
+
+
+def test_every_pass_round_trips_including_data_driven_concat_reduction(tmp_path):
+    if "concat_fusion" not in fxsurgeon.list_passes():
+        pytest.skip("concat_fusion pass not registered")
+    x = torch.randn(4, 8, 8, 8)
+    small = fxsurgeon.convert(
+        cat_net().eval(), source=cat_net, example_inputs=x[:1],
+        concat_fusion=dict(mode="reduce", ratio=0.5, force=True, calibration=[x[:2], x[2:]]),
+        separable=dict(energy=0.8),
+    )
+    passes = {r.pass_name for r in fxsurgeon.get_record(small).rewrites}
+    assert {"concat_fusion", "separable"} <= passes
+    path = tmp_path / "c.safetensors"
+    fxsurgeon.save(small, path)
+    opts = read_metadata(path)["record"]["options"]["concat_fusion"]
+    assert "calibration" not in opts and "2 batch(es) not stored" in opts["calibration_omitted"]
+    again = fxsurgeon.load(path)
+    torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)

@@ -262,6 +262,16 @@ def _escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+def _without_data(options: dict[str, Any]) -> dict[str, Any]:
+    """Pass options as saved: calibration batches are data, not recipe; the weights they shaped are in the file."""
+    out = dict(options)
+    if out.get("calibration") is not None:
+        data = out.pop("calibration")
+        size = len(data) if isinstance(data, (list, tuple)) else 1
+        out["calibration_omitted"] = f"{size} batch(es) not stored; their effect is in the saved weights"
+    return out
+
+
 def _replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Module) -> dict[str, Any]:
     """Options reproducing exactly the recorded separable rewrites on the freshly built ``model``.
 
@@ -332,6 +342,8 @@ def _rebuild(meta: dict[str, Any], source: dict[str, Any] | None = None, *, mate
         kept = _non_persistent_buffers(model)
         model.to("meta")
         gm = _replay(record, source, model)
+        if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
+            raise ValueError("a pass decided differently on meta tensors")  # e.g. one that needs weight values
         if materialize:
             gm.to_empty(device="cpu")
             _restore_buffers(gm, kept)
@@ -339,6 +351,10 @@ def _rebuild(meta: dict[str, Any], source: dict[str, Any] | None = None, *, mate
     except Exception:  # fall back to the plain replay below, whose errors are the ones to report
         pass
     return _replay(record, source, build_original(source))
+
+
+def _rewrites(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(r["pass_name"], r["target"], r["after"]) for r in record["rewrites"]]
 
 
 def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -370,6 +386,7 @@ def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module) ->
     for name, opts in record["options"].items():
         done = [r for r in record["rewrites"] if r.get("pass_name") == name]
         replay = REPLAYERS.get(name)
+        opts = {k: v for k, v in opts.items() if k != "calibration_omitted"}
         passes[name] = replay(opts, done, model) if replay else dict(opts)
         needs_shapes |= get_pass(name).needs_shapes
     inputs = _example_inputs(tracing.get("example_inputs", []), model) if needs_shapes else ()
@@ -427,8 +444,8 @@ def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, l
             + _structure_diff(meta["structure"], rebuilt) + "\n" + hint
             + " load(..., check_structure=False) accepts a rebuild whose weights still match."
         )
-    replayed = [(r.pass_name, r.target, r.after) for r in gm.meta["fxsurgeon"].rewrites]
-    recorded = [(r["pass_name"], r["target"], r["after"]) for r in meta["record"]["rewrites"]]
+    replayed = _rewrites(gm.meta["fxsurgeon"].to_dict())
+    recorded = _rewrites(meta["record"])
     if replayed != recorded:
         diff = [f"recorded {a}, replayed {b}" for a, b in zip(recorded, replayed) if a != b]
         diff += [f"recorded {a}, replayed nothing" for a in recorded[len(replayed):]]
@@ -531,6 +548,7 @@ def save(converted: nn.Module, path: str | os.PathLike, *, source: Any = None, c
         )
     data = record.to_dict()
     data["source"] = src
+    data["options"] = {name: _without_data(opts) for name, opts in data["options"].items()}
     for where in ("options", "tracing"):
         bad = _json_path_error(data[where], f"record {where}")
         if bad:
