@@ -159,13 +159,14 @@ def test_resnet18_equals_fvcore_own_totals(resnet18, snapshot, caplog):
 
     model, converted, x = resnet18
     model.train()  # a traced forward in train mode would move BatchNorm statistics: must not happen
-    check = snapshot(model)
+    check, check_converted = snapshot(model), snapshot(converted)
     logger = logging.getLogger("fvcore.nn.jit_analysis")
     level = logger.level
     with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = savings(model, converted, x, depth=3)
     check()
+    check_converted()
     model.eval()
     assert not [rec for rec in caplog.records if rec.name.startswith("fvcore")], "fvcore logged warnings"
     assert not caught, [str(w.message) for w in caught]
@@ -440,3 +441,13 @@ def test_inlined_ops_stay_with_their_module():
     assert {row["name"]: row["macs_after"] for row in r.by_module()}["0.conv"] == 8 * 8 * 9 * 16 * 16
     # FlopCounterMode's per-module FLOPs follow the same attribution: only batch norm differs, as explained
     assert {c for m in r.cross_check["modules"] for c in m["difference_macs"]} == {"batch_norm"}
+
+
+@pytest.mark.gpu
+def test_counts_and_fidelity_on_cuda_match_cpu(example2):
+    net, converted, x, r = example2
+    on_gpu = savings(copy.deepcopy(net).cuda(), copy.deepcopy(converted).cuda(), x)  # x moved to the models
+    assert (on_gpu.macs_before, on_gpu.macs_after, on_gpu.params_before, on_gpu.params_after) == (
+        r.macs_before, r.macs_after, r.params_before, r.params_after)
+    assert on_gpu.rel_error == pytest.approx(r.rel_error, rel=1e-2)  # TF32 convolutions may round differently
+    assert on_gpu.cross_check["ops"] == r.cross_check["ops"]
