@@ -57,7 +57,9 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on the ``fxsurgeon`` parser's subparsers."""
     p = subparsers.add_parser(
         "report", help="parameters, MACs and fidelity of a conversion; gate CI on thresholds",
-        description=__doc__.split("\n\n")[0] + " MACs are fvcore's count: one multiply-add = 1 MAC.",
+        description="Parameters, MACs and output fidelity of a conversion, as a table, Markdown, JSON or CSV, "
+                    "and a CI gate on thresholds. MODEL is converted here (with --recipe), or is a converted "
+                    "model saved by fxsurgeon. MACs are fvcore's count: one multiply-add = 1 MAC.",
         epilog="exit codes: 0 ok, 1 a threshold missed, 2 usage or input error")
     p.add_argument("model", help="timm name, package.module:factory, or a converted model saved by fxsurgeon")
     p.add_argument("--recipe", metavar="FILE", help="YAML recipe of convert() options (MODEL not yet converted)")
