@@ -18,6 +18,15 @@ from fxsurgeon.modules import SeparableConv2d
 FULL = dict(multiplier="full", kernel_sizes="all", include_stem=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small models: on the shared 2-core CI box, thread hand-offs cost more than they save
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sep_skips(out):
     return {s.target: s.reason for s in fxsurgeon.get_record(out).skipped if s.pass_name == "separable"}
 

@@ -8,6 +8,15 @@ import torch
 import fxsurgeon
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small models: on the shared 2-core CI box, thread hand-offs cost more than they save
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def converted_resnet18():
     timm = pytest.importorskip("timm")
