@@ -176,9 +176,7 @@ def convert_one(job: Job, phase: Callable[[str], None] | None = None) -> dict[st
             return out
     tell("build")
     t = time.perf_counter()
-    model, x = _model_and_input(job)
-    if job.perturb_init:
-        out["perturbed"] = perturb_constant_params(model, job.seed)
+    model, x, out["perturbed"] = _model_and_input(job)
     steps["build"] = time.perf_counter() - t
     out["input_shape"] = list(x.shape)
     tell("convert")
@@ -300,19 +298,25 @@ def _in_chans(model) -> int:
 
 def _default_size(model) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("test_input_size") if cfg.get("fixed_input_size") else None
-    size = size or cfg.get("input_size") or (3, 224, 224)
-    return tuple(int(s) for s in size)  # type: ignore[return-value]
+    return tuple(int(s) for s in cfg.get("input_size") or (3, 224, 224))  # type: ignore[return-value]
 
 
 def _model_and_input(job: Job):
-    """The model in eval mode and a seeded random input: ``input_size``, else small when the model allows."""
+    """(model in eval mode, seeded random input, parameters perturbed or None): ``input_size``, else small."""
     import torch
 
     gen = torch.Generator().manual_seed(job.seed)
+    perturbed = None
+
+    def build(**kwargs):
+        nonlocal perturbed
+        model = _load(job.model, **kwargs)
+        if job.perturb_init:  # before any forward: some models (levit) cache tensors made from parameters
+            perturbed = perturb_constant_params(model, job.seed)
+        return model
+
     if job.input_size is not None:
-        model = _load(job.model)
-        return model, torch.randn(job.batch_size, *job.input_size, generator=gen)
+        return build(), torch.randn(job.batch_size, *job.input_size, generator=gen), perturbed
     small = job.image_size
     sized = False
     model = None
@@ -323,12 +327,12 @@ def _model_and_input(job: Job):
         size = getattr(cfg, "input_size", None) if cfg is not None else None
         small = min(small, *size[1:]) if size else small
         try:  # ViTs, Swins, ... fix their position tables at build time: ask for the small size up front
-            model = _load(job.model, img_size=small)
+            model = build(img_size=small)
             sized = True
         except Exception:
             model = None
     if model is None:
-        model = _load(job.model)
+        model = build()
         small = min(small, *_default_size(model)[1:])
     shape = (_in_chans(model), small, small)
     try:
@@ -336,9 +340,9 @@ def _model_and_input(job: Job):
             model(torch.randn(1, *shape, generator=torch.Generator().manual_seed(job.seed)))
     except Exception:  # does not run that small: use the size the model was made for
         if sized:
-            model = _load(job.model)
+            model = build()
         shape = _default_size(model)
-    return model, torch.randn(job.batch_size, *shape, generator=gen)
+    return model, torch.randn(job.batch_size, *shape, generator=gen), perturbed
 
 
 def _is_timm_name(spec: str) -> bool:
