@@ -530,6 +530,48 @@ def test_consumer_shared_by_two_concats_is_skipped_for_both():
     assert all("is called at 2 places" in s.reason for s in rec.skipped)
 
 
+def halve_input_rank(model, seed=0):
+    """Right-multiply every groups=1 conv/linear weight by a rank-⌊C/2⌋ projector shared by all layers reading
+    C channels: every concat's stacked consumer matrix then has rank ≤ ⌊C/2⌋ ≤ round(C/2), so reducing at
+    ratio=0.5 must be exact, and convert() checks that on the whole network."""
+    gen = torch.Generator().manual_seed(seed)
+    projectors = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1 and m.weight.shape[1] > 1:
+            c = m.weight.shape[1]
+            if c not in projectors:
+                q, _ = torch.linalg.qr(torch.randn(c, c // 2, generator=gen))
+                projectors[c] = q @ q.T
+            with torch.no_grad():
+                if m.weight.dim() == 4:
+                    m.weight.copy_(torch.einsum("oikl,ij->ojkl", m.weight, projectors[c]))
+                else:
+                    m.weight.copy_(m.weight @ projectors[c])
+    return model
+
+
+def test_reduce_at_rank_is_exact_on_the_unet():
+    model = halve_input_rank(randomise_bn(UNet())).eval()
+    rec = record(convert(model, torch.randn(2, 3, 32, 32), mode="reduce", ratio=0.5))
+    assert len(rec.rewrites) == 3 and rec.exact and rec.verification.rel_error < 1e-5
+
+
+@pytest.mark.timm
+def test_reduce_at_rank_is_exact_on_googlenet():
+    """Several fusions per concat (the max-pool branch does not commute), the rest shared: all rewired right."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False).eval()
+    out = convert(halve_input_rank(model), torch.randn(1, 3, 64, 64), mode="reduce", ratio=0.5, force=True)
+    rec = record(out)
+    assert len(rec.rewrites) == 9 and rec.exact and not rec.skipped
+    # two fusions per block (before the 1×1 branches, after the pool branch's max pool; after the stage's
+    # max pool where one follows the block), one before the classifier of the last block
+    assert [len(r.details["sites"]) for r in rec.rewrites] == [2] * 8 + [1]
+    assert [s["after_node"] for s in rec.rewrites[1].details["sites"]] == ["maxpool3", "inception4a_branch4_0"]
+    assert rec.rewrites[-1].details["sites"][0]["consumers"] == ["fc"]
+    assert rec.verification.rel_error < 1e-5
+
+
 @pytest.mark.timm
 @pytest.mark.slow
 def test_reduce_densenet121_skips_where_reduction_costs_more():
@@ -603,8 +645,10 @@ def smooth_inputs(n, generator):
 def trained_tiny(steps=150):
     """Tiny trained for a few hundred Adam steps to imitate a fixed random teacher on smooth inputs."""
     gen = torch.Generator().manual_seed(0)
-    teacher = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 3, 3, padding=1))
-    model = Tiny()
+    with torch.random.fork_rng():  # the same initial weights whichever test builds it first
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 3, 3, padding=1))
+        model = Tiny()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors this small only pay for intra-op threads in synchronisation
@@ -622,11 +666,17 @@ def trained_tiny(steps=150):
     return model.eval(), gen, loss.item()
 
 
-def test_data_aware_beats_data_free_on_a_trained_model(snapshot):
+@pytest.fixture(scope="module")
+def trained():
     model, gen, loss = trained_tiny()
-    assert loss < 0.05  # it did learn the task
     calib = [smooth_inputs(8, gen) for _ in range(4)]
     held_out = smooth_inputs(16, gen)
+    return model, calib, held_out, loss
+
+
+def test_data_aware_beats_data_free_on_a_trained_model(trained, snapshot):
+    model, calib, held_out, loss = trained
+    assert loss < 0.05  # it did learn the task
     check = snapshot(model)
     free = convert(model, held_out[:1], mode="reduce", out_channels=6)
     aware = convert(model, held_out[:1], mode="reduce", out_channels=6, calibration=calib)
@@ -653,6 +703,17 @@ def test_data_aware_beats_data_free_on_a_trained_model(snapshot):
     bias = model.mix.bias.view(1, -1, 1, 1)
     measured = float((mid_new - mid_ref).norm() / (mid_ref - bias).norm())
     assert measured == pytest.approx(site_aware["output_relative_error"], rel=0.25)
+
+
+def test_convert_level_calibration_reaches_the_pass(trained):
+    model, calib, held_out, _ = trained
+    opts = dict(mode="reduce", out_channels=6)
+    out = fxsurgeon.convert(model, example_inputs=held_out[:1], calibration=calib, **ONLY, concat_fusion=opts)
+    assert record(out).rewrites[0].details["sites"][0]["weighting"] == "activations"
+    # calibration=None in the pass options keeps the data-free factors (convert() may still refit after)
+    out = fxsurgeon.convert(model, example_inputs=held_out[:1], calibration=calib, **ONLY,
+                            concat_fusion={**opts, "calibration": None})
+    assert record(out).rewrites[0].details["sites"][0]["weighting"] == "weights"
 
 
 def test_second_moments_restores_modes_and_counts_positions():

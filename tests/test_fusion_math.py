@@ -76,6 +76,10 @@ def test_numerical_rank_reads_the_weight_precision():
     assert numerical_rank(s, (30, 20), torch.float32) == 6  # 1e-9 noise is below float32 rounding
     assert numerical_rank(s, (30, 20), torch.float64) == 20
     assert numerical_rank(torch.zeros(3), (3, 3), torch.float32) == 0
+    # half-precision weights are judged at float32 precision: conservative, never falsely exact
+    assert numerical_rank(s, (30, 20), torch.float16) == 6
+    tail = torch.tensor([1.0] + [1e-3] * 400)  # many small but real values: not negligible together
+    assert numerical_rank(tail, (401, 401), torch.float32) == 401
 
 
 @pytest.mark.parametrize("seed", range(5))

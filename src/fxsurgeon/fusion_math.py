@@ -135,16 +135,21 @@ def unstack_consumer_weights(matrix: torch.Tensor, shapes: Sequence[torch.Size |
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Number of singular values above ``s_max · max(shape) · eps(dtype)`` (NumPy ``matrix_rank``'s rule).
+    """Smallest k whose truncation error is at the rounding level of weights stored in ``dtype``.
 
-    ``dtype`` is the precision the weights were stored in: a float32 weight carries no information below
-    float32 rounding, so rank is judged at that precision even though the SVD runs in float64.
+    That is the smallest k with ``‖M − M_k‖_F ≤ eps · √max(shape) · ‖M‖_F``: rounding a matrix to ``dtype``
+    perturbs it by about ``eps · ‖M‖_F``, so a rank-k matrix stored in float32 reads as rank k, while a
+    claim of exactness never hides more than that relative error. ``eps`` is float32's for half-precision
+    dtypes (a conservative rank, never a false claim of exactness) and float64's for float64.
     """
-    if singular_values.numel() == 0 or float(singular_values[0]) == 0.0:
+    total = float(singular_values.double().pow(2).sum()) if singular_values.numel() else 0.0
+    if total == 0.0:
         return 0
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
-    tol = float(singular_values[0]) * max(shape) * eps
-    return int((singular_values > tol).sum())
+    eps = torch.finfo(torch.float64).eps if dtype == torch.float64 else torch.finfo(torch.float32).eps
+    allowed = (eps * max(shape) ** 0.5) ** 2 * total
+    # tails[k] = Σ_{j ≥ k} s_j²: the squared error of keeping the first k
+    tails = singular_values.double().pow(2).flip(0).cumsum(0).flip(0).tolist() + [0.0]
+    return next(k for k, tail in enumerate(tails) if tail <= allowed)
 
 
 def fusion_factors(
