@@ -10,6 +10,15 @@ from fxsurgeon.fusion_math import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small models: on the shared 2-core CI box, thread hand-offs cost more than they save
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def low_rank(rows, cols, rank, dtype=torch.float64):
     return torch.randn(rows, rank, dtype=dtype) @ torch.randn(rank, cols, dtype=dtype)
 

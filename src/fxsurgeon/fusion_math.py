@@ -148,7 +148,7 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], dtype:
     eps = torch.finfo(torch.float64).eps if dtype == torch.float64 else torch.finfo(torch.float32).eps
     allowed = (eps * max(shape) ** 0.5) ** 2 * total
     # tails[k] = Σ_{j ≥ k} s_j²: the squared error of keeping the first k
-    tails = singular_values.double().pow(2).flip(0).cumsum(0).flip(0).tolist() + [0.0]
+    tails = [*singular_values.double().pow(2).flip(0).cumsum(0).flip(0).tolist(), 0.0]
     return next(k for k, tail in enumerate(tails) if tail <= allowed)
 
 

@@ -760,6 +760,8 @@ def concat_fusion(
     (True, 9216)
     """
     _check_options(mode, out_channels, ratio, force)
+    if isinstance(exclude, str):
+        exclude = [exclude]
     concats, skipped = find_concats(gm, exclude=exclude or ())
     if mode == "identity":
         return _identity(gm, concats, skipped)
@@ -769,10 +771,13 @@ def concat_fusion(
 def _identity(gm: fx.GraphModule, concats: list[Concat], skipped: list[Skip]) -> PassResult:
     rewrites: list[Rewrite] = []
     device = _model_device(gm)
+    params = list(gm.parameters())
+    trainable = not params or any(p.requires_grad for p in params)  # a frozen model gets frozen fusions
     for concat in concats:
         c = concat.channels
         conv = _identity_conv(c, concat.dtype, device)
         conv.train(gm.training)
+        conv.weight.requires_grad_(trainable)
         name = _add_module(gm, concat.scope, "concat_fusion", conv)
         node = concat.node
         with gm.graph.inserting_after(node):
@@ -898,6 +903,7 @@ def _apply(gm: fx.GraphModule, plan: _Plan, moments: dict[fx.Node, tuple[torch.T
         with torch.no_grad():
             fusion.weight.copy_(weight.to(**factory))
         fusion.train(first.training)
+        fusion.weight.requires_grad_(first.weight.requires_grad)
         name = _add_module(gm, concat.scope, "concat_fusion", fusion)
         with gm.graph.inserting_after(site.feed):
             fused = gm.graph.call_module(name, (site.feed,))
