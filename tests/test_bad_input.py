@@ -393,3 +393,42 @@ def test_weight_parametrizations_are_folded_exactly():
     out = fxsurgeon.convert(model, example_inputs=x, separable=dict(multiplier="full"))
     assert rewritten(out) == ["0"]
     torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- malformed options
+
+
+@pytest.mark.parametrize("pass_name, options", [
+    ("separable", dict(kernel_sizes=3)),
+    ("separable", dict(kernel_sizes="3")),
+    ("separable", dict(exclude=3)),
+    ("separable", dict(layers=[("conv", 2)])),
+    ("separable", dict(layers={"conv": 3})),
+    ("separable", dict(layers={"conv": {"rank": "x"}})),
+    ("separable", dict(layers={"conv": {"rank": 0}})),
+    ("separable", dict(layers={"conv": {"rank": 2, "form": "nope"}})),
+    ("separable", dict(multiplier=2.0)),
+    ("separable", dict(energy="0.5")),
+    ("separable", dict(include_stem="no")),
+    ("separable", dict(form=5)),
+    ("separable", dict(init=None)),
+    ("conv_head", dict(fully_convolutional="yes")),
+    ("concat_fusion", dict(mode="sideways")),
+    ("concat_fusion", dict(mode="reduce", ratio="0.5")),
+    ("concat_fusion", dict(mode="reduce", out_channels=0)),
+])
+def test_malformed_pass_options_are_surgery_errors(pass_name, options, snapshot):
+    """Regression: several of these raised TypeError/ValueError from deep inside the pass."""
+    if pass_name not in fxsurgeon.list_passes():
+        pytest.skip(f"{pass_name} not registered")
+    model = SharedUse()
+    check = snapshot(model)
+    with pytest.raises(SurgeryError, match=pass_name if pass_name != "separable" else "separable|form"):
+        fxsurgeon.convert(model, example_inputs=torch.randn(1, 8, 6, 6), **{pass_name: options})
+    check()
+
+
+def test_exclude_accepts_a_single_pattern():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    out = fxsurgeon.convert(model, separable=dict(exclude="1"))  # a string is one pattern, not its characters
+    assert rewritten(out) == ["0"] and "excluded" in sep_skips(out)["1"]

@@ -320,15 +320,25 @@ def exact_options() -> dict[str, Any]:
 
 
 def approximate_options(d: Draw) -> dict[str, Any]:
-    """Random, mostly approximate pass options (each pass on or off, uniform or energy ranks, reductions)."""
+    """Random pass options: each pass on or off, uniform / energy / per-layer ranks, every separable form,
+    exclusions, channel reductions — and, now and then, an invalid value, which must be a SurgeryError."""
+    from .forms import FORMS
+
     known = _passes()
     opts: dict[str, Any] = {}
     if "separable" in known:
-        sep: dict[str, Any] = {"kernel_sizes": d.choice([(3,), (3, 5), "all"]), "include_stem": d.bool(0.5)}
-        if d.bool(0.5):
-            sep["multiplier"] = d.int(1, 4)
+        sep: dict[str, Any] = {"kernel_sizes": d.choice([(3,), (3, 5), "all"]), "include_stem": d.bool(0.5),
+                               "form": d.choice(sorted(FORMS))}
+        if sep["form"] != "dw-pw" or d.bool(0.5):  # energy= is a dw-pw option
+            sep["multiplier"] = d.choice([1, 2, 3, 4, "full"])
         else:
             sep["energy"] = round(d.float(0.3, 0.99), 3)
+        if d.bool(0.2):
+            sep["include_unprofitable"] = True
+        if d.bool(0.1):
+            sep["exclude"] = [d.choice(["convs.1*", "convs.?", "*"])]
+        if d.bool(0.15):  # per-layer settings, some naming layers that do not exist
+            sep["layers"] = {f"convs.{d.int(0, 9)}": {"rank": d.int(1, 4)} for _ in range(d.int(1, 3))}
         opts["separable"] = sep if d.bool(0.9) else False
     if "conv_head" in known:
         opts["conv_head"] = {"fully_convolutional": d.bool(0.3)} if d.bool(0.8) else False
@@ -338,9 +348,17 @@ def approximate_options(d: Draw) -> dict[str, Any]:
             if d.bool(0.5):
                 cf["ratio"] = round(d.float(0.2, 0.9), 2)
             else:
-                cf["out_channels"] = d.int(1, 8)
+                cf["out_channels"] = d.int(1, 40)
             cf["force"] = d.bool(0.3)
         opts["concat_fusion"] = cf
+    if d.bool(0.05):  # invalid on purpose: refused before any work, never a crash
+        name, bad = d.choice([("separable", {"multiplier": 0}), ("separable", {"energy": 1.5}),
+                              ("separable", {"form": "no-such-form"}), ("separable", {"kernel_sizes": "3"}),
+                              ("separable", {"layers": {"convs.0": {"rank": 0}}}),
+                              ("concat_fusion", {"mode": "sideways"}), ("conv_head", {"no_such_option": 1})])
+        if name in known:
+            base = opts.get(name) or {}
+            opts[name] = {k: v for k, v in base.items() if k not in ("multiplier", "energy")} | bad
     return opts
 
 

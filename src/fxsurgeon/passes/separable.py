@@ -14,6 +14,7 @@ the discarded energy in the record. Every other conv is accounted for as a skip 
 from __future__ import annotations
 
 import fnmatch
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -189,7 +190,10 @@ def _layer_setting(
             spec = layers[name]
             if not isinstance(spec, dict) or "rank" not in spec:
                 raise SurgeryError(f"separable: layers[{name!r}] must be a dict with 'rank' (and 'form'), got {spec!r}")
-            return str(spec.get("form", form)), int(spec["rank"])
+            rank = spec["rank"]
+            if isinstance(rank, bool) or not hasattr(rank, "__index__") or operator.index(rank) < 1:
+                raise SurgeryError(f"separable: layers[{name!r}]['rank'] must be an int >= 1, got {rank!r}")
+            return str(spec.get("form", form)), operator.index(rank)
     impl = get_form(form)
     if energy is not None:
         return form, multiplier_for_energy(cand.conv.weight, float(energy))
@@ -252,7 +256,20 @@ def separable(
     >>> len(res.rewrites), sum(p.numel() for p in gm.parameters())
     (1, 2336)
     """
-    kernel_sizes = kernel_sizes if kernel_sizes == "all" else tuple(kernel_sizes)
+    if kernel_sizes != "all":
+        if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
+            raise SurgeryError(f"separable: kernel_sizes must be 'all' or a sequence of ints > 1, got {kernel_sizes!r}")
+        kernel_sizes = tuple(kernel_sizes)
+    if layers is not None and not isinstance(layers, dict):
+        raise SurgeryError("separable: layers must be a dict {qualified name: {'form': ..., 'rank': ...}}, got "
+                           f"{type(layers).__name__}: {layers!r}")
+    if isinstance(exclude, str):  # one pattern, not its characters
+        exclude = [exclude]
+    if exclude is not None and not isinstance(exclude, Iterable):
+        raise SurgeryError(f"separable: exclude must be a list of fnmatch patterns, got {exclude!r}")
+    if not isinstance(include_stem, bool) or not isinstance(include_unprofitable, (bool, type(None))):
+        raise SurgeryError(f"separable: include_stem / include_unprofitable must be True or False, got "
+                           f"{include_stem!r} / {include_unprofitable!r}")
     _check_options(multiplier, energy, init, kernel_sizes)
     get_form(form)
     if energy is not None and init == "random":
