@@ -416,6 +416,8 @@ def test_weight_parametrizations_are_folded_exactly():
     ("concat_fusion", dict(mode="sideways")),
     ("concat_fusion", dict(mode="reduce", ratio="0.5")),
     ("concat_fusion", dict(mode="reduce", out_channels=0)),
+    ("concat_fusion", dict(exclude=3)),
+    ("concat_fusion", dict(mode="reduce", ratio=0.5, force="yes")),
 ])
 def test_malformed_pass_options_are_surgery_errors(pass_name, options, snapshot):
     """Regression: several of these raised TypeError/ValueError from deep inside the pass."""

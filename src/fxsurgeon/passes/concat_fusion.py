@@ -700,6 +700,8 @@ def _check_options(mode: str, out_channels: Any, ratio: Any, force: bool) -> Non
                 "(identity mode keeps every channel)"
             )
         return
+    if not isinstance(force, bool):
+        raise SurgeryError(f"concat_fusion: force must be True or False, got {force!r}")
     if (out_channels is None) == (ratio is None):
         raise SurgeryError("concat_fusion: mode='reduce' needs exactly one of out_channels= or ratio=")
     if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1):
@@ -762,6 +764,8 @@ def concat_fusion(
     _check_options(mode, out_channels, ratio, force)
     if isinstance(exclude, str):
         exclude = [exclude]
+    if exclude is not None and not isinstance(exclude, Iterable):
+        raise SurgeryError(f"concat_fusion: exclude must be a list of fnmatch patterns, got {exclude!r}")
     concats, skipped = find_concats(gm, exclude=exclude or ())
     if mode == "identity":
         return _identity(gm, concats, skipped)
