@@ -129,3 +129,7 @@ class DepthwisePointwise:
             details["discarded_energy"] = factors.discarded_energy
         return sep, details
 
+
+
+# The CP form registers itself on import; it needs the table above, so it comes last.
+from . import cp as _cp  # noqa: E402, F401

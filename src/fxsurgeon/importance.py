@@ -1,0 +1,213 @@
+"""Data-free importance of a conv's output and input channels, read from the BatchNorms around it.
+
+A weight approximation is judged by ``||W − Ŵ||_F``, which treats every output and input channel alike. The
+network does not: a BatchNorm after the conv multiplies output channel o by ``γ_o / √(var_o + ε)``, so an
+error there reaches the next layer scaled by that much; and a conv whose input is ``ReLU(BN(·))`` sees input
+channel i with root-mean-square ``√E[ReLU(z)²]``, z ~ N(β_i, γ_i²) — what the BN was trained to produce. Both
+are in the model (no data needed; the same BN statistics data-free quantisation uses, Nagel et al., ICCV
+2019). Scaling the weight by them before decomposing, and the replacement's outer layers back after,
+minimises the error weighted that way:
+
+    W' = diag(s_out) · W · diag(s_in),  decompose W' → Ŵ',  Ŵ = diag(s_out)⁻¹ · Ŵ' · diag(s_in)⁻¹
+
+which leaves an exact decomposition exact. Any form whose first layer acts per input channel (a depthwise
+or a 1×1 conv) and whose last layer is a 1×1 conv can be unscaled this way (:func:`unscale_separable`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ChannelScales",
+    "bn_channel_scales",
+    "bn_output_scale",
+    "relu_bn_rms",
+    "scaled_conv",
+    "unscale_separable",
+]
+
+#: a channel's weight never falls below this fraction of the layer's largest (dead channels still count a
+#: little, and nothing is divided by zero when unscaling)
+FLOOR = 1e-3
+
+_RELUS = (nn.ReLU, nn.ReLU6)
+_RELU_FNS = (F.relu, torch.relu, F.relu6)
+
+
+@dataclass(frozen=True)
+class ChannelScales:
+    """Per-channel importance: ``out`` (C_out,) and ``inp`` (C_in,), each None when nothing is known."""
+
+    out: torch.Tensor | None
+    inp: torch.Tensor | None
+    source: str
+
+    def describe(self) -> str:
+        return self.source
+
+
+def _floor(s: torch.Tensor) -> torch.Tensor | None:
+    s = s.detach().to(torch.float64).abs()
+    top = float(s.max()) if s.numel() else 0.0
+    if not math.isfinite(top) or top <= 0:
+        return None
+    return s.clamp_min(FLOOR * top)
+
+
+def _usable_bn(mod: nn.Module, channels: int) -> bool:
+    return (
+        isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        and mod.running_var is not None
+        and mod.num_features == channels
+        and not mod.running_var.is_meta
+    )
+
+
+def bn_output_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """|γ| / √(running_var + ε): how much the BN amplifies each channel of the conv output before it.
+
+    >>> bn = nn.BatchNorm2d(2).eval()
+    >>> bn_output_scale(bn)
+    tensor([1.0000, 1.0000], dtype=torch.float64)
+    """
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
+    return gamma.abs() / (bn.running_var.detach().double() + bn.eps).sqrt()
+
+
+def relu_bn_rms(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torch.Tensor:
+    """Root-mean-square of each channel of ``ReLU(BN(x))`` (or ``BN(x)``), taking the BN's output as N(β, γ²).
+
+    >>> bn = nn.BatchNorm2d(1).eval()  # β = 0, γ = 1: E[ReLU(z)²] = 1/2
+    >>> float(relu_bn_rms(bn)) == 0.5 ** 0.5
+    True
+    """
+    n = bn.num_features
+    mu = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    sd = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    if not relu:
+        return (mu * mu + sd * sd).sqrt()
+    safe = sd.clamp_min(1e-30)
+    a = mu / safe
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    second = (mu * mu + sd * sd) * cdf + mu * sd * pdf
+    # σ → 0: ReLU(β) exactly
+    second = torch.where(sd > 0, second, mu.clamp_min(0).pow(2))
+    return second.clamp_min(0).sqrt()
+
+
+def _module(gm: fx.GraphModule, node: object) -> nn.Module | None:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        try:
+            return gm.get_submodule(str(node.target))
+        except AttributeError:
+            return None
+    return None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELU_FNS
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    mod = _module(gm, node)
+    return isinstance(mod, _RELUS)
+
+
+def _input_scale(gm: fx.GraphModule, src: object, channels: int) -> tuple[torch.Tensor | None, str]:
+    if not isinstance(src, fx.Node):
+        return None, ""
+    mod = _module(gm, src)
+    if mod is not None and _usable_bn(mod, channels):
+        act = getattr(mod, "act", None)  # timm BatchNormAct2d: BN then its own activation
+        if act is None or isinstance(act, nn.Identity):
+            return relu_bn_rms(mod, relu=False), "bn"
+        if isinstance(act, _RELUS):
+            return relu_bn_rms(mod), "relu(bn)"
+        return None, ""
+    if _is_relu(gm, src) and src.all_input_nodes:
+        bn = _module(gm, src.all_input_nodes[0])
+        act = getattr(bn, "act", None)
+        if bn is not None and _usable_bn(bn, channels) and (act is None or isinstance(act, (nn.Identity, *_RELUS))):
+            return relu_bn_rms(bn), "relu(bn)"
+    return None, ""
+
+
+def bn_channel_scales(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> ChannelScales | None:
+    """Output and input channel importance of the conv called as any of ``names``, from adjacent BNs.
+
+    The output side needs the conv's only use to be a BatchNorm (timm's ``BatchNormAct2d`` too); the input
+    side needs the conv's input to be ``BN(·)`` or ``ReLU(BN(·))``. A conv called more than once, or from
+    inside a leaf module, gets None (nothing is known for certain).
+    """
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
+    if len(nodes) != 1:
+        return None
+    node = nodes[0]
+    c_out, c_in = conv.out_channels, conv.in_channels
+    out = None
+    parts = []
+    users = list(node.users)
+    if len(users) == 1:
+        bn = _module(gm, users[0])
+        if bn is not None and _usable_bn(bn, c_out):
+            out = _floor(bn_output_scale(bn))
+            parts.append("output: following BatchNorm")
+    src = node.args[0] if node.args else None
+    inp, how = _input_scale(gm, src, c_in)
+    inp = _floor(inp) if inp is not None else None
+    if inp is not None:
+        parts.append(f"input: {how}")
+    if out is None and inp is None:
+        return None
+    return ChannelScales(out, inp, "; ".join(parts))
+
+
+def scaled_conv(conv: nn.Conv2d, scales: ChannelScales) -> nn.Conv2d:
+    """A copy of ``conv`` whose weight is ``diag(s_out) · W · diag(s_in)`` (bias scaled by s_out)."""
+    new = copy.deepcopy(conv)
+    with torch.no_grad():
+        w = new.weight.detach().double()
+        if scales.out is not None:
+            w = w * scales.out.to(w.device).view(-1, 1, 1, 1)
+            if new.bias is not None:
+                new.bias.mul_(scales.out.to(new.bias.device, new.bias.dtype))
+        if scales.inp is not None:
+            w = w * scales.inp.to(w.device).view(1, -1, 1, 1)
+        new.weight.copy_(w.to(new.weight.dtype))
+    return new
+
+
+def unscale_separable(module: nn.Module, scales: ChannelScales, bias: torch.Tensor | None) -> None:
+    """Undo :func:`scaled_conv` on a replacement built from the scaled copy, in place.
+
+    The last 1×1 conv (``pointwise``) gets its rows divided by s_out and the original ``bias`` back; the
+    first layer — ``reduce`` (a 1×1 conv) when there is one, else the ``depthwise`` conv, whose filter j
+    reads input channel ``j // multiplier`` — gets its input channels divided by s_in.
+    """
+    pw = module.pointwise
+    with torch.no_grad():
+        if scales.out is not None:
+            w = pw.weight.detach().double() / scales.out.to(pw.weight.device).view(-1, 1, 1, 1)
+            pw.weight.copy_(w.to(pw.weight.dtype))
+        if bias is not None and pw.bias is not None:
+            pw.bias.copy_(bias)
+        if scales.inp is not None:
+            first = getattr(module, "reduce", None)
+            if first is not None:
+                w = first.weight.detach().double() / scales.inp.to(first.weight.device).view(1, -1, 1, 1)
+                first.weight.copy_(w.to(first.weight.dtype))
+            else:
+                dw = module.depthwise
+                per = dw.out_channels // dw.in_channels
+                s = scales.inp.to(dw.weight.device).repeat_interleave(per).view(-1, 1, 1, 1)
+                dw.weight.copy_((dw.weight.detach().double() / s).to(dw.weight.dtype))
+

@@ -1,0 +1,185 @@
+import itertools
+import operator
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fxsurgeon
+from fxsurgeon import SurgeryError
+from fxsurgeon.cp import (
+    CHOICE_ITERATIONS,
+    cp_cost,
+    cp_factors,
+    cp_max_rank,
+    cp_rank_grid,
+    make_cp_separable,
+    slice_svd_init,
+)
+from fxsurgeon.decompose import separable_error_curve
+from fxsurgeon.forms import FORMS, get_form
+from fxsurgeon.modules import SeparableConv2d
+
+
+def cp_weight(sep: SeparableConv2d) -> torch.Tensor:
+    """The conv weight the block computes: Σ_r pointwise[:, r] ∘ reduce[r, :] ∘ depthwise[r]."""
+    a = sep.pointwise.weight[:, :, 0, 0]
+    b = sep.reduce.weight[:, :, 0, 0]
+    c = sep.depthwise.weight[:, 0]
+    return torch.einsum("or,ri,rhw->oihw", a, b, c)
+
+
+CONV_VARIANTS = [
+    dict(padding=1),
+    dict(stride=2, padding=1),
+    dict(padding=2, dilation=2),
+    dict(padding=1, bias=True),
+    dict(padding="same"),
+    dict(padding=1, padding_mode="reflect"),
+    dict(padding=1, padding_mode="circular"),
+    dict(padding=1, padding_mode="replicate", stride=2),
+    dict(padding=(1, 0), stride=(1, 2)),
+]
+
+
+def test_registered_as_a_form():
+    assert "pw-dw-pw" in FORMS and get_form("pw-dw-pw").name == "pw-dw-pw"
+
+
+@pytest.mark.parametrize("kwargs", CONV_VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_exact_at_full_rank_on_conv_variants(kwargs):
+    conv = nn.Conv2d(6, 5, 3, **kwargs).double()
+    full = cp_max_rank(conv.weight.shape)
+    assert full == 5 * 6  # min(5·min(6, 9), 6·min(5, 9), 9·min(5, 6))
+    sep, f = make_cp_separable(conv, full)
+    assert f.relative_error < 1e-10
+    assert isinstance(sep, SeparableConv2d) and list(dict(sep.named_children())) == ["reduce", "depthwise", "pointwise"]
+    x = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    torch.testing.assert_close(sep(x), conv(x), rtol=1e-9, atol=1e-9)
+
+
+def test_recovers_a_weight_of_low_cp_rank():
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (12, 10, 9))
+    w = torch.einsum("or,ir,kr->oik", a, b, c).reshape(12, 10, 3, 3)
+    f = cp_factors(w, 4, iterations=500)
+    assert f.relative_error < 1e-6
+    assert f.error <= f.init_error
+
+
+def test_reported_error_is_the_error_of_the_built_block():
+    conv = nn.Conv2d(16, 24, 3, padding=1, bias=False).double()
+    for rank in (5, 40):  # below and above both channel counts
+        sep, f = make_cp_separable(conv, rank)
+        assert sep.depthwise.out_channels == rank == f.rank
+        err = float((cp_weight(sep) - conv.weight).pow(2).sum())
+        assert err == pytest.approx(f.error, rel=1e-9)
+        assert f.relative_error == pytest.approx((err / float(conv.weight.pow(2).sum())) ** 0.5, rel=1e-9)
+
+
+def test_rank_above_channel_counts_lowers_the_error():
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    errors = [cp_factors(conv.weight, r).error for r in (8, 16, 32, 48)]
+    assert all(e1 < e0 for e0, e1 in itertools.pairwise(errors))
+
+
+def test_start_is_never_worse_than_depthwise_pointwise_at_the_same_depthwise_width():
+    # at R = C_in·m the slice-SVD start contains the dw-pw factorisation with multiplier m
+    conv = nn.Conv2d(12, 20, 3, bias=False)
+    curve = separable_error_curve(conv.weight)
+    t = conv.weight.detach().double().reshape(20, 12, 9)
+    for m in (1, 2, 4):
+        _, init_err, _ = slice_svd_init(t, 12 * m)
+        assert init_err <= float(curve[m]) * (1 + 1e-9)
+        assert cp_factors(conv.weight, 12 * m).error <= init_err * (1 + 1e-9)
+
+
+def test_deterministic_bit_identical_and_tensorly_backend_untouched():
+    import tensorly as tl
+
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1, bias=False)).eval()
+    backend = tl.get_backend()
+    states = []
+    for seed in (0, 123):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        out = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", layers={"0": {"form": "pw-dw-pw", "rank": 37},
+                                                                           "3": {"form": "pw-dw-pw", "rank": 50}}))
+        states.append(out.state_dict())
+        assert tl.get_backend() == backend
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_fresh_decomposition_matches_cached_one():
+    from fxsurgeon import cp as cp_mod
+
+    conv = nn.Conv2d(8, 8, 3, bias=False)
+    first = make_cp_separable(conv, 20)[0]
+    cp_mod._CACHE.clear()
+    second = make_cp_separable(conv, 20)[0]
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+
+
+def test_scales_folded_no_mul_left_in_graph():
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=True)).eval()
+    x = torch.randn(2, 8, 16, 16)
+    out = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", multiplier=2), example_inputs=x)
+    assert len(fxsurgeon.get_record(out).rewrites) == 2
+    flat = fx.symbolic_trace(out)  # traces through the SeparableConv2d containers down to the convs
+    targets = [n.target for n in flat.graph.nodes if n.op in ("call_function", "call_method")]
+    assert not [t for t in targets if t in (operator.mul, torch.mul, "mul", "mul_") or "mul" in str(t)]
+    convs = [n for n in flat.graph.nodes if n.op == "call_module" and isinstance(flat.get_submodule(n.target), nn.Conv2d)]
+    assert len(convs) == 6  # 1×1 → depthwise → 1×1, twice
+    torch.testing.assert_close(flat(x), out(x))
+
+
+def test_cost_matches_fvcore_macs():
+    from fvcore.nn import FlopCountAnalysis
+
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
+    rank = 40
+    sep, _ = make_cp_separable(conv, rank)
+    choice = get_form("pw-dw-pw").cost(conv, rank)
+    assert (choice.params, choice.macs_in, choice.macs_out) == (
+        rank * (16 + 9 + 24), *cp_cost(conv.weight.shape, rank)[1:])
+    assert choice.params == sum(p.numel() for p in sep.parameters())
+    x = torch.randn(1, 16, 20, 20)
+    fa = FlopCountAnalysis(sep, x)
+    fa.unsupported_ops_warnings(False)
+    assert fa.total() == choice.macs(20 * 20, 10 * 10)
+
+
+def test_choices_are_upper_bounds_of_the_built_error():
+    conv = nn.Conv2d(8, 12, 3, bias=False)
+    form = get_form("pw-dw-pw")
+    menu = form.choices(conv, 30)
+    assert [c.rank for c in menu] == cp_rank_grid(conv.weight.shape, 30)
+    assert all(c.form == "pw-dw-pw" and c.error >= 0 for c in menu)
+    for c in menu[-3:]:
+        _, details = form.build(conv, c.rank)
+        assert details["discarded_energy"] <= c.error * (1 + 1e-9)
+        assert CHOICE_ITERATIONS > 0
+
+
+def test_random_init_keeps_shapes_and_bias():
+    conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
+    sep, f = make_cp_separable(conv, 10, init="random")
+    assert f is None and sep.reduce.weight.shape == (10, 8, 1, 1)
+    assert torch.equal(sep.pointwise.bias, conv.bias)
+
+
+def test_bad_inputs_are_surgery_errors():
+    conv = nn.Conv2d(8, 8, 3)
+    with pytest.raises(SurgeryError, match="rank"):
+        cp_factors(conv.weight, 0)
+    with pytest.raises(SurgeryError, match="NaN"):
+        cp_factors(torch.full((4, 4, 3, 3), float("nan")), 2)
+    with pytest.raises(SurgeryError, match="meta"):
+        cp_factors(torch.empty(4, 4, 3, 3, device="meta"), 2)
+    with pytest.raises(SurgeryError, match="groups"):
+        make_cp_separable(nn.Conv2d(8, 8, 3, groups=2), 4)
