@@ -76,7 +76,8 @@ def test_timm_round_trip_replays_per_layer_ranks(tmp_path, snapshot):
     check = snapshot(model)
     x = torch.randn(2, 3, 32, 32)
     # energy= picks a different rank per layer from the weights: the replay must not recompute it
-    small = fxsurgeon.convert(model, example_inputs=x, separable=dict(energy=0.6))
+    # (layer4's 512-channel decompositions are left out only to keep the test fast)
+    small = fxsurgeon.convert(model, example_inputs=x, separable=dict(energy=0.6, exclude=["layer4.*"]))
     rec = fxsurgeon.get_record(small)
     assert rec.source == {"timm": "resnet18", "kwargs": {"num_classes": 7, "in_chans": 3}}
     assert len({r.details["rank"] for r in rec.rewrites if r.pass_name == "separable"}) > 1
@@ -93,7 +94,7 @@ def test_timm_round_trip_replays_per_layer_ranks(tmp_path, snapshot):
     assert [r.to_dict() for r in rec2.rewrites] == json.loads(json.dumps([r.to_dict() for r in rec.rewrites]))
     assert rec2.verification.rel_error == rec.verification.rel_error
     assert rec2.extras["loaded_from"] == str(path)
-    assert "separable: 16 rewritten" in fxsurgeon.summary(again)
+    assert "separable: 12 rewritten" in fxsurgeon.summary(again)
 
 
 def test_metadata_is_json_in_the_safetensors_header(tmp_path):
