@@ -133,7 +133,7 @@ class Job:
         """A short hash of the settings that change a result: a rerun with the same one may skip the model."""
         keys = {"recipe": self.recipe, "input_size": self.input_size, "image_size": self.image_size,
                 "batch_size": self.batch_size, "max_params": self.max_params, "seed": self.seed,
-                "count_macs": self.count_macs, "perturb_init": self.perturb_init}
+                "count_macs": self.count_macs, "perturb_init": _PERTURB_SCHEME if self.perturb_init else False}
         blob = json.dumps(keys, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -205,36 +205,46 @@ def convert_one(job: Job, phase: Callable[[str], None] | None = None) -> dict[st
     return out
 
 
+#: names the perturbation rule in each result's settings hash: a rerun after it changes converts again
+_PERTURB_SCHEME = "zero-gates-U(0.05,0.15)"
+
+# zero-initialised parameters that add rather than multiply: they silence nothing, and shifting every bias
+# of a deep random network makes its activations grow without bound
+_NOT_GATES = ("bias", "token", "embed", "pos")
+
+
 def perturb_constant_params(model, seed: int = 0) -> int:
-    """Give every constant-initialised parameter random values around its constant; returns how many changed.
+    """Give parameters that initialisation left at zero small random values; returns how many changed.
 
     A freshly built timm model sets the last norm of each residual block to zero (``zero_init_last``),
     layer scales to 1e-6, NFNet skip gains to 0: the branch behind them contributes nothing (or 1e-6) to the
-    output, so comparing outputs cannot see an error in it. Constant tensors (every element equal, or a
-    scalar 0) become ``c + U(-½, ½)·max(|c|, ½)``; trained weights are never constant, so this only touches
-    what initialisation left uniform (norm weights and biases, gains, tokens, zero biases).
+    output, so comparing outputs cannot see an error in it. Every multiplying parameter (not a bias, token
+    or embedding, which add) whose elements are all the same value of magnitude ≤ 1e-5 gets values drawn
+    from U(0.05, 0.15): the branch then counts for about a tenth, enough for a wrong rewrite to show, and
+    the network stays about as tame as at initialisation. (Larger values, or perturbing biases and the
+    norms' unit weights too, make deep random networks chaotic: EfficientNetV2-S then amplifies a 1e-6
+    input change to a 0.4 relative output change, and float32 rounding fails any exactness check.)
+    Trained weights are never constant, so trained models are left alone.
 
     >>> import torch.nn as nn
     >>> bn = nn.BatchNorm2d(4); _ = nn.init.zeros_(bn.weight)
-    >>> perturb_constant_params(bn), bool((bn.weight != 0).all())
-    (2, True)
+    >>> perturb_constant_params(bn), bool((bn.weight > 0).all()), bool((bn.bias == 0).all())
+    (1, True, True)
     """
     import torch
 
     gen = torch.Generator().manual_seed(seed + 1)
     changed = 0
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if not p.is_floating_point() or p.numel() == 0 or p.device.type == "meta":
                 continue
-            flat = p.detach().reshape(-1)
-            c = float(flat[0])
-            if p.numel() == 1 and c != 0.0:
-                continue  # one learned scalar cannot be told from an initial constant; only a zero silences
-            if not bool((flat == flat[0]).all()):
+            if any(word in name.rsplit(".", 1)[-1].lower() for word in _NOT_GATES):
                 continue
-            noise = torch.rand(p.shape, generator=gen, dtype=torch.float64) - 0.5
-            p.copy_((c + noise * max(abs(c), 0.5)).to(p.dtype))
+            flat = p.detach().reshape(-1)
+            if abs(float(flat[0])) > 1e-5 or not bool((flat == flat[0]).all()):
+                continue
+            p.copy_((0.05 + 0.1 * torch.rand(p.shape, generator=gen, dtype=torch.float64)).to(p.dtype))
             changed += 1
     return changed
 
@@ -1127,8 +1137,11 @@ def summary_markdown(results: Sequence[dict[str, Any]], title: str = "fxsurgeon 
             passes[name].update(c)
     lines += ["## Totals (converted models)", ""]
     lines.append(f"- parameters: {_fmt_int(pb)} → {_fmt_int(pa)} ({_pct(pa, pb)})")
-    lines.append(f"- MACs (fvcore; one multiply-add = 1 MAC), {len(with_macs)} models counted: "
-                 f"{_fmt_int(mb)} → {_fmt_int(ma)} ({_pct(ma, mb)})")
+    if with_macs:
+        lines.append(f"- MACs (fvcore; one multiply-add = 1 MAC), {len(with_macs)} models counted: "
+                     f"{_fmt_int(mb)} → {_fmt_int(ma)} ({_pct(ma, mb)})")
+    else:
+        lines.append("- MACs: not counted")
     for name, c in passes.items():
         lines.append(f"- `{name}`: {c['rewrites']:,} rewrites ({c['exact']:,} exact), {c['skipped']:,} skipped")
     if secs:
