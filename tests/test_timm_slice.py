@@ -24,7 +24,7 @@ SLICE = {
     "test_byobnet": {"separable": 1, "conv_head": 1},  # timm's BYOB blocks
     "test_vit": {"separable": 1},  # patch embedding conv; token head left alone
     "regnetx_002": {"separable": 1, "conv_head": 1},  # grouped convs (skipped), stem
-    "ghostnet_050": {"concat_fusion": 1, "conv_head": 1},  # ghost modules concatenate channels
+    "dla46_c": {"concat_fusion": 1, "separable": 1},  # DLA aggregation nodes concatenate; 1×1 conv head
 }
 
 
