@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     failure_counts: collections.Counter = collections.Counter()
     rewrites = 0
     t0 = time.perf_counter()
-    for seed in range(args.start, args.start + args.examples):
+    for i, seed in enumerate(range(args.start, args.start + args.examples)):
+        if i and i % 250 == 0:
+            print(f"  … {i} nets, {sum(failure_counts.values())} failures, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
         round_trip = args.round_trip_every > 0 and seed % args.round_trip_every == 0
         for check, outcome, info in run_one(seed, args.max_ops, round_trip):
             counts[f"{check} {outcome}"] += 1
