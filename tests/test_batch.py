@@ -49,6 +49,11 @@ HOOKS = textwrap.dedent('''
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def hog():
+        import torch
+
+        return torch.ones(16 * 2**30, dtype=torch.uint8)  # 16 GiB
+
     def _slow():
         time.sleep(1.0)
         return ok()
@@ -141,6 +146,8 @@ def test_isolated_failures_are_recorded(hooks):
     hung = run_isolated(Job("batchhooks:hang", timeout=2))
     assert hung["status"] == "timeout" and "during build" in hung["error"]
     assert time.monotonic() - t < 30
+    hog = run_isolated(Job("batchhooks:hog", max_memory=12 * 2**30))
+    assert hog["status"] == "error" and hog["error"].startswith("out of memory") and hog["cause"] == "out of memory"
     ok = run_isolated(Job("batchhooks:ok", recipe=EXACT))  # the fork server survives all of that
     assert ok["status"] == "ok"
 

@@ -107,7 +107,8 @@ class Job:
         threads: torch intra-op threads in the model's process (None: torch's default).
         timeout: seconds before the model's process group is killed (None: no limit).
         max_memory: address-space limit in bytes for the model's process (``RLIMIT_AS``; None: none), so
-            one huge model fails alone instead of waking the machine's out-of-memory killer.
+            one huge model fails alone instead of waking the machine's out-of-memory killer. It counts
+            virtual memory, which starts at about 4 GB once torch and timm are loaded.
         count_macs: count MACs before/after with fvcore.
         perturb_init: give constant-initialised parameters random values first (see
             :func:`perturb_constant_params`): random-init timm models silence whole residual branches with
@@ -532,8 +533,11 @@ class _ForkServer:
         if self.proc is not None and self.proc.poll() is None:
             return
         code = "from fxsurgeon.batch import _fork_server_main; _fork_server_main()"
+        # the server imports the same fxsurgeon, torch and timm as this process, wherever they came from
+        paths = [p for p in sys.path if isinstance(p, str)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True, env=env)
         if self.proc.stdout.readline() != b"ready\n":
             raise SurgeryError("fxsurgeon batch: the fork server did not start (is fxsurgeon importable?)")
 

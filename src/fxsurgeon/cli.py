@@ -342,7 +342,8 @@ def _add_batch(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive(int), help="torch threads per model (default: CPUs / workers)")
     p.add_argument("--max-memory", type=parse_bytes, metavar="SIZE",
-                   help="address-space limit per model process, e.g. 8G: a model over it fails alone")
+                   help="address-space limit per model process, e.g. 12G (torch and timm alone map about 4G): "
+                        "a model over it fails alone")
     p.add_argument("--no-macs", action="store_true", help="do not count MACs (faster)")
     p.add_argument("--no-perturb-init", action="store_true",
                    help="keep timm's constant initial values (zero-initialised norms silence residual branches, "
