@@ -497,3 +497,18 @@ def test_cp_form_and_calibrated_weights_round_trip(tmp_path):
     small.eval()
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
     assert "calibration" in fxsurgeon.get_record(again).extras
+
+
+def test_budget_allocated_ranks_round_trip(tmp_path):
+    """Ranks chosen by a MAC budget are replayed from the record, not re-allocated (which needs the weights)."""
+    if "target_macs" not in fxsurgeon.get_pass("separable").options():
+        pytest.skip("budget allocation not available")
+    x = torch.randn(2, 3, 12, 12)
+    small = fxsurgeon.convert(small_net(width=32).eval(), source={"factory": SMALL, "kwargs": {"width": 32}},
+                              example_inputs=x, separable=dict(target_macs=0.6))
+    assert any(r.pass_name == "separable" for r in fxsurgeon.get_record(small).rewrites)
+    path = tmp_path / "b.safetensors"
+    fxsurgeon.save(small, path)
+    again = fxsurgeon.load(path)
+    small.eval()
+    torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
