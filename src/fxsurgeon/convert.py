@@ -20,7 +20,7 @@ from .graph import describe, module_aliases
 from .io import describe_tracing, infer_source, normalize_source
 from .passes import Skip, get_pass, list_passes
 from .record import RECORD_ATTR, Conversion, Verification
-from .tracing import hooked_modules, lost_hooks, trace
+from .tracing import absent_args, hooked_modules, lost_hooks, trace
 
 __all__ = ["DEFAULT_TOLERANCE", "compare_outputs", "convert", "model_name", "normalize_inputs"]
 
@@ -196,6 +196,8 @@ def convert(
             plan.append((name, opts))
 
     inputs = normalize_inputs(example_inputs)
+    if inputs:  # forward parameters the inputs leave out keep their None default in the traced graph
+        concrete_args = absent_args(model, len(inputs), concrete_args)
     source_spec = normalize_source(source) if source is not None else infer_source(model)
     tracing = describe_tracing(leaf_modules, autowrap_functions, concrete_args, inputs)
     hooked = hooked_modules(model)

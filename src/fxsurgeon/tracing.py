@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["SurgeryTracer", "hooked_modules", "lost_hooks", "private_copy", "timm_notrace", "trace"]
+__all__ = ["SurgeryTracer", "absent_args", "hooked_modules", "lost_hooks", "private_copy", "timm_notrace", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -149,6 +149,36 @@ def _user_frame(exc: BaseException) -> str | None:
         return None
     code = (best.line or linecache.getline(best.filename, best.lineno)).strip()
     return f"{best.filename}:{best.lineno} in {best.name}: `{code}`"
+
+
+def absent_args(model: nn.Module, num_inputs: int, concrete_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``concrete_args`` plus ``None`` for each ``forward`` parameter that defaults to None and is not given.
+
+    torch.fx turns every parameter into a placeholder, and ``if mask is not None:`` on a placeholder is always
+    true: timm's Hiera ``forward(x, mask=None)`` traced that way takes the masking branch and fails when called
+    as ``model(x)``. Fixing the parameters beyond the ``num_inputs`` positional inputs to their ``None``
+    default traces the call that will actually be made (fx inserts a check that they stay None).
+
+    >>> import torch.nn as nn
+    >>> class Net(nn.Module):
+    ...     def forward(self, x, mask=None, scale=2.0):
+    ...         return x if mask is None else x * mask
+    >>> absent_args(Net(), 1), absent_args(Net(), 2), absent_args(Net(), 1, {"scale": 3.0})
+    ({'mask': None}, None, {'scale': 3.0, 'mask': None})
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to read
+        return concrete_args
+    out = dict(concrete_args or {})
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in out or p.default is not None:
+            continue
+        if p.kind is p.KEYWORD_ONLY or i >= num_inputs:
+            out[p.name] = None
+    return out or concrete_args
 
 
 def trace(
