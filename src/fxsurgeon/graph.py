@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Iterator
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = [
     "called_modules",
@@ -16,6 +19,7 @@ __all__ = [
     "functional_calls",
     "module_aliases",
     "parent_name",
+    "propagate_shapes",
     "replace_module",
 ]
 
@@ -96,3 +100,42 @@ def describe(module: nn.Module) -> str:
     if isinstance(module, nn.Sequential):
         return " → ".join(describe(m) for m in module)
     return type(module).__name__
+
+
+def _meta_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose parameters and buffers live on the meta device: no data is copied."""
+    memo: dict[int, object] = {}
+    for t in (*gm.parameters(), *gm.buffers()):
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy.deepcopy(gm, memo)
+
+
+def propagate_shapes(gm: fx.GraphModule, *inputs: object) -> str:
+    """Fill ``node.meta["tensor_meta"]`` (ShapeProp) for ``inputs``; returns ``"meta"`` or ``"real"``.
+
+    Shapes need no arithmetic: ShapeProp first runs on a twin of the model whose weights are on the meta
+    device (no compute, no copy of the weights — a ResNet-50 at 224 takes a fraction of a real forward on a
+    CPU) and the shapes are copied back node by node. Ops the meta device cannot run fall back to a real
+    forward under ``no_grad``. The caller sets eval mode when it matters (BatchNorm in train mode would update
+    its statistics on the real path).
+    """
+    try:
+        twin = _meta_twin(gm)
+        meta_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs]
+        ShapeProp(twin).propagate(*meta_inputs)
+        metas = [n.meta.get("tensor_meta") for n in twin.graph.nodes]
+        if len(metas) != len(gm.graph.nodes):
+            raise RuntimeError("graph changed while copying")
+        for node, tm in zip(gm.graph.nodes, metas):
+            if tm is None:
+                node.meta.pop("tensor_meta", None)
+            else:
+                node.meta["tensor_meta"] = tm
+        return "meta"
+    except Exception:  # data-dependent ops, kernels without meta support: measure for real
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+        return "real"

@@ -32,9 +32,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..graph import called_modules, describe, module_aliases, replace_module
+from ..graph import called_modules, describe, module_aliases, propagate_shapes, replace_module
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
@@ -1046,8 +1046,7 @@ def _derive_shapes(gm: fx.GraphModule) -> tuple[str | None, str | None]:
     modes = {name: m.training for name, m in gm.named_modules()}
     gm.eval()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(x)
+        propagate_shapes(gm, x)
     except Exception as exc:  # the model may not accept that size: fall back to structural matching
         for n in gm.graph.nodes:
             n.meta.pop("tensor_meta", None)
