@@ -152,19 +152,20 @@ def _user_frame(exc: BaseException) -> str | None:
 
 
 def absent_args(model: nn.Module, num_inputs: int, concrete_args: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """``concrete_args`` plus ``None`` for each ``forward`` parameter that defaults to None and is not given.
+    """``concrete_args`` plus the default of each ``forward`` parameter with a literal default that is not given.
 
     torch.fx turns every parameter into a placeholder, and ``if mask is not None:`` on a placeholder is always
     true: timm's Hiera ``forward(x, mask=None)`` traced that way takes the masking branch and fails when called
-    as ``model(x)``. Fixing the parameters beyond the ``num_inputs`` positional inputs to their ``None``
-    default traces the call that will actually be made (fx inserts a check that they stay None).
+    as ``model(x)``; ViT's ``is_causal=False`` is a flag used in control flow the same way. Fixing the
+    parameters beyond the ``num_inputs`` positional inputs to their literal defaults (None, bool, int, float,
+    str) traces the call that will actually be made (fx inserts a check that they keep those values).
 
     >>> import torch.nn as nn
     >>> class Net(nn.Module):
     ...     def forward(self, x, mask=None, scale=2.0):
     ...         return x if mask is None else x * mask
     >>> absent_args(Net(), 1), absent_args(Net(), 2), absent_args(Net(), 1, {"scale": 3.0})
-    ({'mask': None}, None, {'scale': 3.0, 'mask': None})
+    ({'mask': None, 'scale': 2.0}, {'scale': 2.0}, {'scale': 3.0, 'mask': None})
     """
     import inspect
 
@@ -174,10 +175,13 @@ def absent_args(model: nn.Module, num_inputs: int, concrete_args: dict[str, Any]
         return concrete_args
     out = dict(concrete_args or {})
     for i, p in enumerate(params):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in out or p.default is not None:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in out or p.default is p.empty:
+            continue
+        # only plain literal defaults: flags like is_causal=False are control flow just as mask=None is
+        if not (p.default is None or isinstance(p.default, (bool, int, float, str))):
             continue
         if p.kind is p.KEYWORD_ONLY or i >= num_inputs:
-            out[p.name] = None
+            out[p.name] = p.default
     return out or concrete_args
 
 
