@@ -65,7 +65,7 @@ def coverage_table(results: list[dict], total_models: int, max_params: int | Non
     lines.append("|---|---:|")
     lines.append(f"| timm architectures (`timm.list_models()`) | {total_models:,} |")
     lines.append(f"| recorded by this sweep | {len(latest):,} |")
-    lines.append(f"| skipped: over {lim.replace('≤', '>')} | {st.get('skipped', 0):,} |")
+    lines.append(f"| skipped: {lim.replace('≤', 'over')} | {st.get('skipped', 0):,} |")
     lines.append(f"| attempted ({lim}) | {len(attempted):,} |")
     lines.append(f"| traced by torch.fx | {traceable:,} |")
     lines.append(f"| **converted and verified** (exact recipe, rel. L2 error ≤ 1e-4) | **{len(ok):,}** |")
@@ -104,19 +104,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-params", type=parse_count, default=parse_count("200M"))
     ap.add_argument("--stride", type=int, default=8, help="order models 0, s, 2s, … so a prefix is an even sample")
     ap.add_argument("--every", type=int, default=1, help="run only every N-th model of that order")
+    ap.add_argument("--limit", type=int, help="only the first N models of that order (with --stride 8 and "
+                                              "--limit 172: every 8th model of timm.list_models())")
     ap.add_argument("--chunk-size", type=int, default=20)
     ap.add_argument("--max-chunks", type=int, help="stop after this many chunks (resume later)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--max-memory", type=parse_bytes, default=parse_bytes("14G"))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--retry-failed", action="store_true", help="convert again models recorded as failed")
     ap.add_argument("--macs", action="store_true", help="also count MACs before/after with fvcore (slower)")
     ap.add_argument("--table", action="store_true", help="print the README coverage table and exit")
     args = ap.parse_args(argv)
 
     import timm
 
-    models = sweep_order(timm.list_models(args.filter), args.stride)[:: args.every]
+    models = sweep_order(timm.list_models(args.filter), args.stride)[:: args.every][: args.limit]
     if args.table:
         results, _ = ResultsFile(args.out).read()
         wanted = set(models)
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_batch(chunk, out=args.out, recipe=recipe, recipe_name=Path(args.recipe).name,
                         workers=args.workers, timeout=args.timeout, max_params=args.max_params,
                         image_size=args.image_size, max_memory=args.max_memory, count_macs=args.macs,
+                        retry_failed=args.retry_failed,
                         progress=sys.stderr.isatty())
         if not res.ran:
             continue
