@@ -38,6 +38,10 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
         pretrained: timm pretrained weights (needs the hub).
         weights: a state dict (``.safetensors``, or ``.pt`` / ``.pth`` holding tensors) loaded strictly.
         **kwargs: passed to ``timm.create_model`` or the factory (e.g. ``img_size=64``).
+
+    >>> model = load_model("fxsurgeon.models:resnet20")
+    >>> type(model).__name__, model.training
+    ('CifarResNet', False)
     """
     if os.path.isfile(spec) or spec.endswith(MODEL_FILE_SUFFIXES):
         if kwargs or pretrained:
