@@ -25,9 +25,9 @@ from fxsurgeon.modules import SeparableConv2d
 
 def cp_weight(sep: SeparableConv2d) -> torch.Tensor:
     """The conv weight the block computes: Σ_r pointwise[:, r] ∘ reduce[r, :] ∘ depthwise[r]."""
-    a = sep.pointwise.weight[:, :, 0, 0]
-    b = sep.reduce.weight[:, :, 0, 0]
-    c = sep.depthwise.weight[:, 0]
+    a = sep.pointwise.weight.detach()[:, :, 0, 0]
+    b = sep.reduce.weight.detach()[:, :, 0, 0]
+    c = sep.depthwise.weight.detach()[:, 0]
     return torch.einsum("or,ri,rhw->oihw", a, b, c)
 
 
@@ -74,7 +74,7 @@ def test_reported_error_is_the_error_of_the_built_block():
     for rank in (5, 40):  # below and above both channel counts
         sep, f = make_cp_separable(conv, rank)
         assert sep.depthwise.out_channels == rank == f.rank
-        err = float((cp_weight(sep) - conv.weight).pow(2).sum())
+        err = float((cp_weight(sep) - conv.weight.detach()).pow(2).sum())
         assert err == pytest.approx(f.error, rel=1e-9)
         assert f.relative_error == pytest.approx((err / float(conv.weight.pow(2).sum())) ** 0.5, rel=1e-9)
 
@@ -115,11 +115,11 @@ def test_deterministic_bit_identical_and_tensorly_backend_untouched():
 
 
 def test_fresh_decomposition_matches_cached_one():
-    from fxsurgeon import cp as cp_mod
+    from fxsurgeon.cp import clear_cache
 
     conv = nn.Conv2d(8, 8, 3, bias=False)
     first = make_cp_separable(conv, 20)[0]
-    cp_mod._CACHE.clear()
+    clear_cache()
     second = make_cp_separable(conv, 20)[0]
     assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
 
@@ -183,3 +183,126 @@ def test_bad_inputs_are_surgery_errors():
         cp_factors(torch.empty(4, 4, 3, 3, device="meta"), 2)
     with pytest.raises(SurgeryError, match="groups"):
         make_cp_separable(nn.Conv2d(8, 8, 3, groups=2), 4)
+
+
+# ------------------------------------------------------------------------------- the separable pass's forms
+
+
+def bn_net(seed: int = 0) -> nn.Module:
+    """conv → BN → ReLU → conv → BN with trained-looking (uneven) BN statistics."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16))
+    for bn in (net[1], net[4]):
+        bn.weight.data = torch.rand(16, generator=g) * 2 + 0.01
+        bn.weight.data[:4] = 0.02  # nearly dead channels
+        bn.bias.data = torch.randn(16, generator=g)
+        bn.running_var = torch.rand(16, generator=g) * 3 + 0.1
+        bn.running_mean = torch.randn(16, generator=g)
+    return net.eval()
+
+
+def built_weight(sep: SeparableConv2d) -> torch.Tensor:
+    if "reduce" in dict(sep.named_children()):
+        return cp_weight(sep)
+    dw, pw = sep.depthwise.weight.detach(), sep.pointwise.weight.detach()[:, :, 0, 0]
+    m = dw.shape[0] // sep.depthwise.in_channels
+    c_in = sep.depthwise.in_channels
+    return torch.einsum("ocj,cjhw->ochw", pw.reshape(pw.shape[0], c_in, m), dw.reshape(c_in, m, *dw.shape[2:]))
+
+
+@pytest.mark.parametrize("multiplier", [1, 3])
+def test_auto_never_worse_than_either_form_at_the_same_macs(multiplier):
+    from fxsurgeon.allotment import rank_within
+
+    net = bn_net()
+    x = torch.randn(1, 12, 8, 8)
+    out = fxsurgeon.convert(net, separable=dict(form="auto", multiplier=multiplier), conv_head=False,
+                            example_inputs=x)
+    rewrites = [r for r in fxsurgeon.get_record(out).rewrites if r.pass_name == "separable"]
+    assert [r.target for r in rewrites] == ["0", "3"]
+    for r, (p_in, p_out) in zip(rewrites, [(64, 64), (64, 16)]):
+        conv = net.get_submodule(r.target)
+        w = conv.weight.detach().double()
+        # the two single forms at this layer's allotment, computed independently of the pass
+        dwpw_err = float(separable_error_curve(conv.weight)[multiplier])
+        allotment = get_form("dw-pw").cost(conv, multiplier).macs(p_in, p_out)
+        rank = rank_within(get_form("pw-dw-pw"), conv, allotment, p_in, p_out)
+        assert get_form("pw-dw-pw").cost(conv, rank + 1).macs(p_in, p_out) > allotment
+        cp_err = cp_factors(conv.weight, rank).error
+        chosen = float((built_weight(out.get_submodule(r.target)).double() - w).pow(2).sum())
+        assert chosen <= min(dwpw_err, cp_err) * (1 + 1e-5) + 1e-12
+        assert r.details["macs_after"] <= allotment
+        assert set(r.details["auto"]) == {"dw-pw", "pw-dw-pw"}
+
+
+def test_pw_dw_pw_multiplier_is_the_mac_allotment_of_dw_pw():
+    net = bn_net()
+    x = torch.randn(1, 12, 8, 8)
+    out = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", multiplier=2), conv_head=False, example_inputs=x)
+    for r in fxsurgeon.get_record(out).rewrites:
+        if r.pass_name != "separable":
+            continue
+        conv = net.get_submodule(r.target)
+        p_in, p_out = (64, 64) if r.target == "0" else (64, 16)
+        allotment = get_form("dw-pw").cost(conv, 2).macs(p_in, p_out)
+        d = r.details
+        assert d["form"] == "pw-dw-pw" and d["macs_after"] <= allotment < d["macs_after"] + (12 * 4 + 9 + 16) * 64
+        assert d["macs_before"] == conv.weight.numel() * p_out
+        assert {"rank", "relative_error", "discarded_energy", "cp_iterations"} <= set(d)
+        assert out.get_submodule(r.target).depthwise.out_channels == d["rank"]
+
+
+def test_bn_weighting_exact_at_full_rank_and_optimal_in_the_weighted_norm():
+    net = bn_net()
+    x = torch.randn(2, 12, 8, 8)
+    exact = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", multiplier="full", weighting="bn"),
+                              conv_head=False, example_inputs=x)  # exact claim: verified by convert()
+    torch.testing.assert_close(exact(x), net(x), rtol=1e-4, atol=1e-4)
+    recs = {r.target: r for r in fxsurgeon.get_record(exact).rewrites if r.pass_name == "separable"}
+    assert "following BatchNorm" in recs["0"].details["weighting"]
+    assert "relu(bn)" in recs["3"].details["weighting"]  # conv 3 reads ReLU(BN(·))
+
+    bn = net[4]
+    s = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().view(-1, 1, 1, 1)
+    conv = net[3]
+    for form, layers in (("dw-pw", {"3": {"form": "dw-pw", "rank": 2}}),
+                         ("pw-dw-pw", {"3": {"form": "pw-dw-pw", "rank": 24}})):
+        errs = {}
+        for weighting in (None, "bn"):
+            out = fxsurgeon.convert(net, separable=dict(form=form, layers=layers, weighting=weighting,
+                                                        exclude=["0"]), conv_head=False)
+            d = (built_weight(out.get_submodule("3")).double() - conv.weight.double())
+            errs[weighting] = (float((s * d).pow(2).sum()), float(d.pow(2).sum()))
+        assert errs["bn"][0] < errs[None][0]  # what weighting minimises
+        assert errs[None][1] <= errs["bn"][1] * (1 + 1e-6) or form == "pw-dw-pw"  # what plain minimises
+
+
+def test_budget_across_forms_is_met():
+    from fvcore.nn import FlopCountAnalysis
+
+    net = bn_net()
+    x = torch.randn(1, 12, 8, 8)
+
+    def count(m):
+        fa = FlopCountAnalysis(m.eval(), x)
+        fa.unsupported_ops_warnings(False)
+        fa.uncalled_modules_warnings(False)
+        return fa.total()
+
+    for target in (0.5, 0.3):
+        out = fxsurgeon.convert(net, separable=dict(form="auto", target_macs=target), conv_head=False,
+                                example_inputs=x)
+        rewrites = [r for r in fxsurgeon.get_record(out).rewrites if r.pass_name == "separable"]
+        assert rewrites and {r.details["form"] for r in rewrites} <= {"dw-pw", "pw-dw-pw"}
+        assert count(out) <= target * count(net)
+
+
+def test_form_option_errors():
+    net = bn_net()
+    with pytest.raises(SurgeryError, match="auto"):
+        fxsurgeon.convert(net, separable=dict(form="tucker"))
+    with pytest.raises(SurgeryError, match="energy"):
+        fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", energy=0.9))
+    with pytest.raises(SurgeryError, match="weighting"):
+        fxsurgeon.convert(net, separable=dict(weighting="data"))

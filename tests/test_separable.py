@@ -190,7 +190,7 @@ def test_per_layer_settings_override_and_replay():
     ]
     with pytest.raises(SurgeryError, match="rank"):
         fxsurgeon.convert(net, separable=dict(layers={"0": {"form": "dw-pw"}}))
-    with pytest.raises(SurgeryError, match="unknown (separable )?form"):
+    with pytest.raises(SurgeryError, match=r"unknown (separable )?form"):
         fxsurgeon.convert(net, separable=dict(form="tucker"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -10,13 +11,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from . import __version__
 from .bench import ieee_fp32
 from .errors import SurgeryError
-from .graph import describe, module_aliases
+from .graph import describe, module_aliases, propagate_shapes
 from .io import describe_tracing, infer_source, normalize_source
 from .passes import Skip, get_pass, list_passes
 from .record import RECORD_ATTR, Conversion, Verification
@@ -145,6 +145,7 @@ def convert(
     autowrap_functions: Iterable[Callable] | None = None,
     concrete_args: dict[str, Any] | None = None,
     source: Any = None,
+    calibration: Any = None,
     **passes: Any,
 ) -> fx.GraphModule:
     """Rewrite ``model``'s architecture with fxsurgeon's passes, keeping its trained weights.
@@ -167,6 +168,11 @@ def convert(
         source: where ``model`` came from, recorded for :func:`fxsurgeon.save`: a timm name (``"resnet18"``),
             ``"package.module:factory"``, an importable factory function, or ``{"timm" | "factory": ...,
             "kwargs": {...}}``. timm models are recognised without it (name, ``num_classes``, ``in_chans``).
+        calibration: input batches from the training distribution (an iterable of tensors or tuples of
+            positional inputs; a tensor is one batch), e.g. a few thousand images. Handed to every pass that
+            takes a keyword-only ``calibration`` option (unless its options set one), then used to refit the
+            rewritten layers on real activations, in network order (:func:`fxsurgeon.calibrate`); the effect
+            per layer is in ``record.extras["calibration"]`` and each rewrite's ``details["calibration"]``.
         **passes: ``separable=dict(multiplier=2)``, ``conv_head=True``, ...
 
     Returns:
@@ -226,6 +232,14 @@ def convert(
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs) if on_meta else \
         _to_device(inputs, device)
     params_before = sum(p.numel() for p in gm.parameters())
+    calib_batches = original = None
+    if calibration is not None:
+        from .calibrate import as_batches
+
+        if on_meta:
+            raise SurgeryError("calibration needs real weights; the model is on the meta device")
+        calib_batches = [_to_device(b, device) for b in as_batches(calibration)]
+        original = copy.deepcopy(gm)  # the targets of the refit: the traced model before any pass
 
     reference = None
     if verify:
@@ -245,18 +259,29 @@ def convert(
         if info.needs_shapes and inputs and shapes_stale:
             modes_now = _modes(gm)
             gm.eval()
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
+            propagate_shapes(gm, *inputs)
             _restore_modes(gm, modes_now, model.training)
             shapes_stale = False
-        result = info.fn(gm, **opts)
+        call_opts = opts
+        if calib_batches is not None and "calibration" in info.options() and "calibration" not in opts:
+            call_opts = {**opts, "calibration": calib_batches}
+        result = info.fn(gm, **call_opts)
         shapes_stale = shapes_stale or bool(result.rewrites)
         result.stamp(name)
         gm.graph.lint()
         gm.recompile()
         record.rewrites += result.rewrites
         record.skipped += result.skipped
+        record.extras.update(gm.meta.pop("fxsurgeon_extras", None) or {})  # pass-level figures (e.g. budgets)
         seconds[name] = time.perf_counter() - t
+
+    if calib_batches is not None:
+        from .calibrate import annotate_record, calibrate
+
+        t = time.perf_counter()
+        annotate_record(record, calibrate(gm, original, calib_batches, rewrites=record.rewrites))
+        del original
+        seconds["calibrate"] = time.perf_counter() - t
 
     if verify:
         t = time.perf_counter()

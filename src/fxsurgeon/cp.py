@@ -42,6 +42,7 @@ from .modules import SeparableConv2d, depthwise_conv_class
 __all__ = [
     "CPFactors",
     "PointwiseDepthwisePointwise",
+    "clear_cache",
     "cp_cost",
     "cp_error_curve",
     "cp_factors",
@@ -319,6 +320,12 @@ def _weight_key(weight: torch.Tensor) -> tuple:
     w = weight.detach().to(device="cpu").contiguous()
     return (tuple(w.shape), str(w.dtype), hash(w.numpy().tobytes()) if w.dtype != torch.bfloat16
             else hash(w.float().numpy().tobytes()))
+
+
+def clear_cache() -> None:
+    """Forget cached decompositions (they are only a speed-up: results are the same without them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def _cached_factors(weight: torch.Tensor, rank: int, iterations: int, tol: float) -> CPFactors:

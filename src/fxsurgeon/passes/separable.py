@@ -16,12 +16,13 @@ from __future__ import annotations
 import fnmatch
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
+from ..allotment import allot, check_form, layer_positions
 from ..decompose import multiplier_for_energy
 from ..errors import SurgeryError
 from ..forms import conv_cost, get_form
@@ -33,6 +34,7 @@ from ..graph import (
     module_aliases,
     replace_module,
 )
+from ..importance import bn_channel_scales, scaled_conv, unscale_separable
 from ..latency import LatencyJudge
 from ..modules import depthwise_conv_class
 from . import register_pass
@@ -217,6 +219,11 @@ def separable(
     layers: dict[str, dict[str, Any]] | None = None,
     latency_aware: bool | dict[str, Any] = False,
     device: str | None = None,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    allocation: str = "auto",
+    calibration: Any = None,
+    weighting: str | None = None,
 ) -> PassResult:
     """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
 
@@ -244,6 +251,24 @@ def separable(
             ``batch_size``, ``warmup``, ``iters``, ``margin``, ``timer``). Layers named in ``layers`` are not
             timed. Kept rewrites carry ``details["latency"]``; dropped ones are skips with both times.
         device: where ``latency_aware`` times layers, e.g. ``"cuda"`` (default: where the model lives).
+        target_macs: instead of one multiplier, a budget: the fraction of the *original whole model's* MACs
+            (fvcore count on ``example_inputs``, which it needs) to meet, e.g. ``0.6``. Each layer's (form,
+            rank) — or keeping the conv — is chosen to meet it with the least total error
+            (:mod:`fxsurgeon.allocation`); with ``form="auto"`` every registered form competes per layer.
+        target_params: the same for the fraction of the original model's parameters (may be combined).
+        allocation: the error a budget minimises: ``"weight"`` (relative squared weight error, data-free),
+            ``"data"`` (relative output error left after a least-squares refit on ``calibration``), or
+            ``"auto"``: data when calibration batches are given.
+        calibration: input batches for ``allocation="data"``; ``convert(calibration=...)`` fills it in.
+        weighting: ``"bn"`` weighs each output channel's error by the following BatchNorm's |γ|/√var and each
+            input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.importance`; data-free)
+            when decomposing and when ranking choices; default None: plain Frobenius error.
+
+    Forms: ``"dw-pw"`` (depthwise k×k, multiplier m → pointwise), ``"pw-dw-pw"`` (1×1 → depthwise k×k → 1×1
+    from a rank-R CP decomposition, :mod:`fxsurgeon.cp`), or ``"auto"``: per layer the form with the least
+    weight error. With a uniform ``multiplier`` m, forms other than ``dw-pw`` get each layer's MACs of
+    ``dw-pw`` at m and take their largest rank within them (:mod:`fxsurgeon.allotment`); with a budget
+    (``target_macs``/``target_params``), ``auto`` lets every form's ranks compete in the allocation.
 
     Returns:
         A :class:`PassResult`; each rewrite's details carry form, rank (m), parameters before/after and the
@@ -271,7 +296,11 @@ def separable(
         raise SurgeryError(f"separable: include_stem / include_unprofitable must be True or False, got "
                            f"{include_stem!r} / {include_unprofitable!r}")
     _check_options(multiplier, energy, init, kernel_sizes)
-    get_form(form)
+    check_form(form)
+    if energy is not None and form != "dw-pw":
+        raise SurgeryError(f"separable: energy= picks dw-pw's multiplier per layer; it does not apply to form={form!r}")
+    if weighting not in (None, "bn"):
+        raise SurgeryError(f"separable: weighting must be None or 'bn', got {weighting!r}")
     if energy is not None and init == "random":
         raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
     layers = dict(layers or {})
@@ -283,10 +312,48 @@ def separable(
     )
     if include_unprofitable is None:
         include_unprofitable = multiplier == "full"
+    # weighting="bn": decompose importance-scaled copies (unscaled after building); see fxsurgeon.importance
+    work: dict[str, tuple[nn.Conv2d, Any]] = {}
+    if weighting == "bn" and init == "svd":
+        for cand in candidates:
+            scales = bn_channel_scales(gm, cand.aliases, cand.conv)
+            if scales is not None:
+                work[cand.name] = (scaled_conv(cand.conv, scales), scales)
+    budget = kept = None
+    if target_macs is not None or target_params is not None:
+        if multiplier is not None or energy is not None or init != "svd" or latency_aware:
+            raise SurgeryError("separable: target_macs= / target_params= choose each layer's rank themselves: "
+                               "they exclude multiplier=, energy=, latency_aware= and init='random'")
+        from ..allocation import budget_layers
+
+        data_free = calibration is None or allocation == "weight"
+        ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
+        chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
+                                             target_params=target_params, calibration=calibration,
+                                             errors=allocation)
+        layers = {**chosen, **layers}
+        budget = budget.summary()
+        gm.meta.setdefault("fxsurgeon_extras", {})["allocation"] = budget
     rewrites: list[Rewrite] = []
     for cand in candidates:
         conv = cand.conv
-        form_name, rank = _layer_setting(cand, form, multiplier, energy, layers)
+        if kept is not None and cand.name in kept:
+            skipped.append(Skip(cand.name, "kept as it is by the budget allocation: its error costs more than "
+                                "its MACs save elsewhere", details={"module": describe(conv), "form": "original"}))
+            continue
+        decomp, scales = work.get(cand.name, (conv, None))
+        uniform = not any(n in layers for n in cand.aliases) and energy is None
+        allotted = None
+        if uniform and form != "dw-pw":  # a MAC allotment per layer: see fxsurgeon.allotment
+            p_in, p_out, _ = layer_positions(gm, cand.aliases, conv)
+            allotted = allot(decomp, form, multiplier, p_in, p_out, init=init)
+            if allotted is None:
+                skipped.append(Skip(cand.name, f"no rank of {form} fits the MACs of dw-pw at multiplier "
+                                    f"{multiplier or 1}", details={"module": describe(conv), "form": form}))
+                continue
+            form_name, rank = allotted.form, allotted.rank
+        else:
+            form_name, rank = _layer_setting(cand, form, multiplier, energy, layers)
         impl = get_form(form_name)
         before = conv_cost(conv).params
         after = impl.cost(conv, rank).params
@@ -301,7 +368,9 @@ def separable(
             ))
             continue
         try:
-            new, built = impl.build(conv, rank, init=init)
+            new, built = (allotted.module, allotted.details) if allotted else impl.build(decomp, rank, init=init)
+            if scales is not None:
+                unscale_separable(new, scales, conv.bias)
         except SurgeryError as exc:  # e.g. an SVD of meta-device weights: say which layer needed them
             raise SurgeryError(f"separable: layer '{cand.name}' ({describe(conv)}): {exc}") from exc
         timing = None
@@ -318,6 +387,17 @@ def separable(
                    "init": init}
         if timing is not None:
             details["latency"] = timing
+        if scales is not None:
+            details["weighting"] = f"bn ({scales.describe()}); errors are weighted"
+        if allotted is not None and allotted.considered:
+            details["auto"] = allotted.considered
+        p_in, p_out, measured = layer_positions(gm, cand.aliases, conv)
+        details["macs_before"] = conv_cost(conv).macs(p_in, p_out)
+        details["macs_after"] = impl.cost(conv, rank).macs(p_in, p_out)
+        if not measured:
+            details["macs_per"] = "output position (no example_inputs)"
+        if budget is not None and cand.name in budget["layers"]:
+            details["allocation"] = budget["layers"][cand.name]
         if cand.leaf:
             details["inside_leaf_module"] = cand.leaf
         if len(cand.aliases) > 1:

@@ -1,0 +1,260 @@
+"""fxsurgeon's separable forms vs TensorLy-Torch's CP factorisation at equal MACs, on the trained ResNet-20.
+
+Run: .venv/bin/python benchmarks/peer_factorizations.py [--targets 0.60 0.45] [--seeds 0 1 2]
+                                                        [--no-peer] [--no-calibration] [--json PATH]
+
+Every 3×3 conv but the stem is rewritten (18 layers), at the same whole-model MAC ratio for every method:
+
+* TensorLy-Torch ``FactorizedConv.from_conv(conv, rank=ρ, factorization="cp", implementation=...)``, for
+  ``"mobilenet"`` (1×1 → depthwise k×k → CP-weight multiply → 1×1) and ``"factorized"`` (1×1 → k×1 → 1×k →
+  multiply → 1×1), with one rank ratio ρ for every layer as ``rank=float`` does, the largest ρ whose model
+  meets the target; seeds 0–2 (its ALS start draws random columns when R exceeds a mode's size).
+* fxsurgeon ``dw-pw``, ``pw-dw-pw`` and ``auto``: ranks from the budget allocation (``target_macs=``), and
+  ``pw-dw-pw`` with one uniform cost ratio per layer (ranks chosen here, like the peer's ρ), data-free;
+  then ``auto`` with ``calibration=`` on x[0::2] (refit of the last 1×1 convs, BN statistics re-estimated).
+
+MACs are fvcore's (one multiply-add = one "flop"), plus every elementwise ``aten::mul`` output element (the
+peer's CP-weight multiply; fxsurgeon folds those weights, so it has none). Accuracy is on x[1::2] (5,000
+JPEG test images, original 81.06 %); calibration sees x[0::2] only. Conversion time is wall time of the
+whole conversion; CPU latency is the median of ``fxsurgeon.benchmark`` at batch 1 and 64, on however many
+threads torch uses here (a shared machine makes these noisy: compare within one run). The JSON has every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fxsurgeon
+from fxsurgeon.cp import clear_cache
+from fxsurgeon.forms import get_form
+from fxsurgeon.models import load_cifar10_test, load_resnet20
+
+warnings.filterwarnings("ignore")
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    """fvcore MACs plus one per element of every elementwise multiply (the peer's CP-weight scaling)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    def mul(inputs, outputs):
+        out = outputs[0].type()
+        return math.prod(out.sizes()) if out.sizes() else 0
+
+    fa = FlopCountAnalysis(model.eval(), x).set_op_handle("aten::mul", mul).set_op_handle("aten::mul_", mul)
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    return int(fa.total())
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), 500):
+            correct += int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
+    return 100.0 * correct / len(x)
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    res = fxsurgeon.benchmark(model, x[:1], device="cpu", batch_sizes=[1, 64], warmup=5, iters=30)
+    return {f"b{b}": res.row(b).latency_ms_median for b in (1, 64)}
+
+
+def spatial_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 3 and m.groups == 1]
+
+
+def positions(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    seen: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str):
+        def record(mod, args, out) -> None:
+            seen.setdefault(name, (args[0].shape[2] * args[0].shape[3], out.shape[2] * out.shape[3]))
+        return record
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in spatial_convs(model)]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+# ------------------------------------------------------------------------------------------------ the peer
+
+
+def peer_model(base: nn.Module, ratio: float, implementation: str, decompose: bool) -> nn.Module:
+    from tltorch import FactorizedConv
+
+    model = copy.deepcopy(base)
+    for name, conv in spatial_convs(model):
+        _set(model, name, FactorizedConv.from_conv(conv, rank=ratio, factorization="cp",
+                                                   implementation=implementation, decompose_weights=decompose))
+    return model.eval()
+
+
+def peer_ratio(base: nn.Module, x: torch.Tensor, target: float, implementation: str, total: int) -> float:
+    """The largest uniform rank ratio ρ whose model stays within ``target`` of the original's MACs."""
+    lo, hi = 0.01, 1.5
+    for _ in range(18):
+        mid = (lo + hi) / 2
+        if macs(peer_model(base, mid, implementation, decompose=False), x) <= target * total:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def seeded(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------- fxsurgeon
+
+
+def uniform_cp_layers(base: nn.Module, x: torch.Tensor, target: float, total: int) -> dict[str, dict]:
+    """pw-dw-pw at one cost ratio c per layer (rank = ⌊c · layer MACs / MACs per rank⌋), c as large as fits."""
+    form = get_form("pw-dw-pw")
+    pos = positions(base, x)
+    convs = spatial_convs(base)
+
+    def plan(c: float) -> dict[str, dict]:
+        out = {}
+        for name, conv in convs:
+            p_in, p_out = pos[name]
+            per_rank = form.cost(conv, 1).macs(p_in, p_out)
+            orig = conv.weight[0].numel() * conv.out_channels * p_out
+            out[name] = {"form": "pw-dw-pw", "rank": max(1, int(c * orig / per_rank))}
+        return out
+
+    def model_macs(c: float) -> int:
+        rest = total - sum(conv.weight.numel() * pos[n][1] for n, conv in convs)
+        return rest + sum(form.cost(conv, plan(c)[n]["rank"]).macs(*pos[n]) for n, conv in convs)
+
+    lo, hi = 0.01, 1.5
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if model_macs(mid) <= target * total:
+            lo = mid
+        else:
+            hi = mid
+    return plan(lo)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.60, 0.45])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
+    args = ap.parse_args()
+
+    base = load_resnet20()
+    x_eval, y_eval = load_cifar10_test(split="eval")
+    x_cal, _ = load_cifar10_test(split="calib")
+    probe = x_eval[:1]
+    total = macs(base, probe)
+    rows: list[dict] = []
+
+    def record(method: str, target: float | None, model: nn.Module, seconds: float, **extra) -> None:
+        row = {"method": method, "target": target, "mac_ratio": macs(model, probe) / total,
+               "accuracy": accuracy(model, x_eval, y_eval), "convert_s": seconds, **extra}
+        if not args.no_latency:
+            row["cpu_latency_ms"] = latency_ms(model, x_eval)
+        rows.append(row)
+        lat = row.get("cpu_latency_ms", {})
+        print(f"{method:58s} target {target if target is not None else '-':>5} MACs {row['mac_ratio']:.4f} "
+              f"acc {row['accuracy']:6.2f} %  convert {seconds:6.1f} s  "
+              f"latency b1 {lat.get('b1', float('nan')):.2f} ms b64 {lat.get('b64', float('nan')):.1f} ms",
+              flush=True)
+
+    record("original", None, base, 0.0)
+    for target in args.targets:
+        fx_runs = [
+            ("fxsurgeon dw-pw, target_macs", dict(form="dw-pw", target_macs=target), None),
+            ("fxsurgeon pw-dw-pw, uniform cost ratio", dict(form="pw-dw-pw", layers=uniform_cp_layers(
+                base, probe, target, total)), None),
+            ("fxsurgeon pw-dw-pw, target_macs", dict(form="pw-dw-pw", target_macs=target), None),
+            ("fxsurgeon auto, target_macs", dict(form="auto", target_macs=target), None),
+            ("fxsurgeon auto, target_macs, weighting=bn", dict(form="auto", target_macs=target, weighting="bn"),
+             None),
+        ]
+        if not args.no_calibration:
+            fx_runs += [
+                ("fxsurgeon dw-pw, target_macs + calibration", dict(form="dw-pw", target_macs=target,
+                                                                    allocation="weight"), x_cal),
+                ("fxsurgeon auto, target_macs, weighting=bn + calibration",
+                 dict(form="auto", target_macs=target, weighting="bn", allocation="weight"), x_cal),
+            ]
+        for method, opts, cal in fx_runs:
+            clear_cache()  # time every conversion from scratch (rows share layers and decompositions)
+            t = time.perf_counter()
+            kw = {"calibration": cal} if cal is not None else {}
+            model = fxsurgeon.convert(base, separable=opts, conv_head=False, example_inputs=probe, **kw)
+            seconds = time.perf_counter() - t
+            rec = fxsurgeon.get_record(model)
+            layers = {r.target: {"form": r.details.get("form"), "rank": r.details.get("rank"),
+                                 "relative_error": r.details.get("relative_error"),
+                                 "macs_after": r.details.get("macs_after")}
+                      for r in rec.rewrites if r.pass_name == "separable"}
+            extra = {"layers": layers, "seconds": dict(rec.seconds)}
+            if method == "fxsurgeon auto, target_macs, weighting=bn":
+                clear_cache()
+                again = fxsurgeon.convert(base, separable=opts, conv_head=False, example_inputs=probe)
+                a, b = model.state_dict(), again.state_dict()
+                extra["bit_identical_rerun"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            record(method, target, model, seconds, **extra)
+        if args.no_peer:
+            continue
+        for impl in ("mobilenet", "factorized"):
+            ratio = peer_ratio(base, probe, target, impl, total)
+            for seed in args.seeds:
+                seeded(seed)
+                t = time.perf_counter()
+                model = peer_model(base, ratio, impl, decompose=True)
+                seconds = time.perf_counter() - t
+                record(f"TensorLy-Torch CP {impl}, seed {seed}", target, model, seconds, rank_ratio=ratio)
+
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "original_macs": total, "rows": rows}, indent=1))
+    print(f"\nwrote {path}")
+    print("\n| method | target | MACs (fvcore + mul) | accuracy x[1::2] | convert (s) | CPU latency b1 / b64 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        lat = r.get("cpu_latency_ms", {})
+        print(f"| {r['method']} | {r['target'] if r['target'] is not None else '—'} | {r['mac_ratio']:.3f}× | "
+              f"{r['accuracy']:.2f} % | {r['convert_s']:.1f} | {lat.get('b1', float('nan')):.2f} / "
+              f"{lat.get('b64', float('nan')):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1312 @@
+"""Data-aware calibration: refit converted layers on real activations so the model keeps what it learned.
+
+A data-free rewrite (e.g. a separable conv from a truncated SVD) is the best approximation of the *weight*;
+what matters is the layer's *output* on the data the model sees, and the error that earlier approximations
+pass down. :func:`calibrate` walks the converted layers in network order and, for each, refits its final
+linear map (the pointwise 1×1 conv of a :class:`~fxsurgeon.modules.SeparableConv2d`) by regularised least
+squares:
+
+    W = argmin ||Z W − Y||² + λ ||W − W₀||²,   λ = ridge · tr(ZᵀZ) / d
+
+where Z are the layer's inputs *in the converted model so far* (so each refit also corrects the error that
+reaches it from the layers before) and Y the outputs of the original layer *in the original model*. The
+shrinkage is towards the data-free weights W₀, so with little data the refit stays near them. Only
+sufficient statistics (ZᵀZ, ZᵀY, YᵀY) are kept, so memory does not grow with the amount of data. Then the
+BatchNorm statistics downstream of the rewrites are re-estimated on the converted model when that lowers
+the model's output error on the calibration data (``bn="auto"``).
+
+Which layer to refit against which reference comes from the record: by default, the rewrite's target in the
+original model is the reference and the last child of the replacement, when it is a 1×1 conv or a Linear, is
+refit (``rewrite.details["refit"]``, a list of ``{"layer": ..., "reference": ...}``, overrides that for
+rewrites of other shapes). The separable pass's rewrites need nothing more; passes that change the graph can
+say what to refit there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = [
+    "CalibrationReport",
+    "LayerRefit",
+    "RefitSpec",
+    "annotate_record",
+    "as_batches",
+    "calibrate",
+    "measure_choices",
+    "output_error",
+    "reestimate_batchnorm",
+    "refit_specs",
+    "ridge_refit",
+]
+
+#: default ridge: λ as a fraction of the mean eigenvalue of ZᵀZ. Small enough to leave a well-determined
+#: fit alone, large enough to keep an under-determined one (few samples, dead channels) near W₀.
+DEFAULT_RIDGE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure maths
+
+
+def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve ``argmin_W ||Z W − Y||² + λ||W − W₀||²`` from ``gram = ZᵀZ`` (d×d) and ``cross = ZᵀY`` (d×c).
+
+    ``λ = ridge · tr(ZᵀZ) / d``; ``ridge=0`` is plain least squares (pseudo-inverse when singular).
+
+    >>> z = torch.randn(100, 3, dtype=torch.float64); w = torch.randn(3, 2, dtype=torch.float64)
+    >>> torch.allclose(ridge_refit(z.T @ z, z.T @ (z @ w), torch.zeros(3, 2, dtype=torch.float64), 0.0), w)
+    True
+    """
+    d = gram.shape[0]
+    lam = ridge * float(torch.diagonal(gram).sum()) / max(d, 1)
+    a = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
+    b = cross + lam * w0
+    if lam > 0:
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
+
+
+def residual(gram: torch.Tensor, cross: torch.Tensor, yy: float, w: torch.Tensor) -> float:
+    """``||Z W − Y||²`` from the sufficient statistics (clamped at 0 against rounding)."""
+    return max(yy - 2.0 * float((w * cross).sum()) + float((w * (gram @ w)).sum()), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+def as_batches(calibration: Any) -> list[tuple]:
+    """Calibration data → a list of batches, each a tuple of positional inputs.
+
+    A tensor is one batch; otherwise an iterable whose items are tensors or tuples/lists of positional
+    inputs (a ``DataLoader`` yielding ``(images, labels)`` must be mapped to the images first).
+
+    >>> [b[0].shape for b in as_batches(torch.zeros(4, 3))]
+    [torch.Size([4, 3])]
+    """
+    if calibration is None:
+        raise SurgeryError("calibration data is None")
+    if isinstance(calibration, torch.Tensor):
+        return [(calibration,)]
+    if isinstance(calibration, (str, bytes, dict)) or not isinstance(calibration, Iterable):
+        raise SurgeryError(
+            f"calibration= takes a tensor (one batch) or an iterable of batches, got {type(calibration).__name__}"
+        )
+    out = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, torch.Tensor):
+            out.append((item,))
+        elif isinstance(item, (tuple, list)) and item:
+            out.append(tuple(item))
+        else:
+            raise SurgeryError(
+                f"calibration batch {i} is a {type(item).__name__}; each batch must be a tensor or a tuple of "
+                "positional inputs"
+            )
+    if not out:
+        raise SurgeryError("calibration data is empty")
+    return out
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def _to(batch: tuple, device: torch.device | None) -> tuple:
+    if device is None or device.type == "meta":
+        return batch
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch)
+
+
+def _forward(model: nn.Module, batch: tuple, what: str) -> Any:
+    try:
+        return model(*batch)
+    except _Stop:
+        raise
+    except Exception as exc:
+        hint = ""
+        if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point():
+            hint = " The batch looks like (inputs, labels): pass the inputs only, e.g. (x for x, _ in loader)."
+        raise SurgeryError(f"calibration: {what} failed on a calibration batch: {type(exc).__name__}: {exc}.{hint}") from exc
+
+
+def output_error(model: nn.Module, reference: nn.Module, batches: Sequence[tuple]) -> float:
+    """Relative L2 error ``||f(x) − g(x)|| / ||g(x)||`` of ``model`` against ``reference`` over all batches."""
+    from torch.utils._pytree import tree_flatten
+
+    dev = _device_of(model)
+    d2 = r2 = 0.0
+    with torch.no_grad():
+        for b in batches:
+            b = _to(b, dev)
+            out, _ = tree_flatten(_forward(model, b, "the converted model"))
+            ref, _ = tree_flatten(_forward(reference, b, "the original model"))
+            for o, r in zip(out, ref):
+                if isinstance(r, torch.Tensor) and r.is_floating_point():
+                    d2 += float((o.double() - r.double()).pow(2).sum())
+                    r2 += float(r.double().pow(2).sum())
+    return math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what to refit
+
+
+@dataclass(frozen=True)
+class RefitSpec:
+    """Refit ``layer`` (in the converted model) so its output matches ``reference``'s (in the original).
+
+    Attributes:
+        target: the rewrite this belongs to (its record target).
+        layer: qualified name in the converted model of a groups=1 ``Conv2d`` or a ``Linear`` (``kind``
+            ``"linear"``), or of a :class:`~fxsurgeon.modules.SeparableConv2d` (``kind="separable"``: its
+            depthwise and last pointwise weights are refit together).
+        reference: qualified name of the module in the original model whose output ``layer`` reproduces.
+        kind: ``"linear"`` or ``"separable"``.
+    """
+
+    target: str
+    layer: str
+    reference: str
+    kind: str = "linear"
+
+
+@dataclass
+class LayerRefit:
+    """What calibration did to one layer (errors are relative L2 on the calibration data)."""
+
+    target: str
+    layer: str
+    reference: str
+    error_before: float | None = None
+    error_after: float | None = None
+    samples: int = 0
+    refit: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationReport:
+    """The calibration's effect, kept at ``record.extras["calibration"]``.
+
+    Attributes:
+        layers: one :class:`LayerRefit` per refit (or skipped) layer, in network order.
+        output_error_before / output_error_after: relative L2 error of the model's outputs against the
+            original on the calibration data, before and after calibration.
+        batchnorm: what happened to BatchNorm statistics (``{"modules": n, "kept": bool, ...}``).
+        batches / samples / seconds: how much data, and how long.
+    """
+
+    layers: list[LayerRefit] = field(default_factory=list)
+    output_error_before: float | None = None
+    output_error_after: float | None = None
+    batchnorm: dict[str, Any] = field(default_factory=dict)
+    batches: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    mode: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [x.to_dict() for x in self.layers]
+        return d
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Explicit (ph, pw) zero padding of a conv, or None when unfold cannot express it."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):  # "same": symmetric only for an even total
+            if d * (k - 1) % 2:
+                return None
+            pads.append(d * (k - 1) // 2)
+        return (pads[0], pads[1])
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+def _is_refittable(mod: nn.Module) -> bool:
+    """A layer linear in its weights whose inputs can be laid out as rows: Linear, or a groups=1 Conv2d."""
+    if isinstance(mod, nn.Linear):
+        return type(mod).forward is nn.Linear.forward
+    if not isinstance(mod, nn.Conv2d) or mod.groups != 1 or type(mod).forward is not nn.Conv2d.forward:
+        return False
+    if type(mod)._conv_forward is not nn.Conv2d._conv_forward:
+        return False
+    pad = _conv_padding(mod)
+    return pad is not None and (mod.padding_mode == "zeros" or pad == (0, 0))
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def refit_specs(converted: nn.Module, reference: nn.Module, rewrites: Iterable[Any]) -> tuple[list[RefitSpec], list[LayerRefit]]:
+    """Which layer of each rewrite to refit against which original module; the others with the reason.
+
+    A rewrite may say it explicitly with ``details["refit"] = [{"layer": ..., "reference": ...}, ...]``;
+    otherwise its target must name a module in both models, and the converted one must be a refittable
+    linear layer or end with one (its last child, as :class:`~fxsurgeon.modules.SeparableConv2d` does).
+    """
+    specs: list[RefitSpec] = []
+    skipped: list[LayerRefit] = []
+    seen: set[str] = set()
+    for rw in rewrites:
+        target = rw.target
+        details = rw.details if isinstance(getattr(rw, "details", None), dict) else {}
+        explicit = details.get("refit")
+        consumers = list(details.get("consumers") or []) + [
+            c for site in details.get("sites") or [] if isinstance(site, dict) for c in site.get("consumers") or []
+        ]
+        pairs: list[tuple[str, str]] = []
+        if getattr(rw, "exact", False):
+            skipped.append(LayerRefit(target, "", target, reason="exact rewrite: nothing to refit"))
+            continue
+        if explicit:
+            pairs = [(str(p["layer"]), str(p["reference"])) for p in explicit]
+        elif not _has_module(converted, target) and consumers:
+            # a rewrite of a graph site (e.g. a channel-reducing concat fusion): the layers it narrowed must
+            # reproduce what the same-named layers computed in the original
+            pairs = [(c, c) for c in dict.fromkeys(consumers)]
+        else:
+            if not _has_module(converted, target) or not _has_module(reference, target):
+                skipped.append(LayerRefit(target, "", target, reason="no module of that name in both models"))
+                continue
+            mod = converted.get_submodule(target)
+            if separable_refittable(mod) and _has_module(reference, target):
+                specs.append(RefitSpec(target, target, target, kind="separable"))
+                seen.add(target)
+                continue
+            if _is_refittable(mod):
+                pairs = [(target, target)]
+            elif isinstance(mod, nn.Sequential) and len(mod) and _is_refittable(mod[-1]):
+                last = list(mod._modules)[-1]
+                pairs = [(f"{target}.{last}", target)]
+            else:
+                skipped.append(LayerRefit(target, "", target, reason=f"{type(mod).__name__} does not end with a "
+                                          "conv or Linear to refit"))
+                continue
+        for layer, ref in pairs:
+            if layer in seen:
+                continue
+            seen.add(layer)
+            if not _has_module(converted, layer) or not _is_refittable(converted.get_submodule(layer)):
+                skipped.append(LayerRefit(target, layer, ref, reason="not a plain groups=1 conv or Linear in the "
+                                          "converted model"))
+            elif not _has_module(reference, ref):
+                skipped.append(LayerRefit(target, layer, ref, reason="reference module not in the original model"))
+            else:
+                specs.append(RefitSpec(target, layer, ref))
+    return specs, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# least-squares statistics of one layer
+
+
+def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
+    """Activations → (samples, features): channels last for a conv's output, last axis for a Linear."""
+    t = t.detach()
+    if not linear:
+        t = t.movedim(1, -1)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _input_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A layer's input → (samples, weight columns): im2col patches for a k×k conv (the weight's layout)."""
+    if isinstance(layer, nn.Linear):
+        return _rows(x, True)
+    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and _conv_padding(layer) == (0, 0):
+        return _rows(x, False)
+    cols = torch.nn.functional.unfold(x.detach(), layer.kernel_size, dilation=layer.dilation,
+                                      padding=_conv_padding(layer), stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+#: rows × columns handled at once when accumulating (bounds the memory of unfolded k×k inputs)
+_ADD_MAX_ELEMENTS = 2**25
+
+
+def rows_cap(columns: int) -> int:
+    """Sample positions (rows) a least-squares fit with ``columns`` unknowns per output keeps at most.
+
+    A few hundred rows per unknown pin the Gram matrix down; beyond that more rows only cost time (an
+    early, high-resolution layer sees millions of positions), so a uniform random subset is used.
+    """
+    return max(2**17, 256 * columns)
+
+
+class _RowSampler:
+    """Keeps a seeded uniform random fraction of the rows, decided from the first batch and the data size."""
+
+    def __init__(self, samples: int | None, columns: int) -> None:
+        self.samples = samples
+        self.columns = columns
+        self.fraction: float | None = None if samples else 1.0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fraction is None:
+            per_sample = z.shape[0] / max(batch, 1)
+            self.fraction = min(1.0, rows_cap(self.columns) / max(per_sample * self.samples, 1.0))
+        if self.fraction >= 1.0:
+            return z, t
+        k = max(1, round(z.shape[0] * self.fraction))
+        idx = torch.randperm(z.shape[0], generator=self.gen)[:k].to(z.device)
+        return z[idx], t[idx]
+
+
+class _Accumulator:
+    """ZᵀZ, ZᵀY and ||Y||² of one refit layer, fed batch by batch, then the refit itself."""
+
+    def __init__(self, spec: RefitSpec, layer: nn.Module, samples: int | None = None) -> None:
+        self.spec = spec
+        self.layer = layer
+        self.linear = isinstance(layer, nn.Linear)
+        self.has_bias = layer.bias is not None
+        w = layer.weight.detach()
+        w0 = w.reshape(w.shape[0], -1).T.double()  # (d, c)
+        if self.has_bias:
+            w0 = torch.cat([w0, layer.bias.detach().double().unsqueeze(0)])
+        self.w0 = w0
+        d, c = w0.shape
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=w0.device)
+        self.cross = torch.zeros(d, c, dtype=torch.float64, device=w0.device)
+        self.yy = 0.0
+        self.n = 0
+        self.sample = _RowSampler(samples, d)
+        self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Add one call's layer input ``x`` and target ``y``; False (with the reason) when they do not fit."""
+        # k×k convs unfold into C·k² columns per position: go through the batch in slices to bound memory
+        cols = self.w0.shape[0] * (1 if self.linear else max(1, x[0].numel() // max(x.shape[1], 1)))
+        step = max(1, _ADD_MAX_ELEMENTS // max(cols, 1)) if x.dim() > 1 and x.shape[0] > 1 else max(x.shape[0], 1)
+        if x.dim() > 1 and x.shape[0] > step and y.shape[0] == x.shape[0]:
+            return all(self.add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+        z, t = _input_rows(x, self.layer), _rows(y, self.linear)
+        if t.shape[0] != z.shape[0] or t.shape[1] != self.w0.shape[1] or z.shape[1] + self.has_bias != self.w0.shape[0]:
+            self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the layer's input "
+                                f"{tuple(x.shape)}")
+            return False
+        # float32 products per batch are accurate enough for the Gram matrix; the running sums are float64
+        prec = torch.float64 if z.dtype == torch.float64 else torch.float32
+        z, t = self.sample(z.to(prec), t.to(prec), x.shape[0] if x.dim() > 1 else 1)
+        if self.has_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        self.gram += (z.T @ z).double()
+        self.cross += (z.T @ t).double()
+        self.yy += float(t.double().pow(2).sum())
+        self.n += z.shape[0]
+        return True
+
+    def finish(self, ridge: float) -> LayerRefit:
+        """Solve, and write the weights when the error on the calibration data falls."""
+        info = self.info
+        info.samples = self.n
+        if info.reason:
+            return info
+        if self.yy <= 0:
+            info.reason = "the original layer's output is zero on the calibration data"
+            return info
+        before = residual(self.gram, self.cross, self.yy, self.w0)
+        w = ridge_refit(self.gram, self.cross, self.w0, ridge)
+        after = residual(self.gram, self.cross, self.yy, w)
+        info.error_before = math.sqrt(before / self.yy)
+        if not math.isfinite(after) or after >= before or not torch.isfinite(w).all():
+            info.error_after = info.error_before
+            info.reason = "the refit did not lower the error; weights kept"
+            return info
+        info.error_after = math.sqrt(after / self.yy)
+        layer = self.layer
+        with torch.no_grad():
+            core = w[:-1] if self.has_bias else w
+            layer.weight.copy_(core.T.reshape(layer.weight.shape).to(layer.weight.dtype))
+            if self.has_bias:
+                layer.bias.copy_(w[-1].to(layer.bias.dtype))
+        info.refit = True
+        return info
+
+
+#: largest im2col width (C_in·k²) and depthwise unknowns (C_dw·k²) the joint separable refit handles;
+#: wider layers refit their pointwise conv only (the Gram matrices grow with the square of these)
+SEPARABLE_MAX_COLUMNS = 4608
+#: alternations of the depthwise and pointwise least-squares steps
+SEPARABLE_ITERATIONS = 4
+
+
+def _plain_conv(conv: Any) -> bool:
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+            and type(conv)._conv_forward is nn.Conv2d._conv_forward)
+
+
+def separable_refittable(module: nn.Module) -> bool:
+    """A :class:`~fxsurgeon.modules.SeparableConv2d` whose depthwise and pointwise weights can be refit jointly.
+
+    Its convs must be plain, the depthwise one zero-padded (so its input patches are an ``unfold``), the
+    1×1 convs unstrided and bias-free before the depthwise, and the input patches narrow enough
+    (:data:`SEPARABLE_MAX_COLUMNS`). Others refit only their last pointwise conv.
+    """
+    from .modules import SeparableConv2d
+
+    if not isinstance(module, SeparableConv2d):
+        return False
+    dw, pw = module.depthwise, module.pointwise
+    red = getattr(module, "reduce", None) if "reduce" in module._modules else None
+    if not (_plain_conv(dw) and _plain_conv(pw) and _is_refittable(pw) and pw.kernel_size == (1, 1)):
+        return False
+    if dw.padding_mode != "zeros" or _conv_padding(dw) is None or dw.groups != dw.in_channels:
+        return False
+    if red is not None and not (_plain_conv(red) and red.kernel_size == (1, 1) and red.stride == (1, 1)
+                                and _conv_padding(red) == (0, 0) and red.bias is None and red.groups == 1):
+        return False
+    if dw.bias is not None or pw.stride != (1, 1) or _conv_padding(pw) != (0, 0):
+        return False
+    c_in = red.in_channels if red is not None else dw.in_channels
+    k2 = dw.kernel_size[0] * dw.kernel_size[1]
+    return c_in * k2 <= SEPARABLE_MAX_COLUMNS
+
+
+class _SeparableAccumulator:
+    """Refit a SeparableConv2d's depthwise and last pointwise weights from statistics of its *input* patches.
+
+    With P = the im2col patches of the block's input (over the depthwise conv's window, stride, padding and
+    dilation), the block computes ``y = W · B(D) · T · p`` (+ bias): T the first 1×1 conv expanded over the
+    window (identity for depthwise → pointwise), B(D) the block-diagonal depthwise filters, W the pointwise
+    weights. ``G = Σ p pᵀ`` and ``C = Σ p yᵀ`` determine the squared error of every (D, W), so the pointwise
+    step (least squares in W for fixed D) and the depthwise step (least squares in D for fixed W, whose
+    normal matrix is ``(W Wᵀ) ∘ G`` in depthwise-filter coordinates) alternate on them without another pass
+    over the data. Both steps shrink towards the data-free weights; the best (D, W) seen is kept.
+    """
+
+    def __init__(self, spec: RefitSpec, module: nn.Module, samples: int | None = None,
+                 iterations: int | None = None) -> None:
+        self.spec = spec
+        self.module = module
+        self.iterations = SEPARABLE_ITERATIONS if iterations is None else iterations
+        self.dw, self.pw = module.depthwise, module.pointwise
+        self.red = module.reduce if "reduce" in module._modules else None
+        self.has_bias = self.pw.bias is not None
+        c_in = self.red.in_channels if self.red is not None else self.dw.in_channels
+        self.k2 = self.dw.kernel_size[0] * self.dw.kernel_size[1]
+        d = c_in * self.k2 + self.has_bias
+        dev = self.dw.weight.device
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        self.cross = torch.zeros(d, self.pw.out_channels, dtype=torch.float64, device=dev)
+        self.yy = 0.0
+        self.n = 0
+        self.sample = _RowSampler(samples, d)
+        self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        dw = self.dw
+        per_sample = self.gram.shape[0] * max(1, y[0].numel() // max(y.shape[1], 1)) if y.dim() > 1 else 1
+        step = max(1, _ADD_MAX_ELEMENTS // max(per_sample, 1))
+        if x.shape[0] > step and y.shape[0] == x.shape[0]:
+            return all(self.add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+        prec = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cols = torch.nn.functional.unfold(x.detach().to(prec), dw.kernel_size, dilation=dw.dilation,
+                                          padding=_conv_padding(dw), stride=dw.stride)
+        z = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        t = _rows(y, False).to(prec)
+        if t.shape[0] != z.shape[0] or t.shape[1] != self.cross.shape[1]:
+            self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the block's input "
+                                f"{tuple(x.shape)}")
+            return False
+        z, t = self.sample(z, t, x.shape[0])
+        if self.has_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        self.gram += (z.T @ z).double()
+        self.cross += (z.T @ t).double()
+        self.yy += float(t.double().pow(2).sum())
+        self.n += z.shape[0]
+        return True
+
+    def finish(self, ridge: float) -> LayerRefit:
+        info = self.info
+        info.samples = self.n
+        if info.reason:
+            return info
+        if self.yy <= 0:
+            info.reason = "the original layer's output is zero on the calibration data"
+            return info
+        dw, pw, k2 = self.dw, self.pw, self.k2
+        dev = self.gram.device
+        # patches of the depthwise conv's input: T p (the first 1×1 conv acts on each window tap alike)
+        if self.red is not None:
+            t = torch.kron(self.red.weight.detach().double().reshape(self.red.out_channels, -1),
+                           torch.eye(k2, dtype=torch.float64, device=dev))
+            if self.has_bias:
+                t = torch.block_diag(t, torch.ones(1, 1, dtype=torch.float64, device=dev))
+            gq, cq = t @ self.gram @ t.T, t @ self.cross
+        else:
+            gq, cq = self.gram, self.cross
+        c_dw = dw.out_channels
+        mult = c_dw // dw.in_channels
+        src = torch.arange(c_dw, device=dev) // mult  # the input channel each depthwise filter reads
+        idx = (src[:, None] * k2 + torch.arange(k2, device=dev)).reshape(-1)  # (filter, tap) → patch column
+        d0 = dw.weight.detach().double().reshape(c_dw, k2)
+        w0 = pw.weight.detach().double().reshape(pw.out_channels, c_dw).T
+        if self.has_bias:
+            w0 = torch.cat([w0, pw.bias.detach().double().unsqueeze(0)])
+
+        def expand(d: torch.Tensor) -> torch.Tensor:
+            """B(D) as a (C_dw [+1], patch columns [+1]) matrix."""
+            b = torch.zeros(c_dw, gq.shape[0] - self.has_bias, dtype=torch.float64, device=dev)
+            b.scatter_(1, idx.reshape(c_dw, k2), d)
+            if self.has_bias:
+                b = torch.block_diag(b, torch.ones(1, 1, dtype=torch.float64, device=dev))
+            return b
+
+        def pointwise_step(d: torch.Tensor) -> tuple[torch.Tensor, float]:
+            b = expand(d)
+            gz, cz = b @ gq @ b.T, b @ cq
+            w = ridge_refit(gz, cz, w0, ridge)
+            return w, residual(gz, cz, self.yy, w)
+
+        def error(d: torch.Tensor, w: torch.Tensor) -> float:
+            b = expand(d)
+            return residual(b @ gq @ b.T, b @ cq, self.yy, w)
+
+        def depthwise_step(w: torch.Tensor) -> torch.Tensor:
+            p = w[:c_dw]  # (C_dw, C_out)
+            g = gq[:gq.shape[0] - self.has_bias, :gq.shape[0] - self.has_bias]
+            c = cq[:g.shape[0]]
+            if self.has_bias:  # the bias is fixed in this step: fit y − bias
+                c = c - torch.outer(gq[:g.shape[0], -1], w[c_dw])
+            h = g[idx][:, idx] * torch.kron(p @ p.T, torch.ones(k2, k2, dtype=torch.float64, device=dev))
+            rhs = ((c @ p.T)[idx.reshape(c_dw, k2), torch.arange(c_dw, device=dev)[:, None]]).reshape(-1)
+            sol = ridge_refit(h, rhs[:, None], d0.reshape(-1, 1), ridge)
+            return sol.reshape(c_dw, k2)
+
+        before = error(d0, w0)
+        best = (before, d0, w0)
+        joint = c_dw * k2 <= SEPARABLE_MAX_COLUMNS
+        d = d0
+        w, err = pointwise_step(d)
+        if err < best[0]:
+            best = (err, d, w)
+        for _ in range(self.iterations if joint else 0):
+            d = depthwise_step(w)
+            w, err = pointwise_step(d)
+            if not math.isfinite(err) or not torch.isfinite(d).all() or not torch.isfinite(w).all():
+                break
+            if err < best[0]:
+                best = (err, d, w)
+        after, d, w = best
+        info.error_before = math.sqrt(before / self.yy)
+        if not after < before:
+            info.error_after = info.error_before
+            info.reason = "the refit did not lower the error; weights kept"
+            return info
+        info.error_after = math.sqrt(after / self.yy)
+        with torch.no_grad():
+            dw.weight.copy_(d.reshape(dw.weight.shape).to(dw.weight.dtype))
+            core = w[:-1] if self.has_bias else w
+            pw.weight.copy_(core.T.reshape(pw.weight.shape).to(pw.weight.dtype))
+            if self.has_bias:
+                pw.bias.copy_(w[-1].to(pw.bias.dtype))
+        info.refit = True
+        return info
+
+
+def _accumulator(spec: RefitSpec, module: nn.Module, samples: int | None = None) -> Any:
+    if spec.kind == "separable":
+        return _SeparableAccumulator(spec, module, samples)
+    return _Accumulator(spec, module, samples)
+
+
+class _BNStats:
+    """Exact per-channel mean and variance of a BatchNorm's input over all the calibration data."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        self.bn = bn
+        self.s = self.s2 = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        dims = [d for d in range(x.dim()) if d != 1]
+        x = x.detach().double()
+        s, s2 = x.sum(dims), x.pow(2).sum(dims)
+        self.s = s if self.s is None else self.s + s
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += x.numel() // x.shape[1]
+
+    def finish(self) -> None:
+        if self.n < 2:
+            return
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean.pow(2)).clamp_min(0) * (self.n / (self.n - 1))  # unbiased, as PyTorch
+        with torch.no_grad():
+            self.bn.running_mean.copy_(mean.to(self.bn.running_mean.dtype))
+            self.bn.running_var.copy_(var.to(self.bn.running_var.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# collection
+
+
+class _Stop(Exception):
+    """Raised by a hook once everything needed from this forward is captured: the rest is not run."""
+
+
+class _Capture:
+    """A hook on one module recording its first input (pre-hook) or output per call, stopping when done."""
+
+    def __init__(self, module: nn.Module, *, inputs: bool, stop_after: int | None) -> None:
+        self.stop_after = stop_after
+        self.items: list[torch.Tensor] = []
+        if inputs:
+            self.handle = module.register_forward_pre_hook(lambda mod, args: self._add(mod, args[0] if args else None))
+        else:
+            self.handle = module.register_forward_hook(lambda mod, args, out: self._add(mod, out))
+
+    def _add(self, mod: nn.Module, t: Any) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise SurgeryError(f"calibration: {type(mod).__name__} takes or returns {type(t).__name__}, not a tensor")
+        self.items.append(t.detach())
+        if self.stop_after is not None and len(self.items) >= self.stop_after:
+            raise _Stop
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _capture(module: nn.Module, fn: Any, *, inputs: bool, stop_after: int | None) -> list[torch.Tensor]:
+    """Run ``fn()`` with a capture hook on ``module``; what it saw, per call."""
+    cap = _Capture(module, inputs=inputs, stop_after=stop_after)
+    try:
+        fn()
+    except _Stop:
+        pass
+    finally:
+        cap.remove()
+    return cap.items
+
+
+def _call_order(model: nn.Module, batch: tuple, names: Sequence[str]) -> list[str]:
+    """``names`` sorted by when ``model`` first calls them (network order), uncalled ones last."""
+    order: dict[str, int] = {}
+    handles = []
+    for n in names:
+        def hook(mod, args, n=n):
+            order.setdefault(n, len(order))
+        handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            _forward(model, batch, "the converted model")
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(names, key=lambda n: order.get(n, len(names) + 1))
+
+
+class _Stepper:
+    """Runs a GraphModule node by node over *all* batches at once ("frontier" execution).
+
+    Only live values are kept (fx's last-use analysis), so memory is the widest cut of the graph times
+    the amount of data, and each node runs once per batch: refitting a layer needs no re-run of the
+    network before it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
+        self.batch = 0
+        self.interps = []
+        for b in batches:
+            it = fx.Interpreter(gm, garbage_collect_values=True)
+            it.args_iter = iter(b)
+            self.interps.append(it)
+        self.outputs: list[Any] = [None] * len(batches)
+
+    def step(self) -> fx.Node:
+        node = self.nodes[self.pos]
+        for i, it in enumerate(self.interps):
+            self.batch = i
+            try:
+                val = it.run_node(node)
+            except Exception as exc:
+                raise SurgeryError(f"calibration: running graph node '{node.name}' failed: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+            if node.op == "output":
+                self.outputs[i] = val
+            else:
+                it.env[node] = val
+            for dead in it.user_to_last_uses.get(node, []):
+                it.env.pop(dead, None)
+        self.pos += 1
+        return node
+
+    def run_to_end(self) -> list[Any]:
+        while self.pos < len(self.nodes):
+            self.step()
+        return self.outputs
+
+    def call(self, node: fx.Node, i: int) -> Any:
+        """Call ``node``'s module on batch ``i``'s inputs without storing the result (for hooks to see)."""
+        args, kwargs = self.interps[i].fetch_args_kwargs_from_env(node)
+        return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+
+    def live_bytes(self) -> int:
+        from torch.utils._pytree import tree_flatten
+
+        total = 0
+        for it in self.interps:
+            leaves, _ = tree_flatten(list(it.env.values()))
+            total += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+        return total
+
+
+def _containing_nodes(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+    """call_module nodes whose module is ``name`` or contains it (a leaf module)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module"
+            and (str(n.target) == name or name.startswith(str(n.target) + "."))]
+
+
+def _peak_bytes(gm: fx.GraphModule, batch: tuple) -> int:
+    """Largest live activation memory of one batch through ``gm`` (for choosing frontier execution)."""
+    st = _Stepper(gm, [batch])
+    peak = 0
+    while st.pos < len(st.nodes):
+        st.step()
+        peak = max(peak, st.live_bytes())
+    return peak
+
+
+def _refit_frontier(
+    converted: fx.GraphModule, reference: fx.GraphModule, batches: Sequence[tuple], specs: Sequence[RefitSpec],
+    ridge: float,
+) -> tuple[list[LayerRefit], list[Any], list[Any]]:
+    """Refit ``specs`` (in network order) with one node-by-node pass over each model.
+
+    Returns the per-layer results, and the converted (refit) and reference outputs per batch.
+    """
+    cs, rs = _Stepper(converted, batches), _Stepper(reference, batches)
+    results: list[LayerRefit] = []
+    by_node: dict[fx.Node, list[RefitSpec]] = {}
+    ref_last: dict[str, int] = {}
+    ref_index = {n: i for i, n in enumerate(rs.nodes)}
+    for s in specs:
+        sites = _containing_nodes(converted, s.layer)
+        ref_sites = _containing_nodes(reference, s.reference)
+        if len(sites) != 1:
+            why = "not called by the graph" if not sites else f"called from {len(sites)} graph nodes (shared)"
+            results.append(LayerRefit(s.target, s.layer, s.reference, reason=why))
+        elif not ref_sites:
+            results.append(LayerRefit(s.target, s.layer, s.reference,
+                                      reason="the original module is not called by the original's graph"))
+        else:
+            by_node.setdefault(sites[0], []).append(s)
+            ref_last[s.layer] = max(ref_index[n] for n in ref_sites)
+    targets: dict[str, list[list[torch.Tensor]]] = {}
+    handles = []
+    for specs_here in by_node.values():
+        for s in specs_here:
+            targets[s.layer] = [[] for _ in batches]
+
+            def hook(mod, args, out, key=s.layer):
+                targets[key][rs.batch].append(out.detach() if isinstance(out, torch.Tensor) else out)
+
+            handles.append(reference.get_submodule(s.reference).register_forward_hook(hook))
+    try:
+        for node in cs.nodes:
+            for s in by_node.get(node, []):
+                while rs.pos <= ref_last[s.layer]:
+                    rs.step()
+                layer = converted.get_submodule(s.layer)
+                acc = _accumulator(s, layer, _samples(batches))
+                count = None
+                for i in range(len(batches)):
+                    xs = _capture(layer, lambda i=i, node=node: cs.call(node, i), inputs=True, stop_after=count)
+                    ys = targets[s.layer][i]
+                    targets[s.layer][i] = []
+                    if count is None:
+                        count = len(xs)
+                    if len(xs) != len(ys) or not xs:
+                        acc.info.reason = (f"called {len(xs)}× in the converted model but {len(ys)}× in the "
+                                           "original: cannot pair inputs with targets")
+                        break
+                    if not all(isinstance(y, torch.Tensor) for y in ys) or not all(acc.add(x, y) for x, y in zip(xs, ys)):
+                        acc.info.reason = acc.info.reason or "the original module does not return a tensor"
+                        break
+                results.append(acc.finish(ridge))
+                del targets[s.layer]
+            cs.step()
+        ref_out = rs.run_to_end()
+    finally:
+        for h in handles:
+            h.remove()
+    return results, cs.outputs, ref_out
+
+
+def _bn_frontier(converted: fx.GraphModule, batches: Sequence[tuple], names: Sequence[str]) -> tuple[int, list[Any]]:
+    """Re-estimate BatchNorm statistics exactly, in network order, with one node-by-node pass."""
+    cs = _Stepper(converted, batches)
+    order = {n: i for i, n in enumerate(_call_order(converted, batches[0], names))} if names else {}
+    by_node: dict[fx.Node, list[str]] = {}
+    for n in names:
+        sites = _containing_nodes(converted, n)
+        if len(sites) == 1:  # a BatchNorm shared between call sites keeps its statistics
+            by_node.setdefault(sites[0], []).append(n)
+    done = 0
+    for node in cs.nodes:
+        for n in sorted(by_node.get(node, []), key=lambda n: order.get(n, 0)):
+            bn = converted.get_submodule(n)
+            stats = _BNStats(bn)
+            count = None
+            for i in range(len(batches)):
+                xs = _capture(bn, lambda i=i, node=node: cs.call(node, i), inputs=True, stop_after=count)
+                count = count or len(xs)
+                for x in xs:
+                    stats.add(x)
+            stats.finish()
+            done += 1
+        cs.step()
+    return done, cs.outputs
+
+
+def _refit_streaming(
+    converted: nn.Module, reference: nn.Module, batches: Sequence[tuple], spec: RefitSpec, ridge: float,
+    device: torch.device | None,
+) -> LayerRefit:
+    """Refit one layer by running both models on every batch up to the layer (for models fx cannot step)."""
+    layer = converted.get_submodule(spec.layer)
+    ref_mod = reference.get_submodule(spec.reference)
+    acc = _accumulator(spec, layer, _samples(batches))
+    counts: tuple[int, int] | None = None
+    for batch in batches:
+        batch = _to(batch, device)
+        # the first batch runs whole, to learn how often each side calls its module; later ones stop early
+        ys = _capture(ref_mod, lambda b=batch: _forward(reference, b, "the original model"), inputs=False,
+                      stop_after=counts[0] if counts else None)
+        xs = _capture(layer, lambda b=batch: _forward(converted, b, "the converted model"), inputs=True,
+                      stop_after=counts[1] if counts else None)
+        if counts is None:
+            counts = (len(ys), len(xs))
+        if len(xs) != len(ys) or not xs:
+            acc.info.reason = (f"called {len(xs)}× in the converted model but {len(ys)}× in the original: "
+                               "cannot pair inputs with targets")
+            break
+        if not all(acc.add(x, y) for x, y in zip(xs, ys)):
+            break
+    return acc.finish(ridge)
+
+
+def _bn_streaming(model: nn.Module, batches: Sequence[tuple], names: Sequence[str], device: torch.device | None) -> int:
+    """Exact BatchNorm statistics in network order, one pass over the data per BatchNorm (no fx needed)."""
+    done = 0
+    for n in _call_order(model, _to(batches[0], device), names):
+        bn = model.get_submodule(n)
+        stats = _BNStats(bn)
+        count = None
+        for b in batches:
+            b = _to(b, device)
+            xs = _capture(bn, lambda b=b: _forward(model, b, "the converted model"), inputs=True, stop_after=count)
+            count = count or len(xs)
+            for x in xs:
+                stats.add(x)
+        stats.finish()
+        done += 1
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BatchNorm
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _downstream_batchnorms(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """BatchNorm modules whose input depends on any of ``targets`` (all of them if ``model`` is not fx)."""
+    all_bn = [n for n, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats
+              and m.running_mean is not None]
+    if not isinstance(model, fx.GraphModule):
+        return all_bn
+    targets = list(targets)
+
+    def touches(node_target: str) -> bool:
+        return any(t == node_target or t.startswith(node_target + ".") for t in targets)
+
+    frontier = [n for n in model.graph.nodes if n.op == "call_module" and touches(str(n.target))]
+    reached: set[fx.Node] = set()
+    while frontier:
+        node = frontier.pop()
+        if node in reached:
+            continue
+        reached.add(node)
+        frontier.extend(node.users)
+    out: list[str] = []
+    for node in model.graph.nodes:
+        if node in reached and node.op == "call_module":
+            name = str(node.target)
+            for n in all_bn:
+                if (n == name or n.startswith(name + ".")) and n not in out:
+                    out.append(n)
+    return out
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Any, names: Iterable[str] | None = None) -> int:
+    """Recompute the running mean/variance of BatchNorm layers (``names``; default all) on ``batches``.
+
+    The statistics are exact over all the data, in network order: each BatchNorm sees inputs normalised by
+    the (already re-estimated) statistics before it, as in inference, so the result does not depend on how
+    the data is batched or ordered (a batch of one class would skew train-mode batch statistics). Modes
+    are restored. Returns how many BatchNorm layers were updated.
+
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    >>> reestimate_batchnorm(net, torch.randn(8, 3, 9, 9))
+    1
+    """
+    batches = as_batches(batches)
+    names = [n for n, m in model.named_modules() if isinstance(m, _BN)] if names is None else list(names)
+    names = [n for n in names if getattr(model.get_submodule(n), "running_mean", None) is not None]
+    if not names:
+        return 0
+    modes = {n: m.training for n, m in model.named_modules()}
+    dev = _device_of(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(model, fx.GraphModule):
+                done, _ = _bn_frontier(model, [_to(b, dev) for b in batches], names)
+            else:
+                done = _bn_streaming(model, batches, names, dev)
+    finally:
+        for n, m in model.named_modules():
+            m.training = modes.get(n, m.training)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole calibration
+
+
+def _samples(batches: Sequence[tuple]) -> int:
+    return sum(int(b[0].shape[0]) if isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in batches)
+
+
+def _rel_error(outputs: Sequence[Any], references: Sequence[Any]) -> float:
+    """Relative L2 error over all floating-point output tensors of all batches."""
+    from torch.utils._pytree import tree_flatten
+
+    d2 = r2 = 0.0
+    for o_b, r_b in zip(outputs, references):
+        out, _ = tree_flatten(o_b)
+        ref, _ = tree_flatten(r_b)
+        for o, r in zip(out, ref):
+            if isinstance(r, torch.Tensor) and r.is_floating_point():
+                d2 += float((o.double() - r.double()).pow(2).sum())
+                r2 += float(r.double().pow(2).sum())
+    return math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+
+
+#: frontier execution keeps every batch's live activations at once; above this it streams instead
+FRONTIER_MAX_BYTES = 3 * 2**30
+
+
+def _choose_mode(
+    converted: nn.Module, original: nn.Module, batches: Sequence[tuple], mode: str
+) -> tuple[str, fx.GraphModule | None]:
+    """``"frontier"`` when both models are fx graphs and all batches' activations fit, else ``"streaming"``."""
+    if mode == "streaming":
+        return "streaming", None
+    ref_gm = original if isinstance(original, fx.GraphModule) else None
+    if ref_gm is None and isinstance(converted, fx.GraphModule):
+        from .tracing import trace
+
+        try:
+            ref_gm = trace(original)
+        except Exception:  # an original fx cannot trace still calibrates, by streaming
+            ref_gm = None
+    if not isinstance(converted, fx.GraphModule) or ref_gm is None:
+        if mode == "frontier":
+            raise SurgeryError("calibrate: mode='frontier' needs both models as torch.fx graphs")
+        return "streaming", None
+    if mode == "auto":
+        need = (_peak_bytes(converted, batches[0]) + _peak_bytes(ref_gm, batches[0])) * len(batches)
+        if need > FRONTIER_MAX_BYTES:
+            return "streaming", None
+    return "frontier", ref_gm
+
+
+def calibrate(
+    converted: nn.Module,
+    original: nn.Module,
+    calibration: Any,
+    *,
+    rewrites: Iterable[Any] | None = None,
+    ridge: float = DEFAULT_RIDGE,
+    bn: bool | str = "auto",
+    mode: str = "auto",
+) -> CalibrationReport:
+    """Refit ``converted``'s rewritten layers, in network order, to reproduce ``original`` on real data.
+
+    Edits ``converted`` in place; ``original`` is only run. Each refit layer's inputs come from the
+    converted model as calibrated so far and its targets from the original layer in the original model
+    (see the module docstring for the maths). A refit that would not lower the layer's error on the
+    calibration data is not applied.
+
+    Args:
+        converted: the model from :func:`fxsurgeon.convert` (or any model whose module names match).
+        original: the model before conversion (same qualified names for the rewritten modules).
+        calibration: a tensor (one batch) or an iterable of batches (tensors or tuples of inputs), e.g. a
+            few hundred to a few thousand training images. Iterated once per refit layer.
+        rewrites: the rewrites to calibrate; default: every rewrite in ``converted``'s record.
+        ridge: λ as a fraction of the mean eigenvalue of the layer's input Gram matrix (shrinks the refit
+            towards the current weights).
+        bn: re-estimate the statistics of BatchNorm layers downstream of the rewrites: ``True``, ``False`` or
+            ``"auto"`` (keep the new statistics only when the output error on the calibration data falls).
+        mode: ``"frontier"`` runs fx graphs node by node over all batches at once (each node once per batch;
+            memory: the widest cut of activations times the data), ``"streaming"`` re-runs the models up to
+            each layer batch by batch (any model, little memory, slower); ``"auto"`` picks frontier when the
+            activations fit in :data:`FRONTIER_MAX_BYTES`.
+
+    Returns:
+        A :class:`CalibrationReport`; the converted model's record, when it has one, gets it at
+        ``extras["calibration"]`` and each rewrite gets ``details["calibration"]`` (error before/after).
+
+    >>> import torch, torch.nn as nn, fxsurgeon
+    >>> net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    >>> small = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    >>> rep = calibrate(small, net, [torch.randn(8, 8, 12, 12) for _ in range(4)])
+    >>> rep.output_error_after < rep.output_error_before
+    True
+    """
+    from .record import Conversion
+
+    if mode not in ("auto", "frontier", "streaming"):
+        raise SurgeryError(f"calibrate: mode must be 'auto', 'frontier' or 'streaming', got {mode!r}")
+    if bn not in (True, False, "auto"):
+        raise SurgeryError(f"calibrate: bn must be True, False or 'auto', got {bn!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise SurgeryError(f"calibrate: ridge must be a number >= 0, got {ridge!r}")
+    t0 = time.perf_counter()
+    batches = as_batches(calibration)
+    record = converted.meta.get("fxsurgeon") if isinstance(getattr(converted, "meta", None), dict) else None
+    if rewrites is None:
+        if not isinstance(record, Conversion):
+            raise SurgeryError("calibrate: the converted model carries no fxsurgeon record; pass rewrites=")
+        rewrites = record.rewrites
+    rewrites = list(rewrites)
+    report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn})
+    report.samples = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor) and b[0].dim())
+    if not rewrites:
+        report.seconds = time.perf_counter() - t0
+        return report
+    device = _device_of(converted)
+    batches = [_to(b, device) for b in batches]
+    modes_c = {n: m.training for n, m in converted.named_modules()}
+    modes_o = {n: m.training for n, m in original.named_modules()}
+    try:
+        converted.eval()
+        original.eval()
+        with torch.no_grad():
+            report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
+            specs, skipped = refit_specs(converted, original, rewrites)
+            order = _call_order(converted, batches[0], [s.layer for s in specs])
+            by_layer = {s.layer: s for s in specs}
+            specs = [by_layer[n] for n in order]
+            before = [_forward(converted, b, "the converted model") for b in batches]
+            if report.mode == "frontier":
+                results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge))
+            else:
+                ref_out = [_forward(original, b, "the original model") for b in batches]
+                results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
+                after = [_forward(converted, b, "the converted model") for b in batches]
+            rank = {n: i for i, n in enumerate(order)}
+            report.layers = sorted(results, key=lambda r: rank.get(r.layer, -1)) + skipped
+            report.output_error_before = _rel_error(before, ref_out)
+            del before
+            err = _rel_error(after, ref_out)
+            if bn is not False:
+                bns = _downstream_batchnorms(converted, [r.target for r in rewrites])
+                saved = {n: {k: v.clone() for k, v in converted.get_submodule(n).state_dict().items()} for n in bns}
+                if report.mode == "frontier":
+                    count, with_bn = _bn_frontier(converted, batches, bns)
+                else:
+                    count = _bn_streaming(converted, batches, bns, None)
+                    with_bn = [_forward(converted, b, "the converted model") for b in batches]
+                err_bn = _rel_error(with_bn, ref_out) if count else err
+                keep = bool(count) and (bn is True or err_bn < err)
+                report.batchnorm = {"modules": count, "output_error_without": err, "output_error_with": err_bn,
+                                    "kept": keep}
+                if keep:
+                    err = err_bn
+                else:
+                    for n, st in saved.items():
+                        converted.get_submodule(n).load_state_dict(st)
+            report.output_error_after = err
+    finally:
+        for n, m in converted.named_modules():
+            m.training = modes_c.get(n, m.training)
+        for n, m in original.named_modules():
+            m.training = modes_o.get(n, m.training)
+    report.seconds = time.perf_counter() - t0
+    if isinstance(record, Conversion):
+        annotate_record(record, report)
+    return report
+
+
+def annotate_record(record: Any, report: CalibrationReport) -> None:
+    """Put ``report`` in ``record.extras["calibration"]`` and each rewrite's ``details["calibration"]``.
+
+    A rewrite with one refit layer gets ``{"layer", "error_before", "error_after", "refit"[, "reason"]}``;
+    one with several (a concat fusion's consumers) gets a list of them.
+    """
+    record.extras["calibration"] = report.to_dict()
+    per: dict[str, list[dict[str, Any]]] = {}
+    for x in report.layers:
+        entry = {"layer": x.layer, "error_before": x.error_before, "error_after": x.error_after, "refit": x.refit}
+        if x.reason:
+            entry["reason"] = x.reason
+        per.setdefault(x.target, []).append(entry)
+    for rw in record.rewrites:
+        if rw.target in per:
+            entries = per[rw.target]
+            rw.details["calibration"] = entries[0] if len(entries) == 1 else entries
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data-aware errors for budget allocation
+
+#: activations kept per layer for :func:`measure_choices` (elements of the conv's input)
+MEASURE_MAX_ELEMENTS = 2**21
+
+
+def _last_refittable(module: nn.Module) -> nn.Module | None:
+    if _is_refittable(module):
+        return module
+    if isinstance(module, nn.Sequential) and len(module) and _is_refittable(module[-1]):
+        return module[-1]
+    return None
+
+
+def measure_choices(
+    gm: nn.Module,
+    options: Sequence[Any],
+    convs: dict[str, nn.Conv2d],
+    calibration: Any,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    max_elements: int = MEASURE_MAX_ELEMENTS,
+) -> list[Any]:
+    """Each choice's error measured on data: the relative squared output error left after calibration.
+
+    Runs ``gm`` (the model before rewriting) on the calibration batches to record each conv's inputs (up to
+    ``max_elements`` per layer), then for every choice builds its module, refits it by the same
+    regularised least squares :func:`calibrate` uses (depthwise and pointwise jointly where it can, from
+    statistics of the layer's input patches shared by all choices), and measures ``||y' − y||² / ||y||²``
+    against the conv's own output. That is the error calibration will leave (before the drift from earlier layers),
+    comparable across layers and forms — unlike weight errors, which ignore what the inputs look like.
+
+    Args:
+        gm: the model the convs belong to.
+        options: :class:`fxsurgeon.allocation.LayerOptions` whose choices are to be measured.
+        convs: layer name → the conv module.
+        calibration: input batches (see :func:`as_batches`).
+
+    Returns:
+        New ``LayerOptions`` with measured errors and ``weight=1``.
+    """
+    from dataclasses import replace
+
+    from .forms import get_form
+
+    batches = as_batches(calibration)
+    dev = _device_of(gm)
+    store: dict[str, list[torch.Tensor]] = {o.name: [] for o in options}
+    size = dict.fromkeys(store, 0)
+
+    def hook_for(name: str):
+        def hook(mod, args, out):
+            if size[name] < max_elements and args and isinstance(args[0], torch.Tensor):
+                x = args[0].detach()
+                keep = max(1, min(x.shape[0], -(-(max_elements - size[name]) // max(x[0].numel(), 1))))
+                store[name].append(x[:keep])
+                size[name] += x[:keep].numel()
+        return hook
+
+    handles = [convs[o.name].register_forward_hook(hook_for(o.name)) for o in options]
+    modes = {n: m.training for n, m in gm.named_modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            for b in batches:
+                if all(v >= max_elements for v in size.values()):
+                    break
+                _forward(gm, _to(b, dev), "the original model")
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in gm.named_modules():
+            m.training = modes.get(n, m.training)
+    out = []
+    with torch.no_grad():
+        for o in options:
+            conv = convs[o.name]
+            xs = store.pop(o.name)
+            if not xs:
+                raise SurgeryError(f"measure_choices: conv '{o.name}' was not called on the calibration data")
+            x = torch.cat(xs)
+            y = conv(x)
+            yy = float(y.double().pow(2).sum())
+            shared: _SeparableAccumulator | None = None  # input-patch statistics: the same for every choice
+            choices = []
+            for c in o.choices:
+                if c.form == "original" or c.exact or yy == 0:
+                    choices.append(replace(c, error=0.0 if (c.form == "original" or c.exact) else c.error))
+                    continue
+                module, _ = get_form(c.form).build(conv, c.rank)
+                module.eval()
+                spec = RefitSpec(o.name, o.name, o.name, kind="separable")
+                if separable_refittable(module):
+                    # one alternation: a cheaper estimate of what calibration leaves, for ranking choices
+                    acc = _SeparableAccumulator(spec, module, iterations=1)
+                    if shared is not None and shared.gram.shape == acc.gram.shape:
+                        acc.gram, acc.cross, acc.yy, acc.n = shared.gram, shared.cross, shared.yy, shared.n
+                    else:
+                        acc.add(x, y)
+                        shared = acc
+                    info = acc.finish(ridge)
+                    err = (info.error_after or 0.0) ** 2 * yy if info.error_after is not None else math.inf
+                else:
+                    last = _last_refittable(module)
+                    if last is None:  # nothing to refit: the plain output error
+                        err = float((module(x) - y).double().pow(2).sum())
+                    else:
+                        acc = _Accumulator(spec, last)
+                        feats = _capture(last, lambda m=module, x=x: m(x), inputs=True, stop_after=1)
+                        acc.add(feats[0], y)
+                        w = ridge_refit(acc.gram, acc.cross, acc.w0, ridge)
+                        err = min(residual(acc.gram, acc.cross, acc.yy, w), residual(acc.gram, acc.cross, acc.yy, acc.w0))
+                choices.append(replace(c, error=err / yy))
+            out.append(replace(o, choices=tuple(choices), weight=1.0))
+    return out

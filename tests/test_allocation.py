@@ -1,0 +1,210 @@
+import itertools
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgeon
+from fxsurgeon import SurgeryError
+from fxsurgeon.allocation import LayerOptions, allocate, layer_options, model_macs, uniform_allocation
+from fxsurgeon.forms import FORMS, LayerChoice
+from fxsurgeon.models import resnet20, resnet32
+
+
+def menu(name, points, positions=1):
+    """points: [(macs_per_position, error)], ranks 1..n; plus the original (0 error) at the end."""
+    choices = tuple(LayerChoice("f", r + 1, m, 0, m, e, False) for r, (m, e) in enumerate(points))
+    return LayerOptions(name, choices, positions, positions)
+
+
+def brute_force(layers, max_macs):
+    best = None
+    for combo in itertools.product(*(lo.choices for lo in layers)):
+        macs = sum(lo.macs(c) for lo, c in zip(layers, combo))
+        if macs <= max_macs:
+            obj = sum(lo.loss(c) for lo, c in zip(layers, combo))
+            best = obj if best is None else min(best, obj)
+    return best
+
+
+def test_allocate_meets_budget_and_stays_within_a_step_of_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        layers = []
+        for i in range(4):
+            # decreasing error, increasing cost. Greedy on ratios passes through Lagrangian solutions (optimal
+            # for their own cost), so it is within one hull step (at most one layer's error range) of optimal
+            costs = sorted(rng.sample(range(5, 60), 4))
+            errs, e = [], rng.uniform(5, 20)
+            for _ in costs:
+                errs.append(e)
+                e *= rng.uniform(0.2, 0.6)
+            layers.append(menu(f"l{i}", list(zip(costs, errs))))
+        cheapest = sum(min(lo.macs(c) for c in lo.choices) for lo in layers)
+        dearest = sum(max(lo.macs(c) for c in lo.choices) for lo in layers)
+        budget = rng.uniform(cheapest, dearest)
+        alloc = allocate(layers, max_macs=budget)
+        assert alloc.macs <= budget
+        assert alloc.macs == sum(lo.macs(alloc.picks[lo.name]) for lo in layers)
+        opt = brute_force(layers, budget)
+        worst_step = max(lo.loss(lo.choices[0]) - lo.loss(lo.choices[-1]) for lo in layers)
+        assert opt <= alloc.objective + 1e-9 <= opt + worst_step + 1e-9
+
+
+def test_allocate_spends_where_error_falls_fastest():
+    # layer a loses a lot at its cheap choice, b hardly anything: the budget goes to a
+    a = menu("a", [(10, 9.0), (20, 1.0)])
+    b = menu("b", [(10, 2.0), (20, 1.5)])
+    alloc = allocate([a, b], max_macs=30)
+    assert alloc.picks["a"].rank == 2 and alloc.picks["b"].rank == 1
+    assert alloc.ranks() == {"a": {"form": "f", "rank": 2}, "b": {"form": "f", "rank": 1}}
+
+
+def test_allocate_refuses_an_impossible_budget_and_needs_one():
+    a = menu("a", [(10, 9.0), (20, 1.0)])
+    with pytest.raises(SurgeryError, match="cheapest"):
+        allocate([a], max_macs=5)
+    with pytest.raises(SurgeryError, match="budget"):
+        allocate([a])
+
+
+def test_allocate_with_two_budgets_meets_both():
+    layers = [LayerOptions(n, (LayerChoice("f", 1, 5, 0, 30, 4.0, False), LayerChoice("f", 2, 30, 0, 5, 1.0, False)), 1, 1)
+              for n in "abc"]
+    alloc = allocate(layers, max_macs=70, max_params=70)
+    assert alloc.macs <= 70 and alloc.params <= 70
+
+
+def test_unknown_error_counts_as_infinite_unless_exact():
+    nan = float("nan")
+    lo = LayerOptions("a", (LayerChoice("f", 1, 1, 0, 1, nan, False), LayerChoice("f", 2, 2, 0, 2, nan, True)), 1, 1)
+    assert lo.loss(lo.choices[0]) == math.inf and lo.loss(lo.choices[1]) == 0.0
+    assert allocate([lo], max_macs=2).picks["a"].rank == 2
+
+
+def test_layer_options_drop_ranks_dearer_than_the_conv():
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+    lo = layer_options("c", conv, ["dw-pw"], positions_in=64, positions_out=64)
+    orig = conv.weight.numel()
+    assert lo.choices[-1].form == "original"
+    assert all(c.macs_out < orig for c in lo.choices[:-1])
+    assert lo.weight == pytest.approx(1 / float(conv.weight.double().pow(2).sum()))
+
+
+def trained_like(model):
+    """Give every 3×3 conv a decaying, layer-specific spectrum, as training does (random init is flat)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, m in enumerate(mod for mod in model.modules() if isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3)):
+            c_out, c_in = m.weight.shape[:2]
+            decay = 0.25 + 0.6 * ((i * 7) % 5) / 4  # some layers compress well, others not
+            basis = torch.linalg.qr(torch.randn(9, 9, generator=g))[0]
+            scales = decay ** torch.arange(9.0)
+            w = torch.randn(c_out, c_in, 9, generator=g) * scales
+            m.weight.copy_((w @ basis.T).reshape(m.weight.shape) * 0.1)
+    return model
+
+
+def sq_weight_error(record):
+    total = 0.0
+    for r in record.rewrites:
+        if r.pass_name == "separable":
+            total += r.details["relative_error"] ** 2
+    return total
+
+
+def whole_macs(model, x):
+    return model_macs(model, (x,))[0]
+
+
+def test_budget_meets_target_and_beats_uniform_multiplier(snapshot):
+    model = trained_like(resnet20()).eval()
+    check = snapshot(model)
+    x = torch.randn(1, 3, 32, 32)
+    before = whole_macs(model, x)
+    uni = fxsurgeon.convert(model, example_inputs=x, separable=dict(multiplier=3))
+    frac = whole_macs(uni, x) / before
+    out = fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=frac, allocation="weight"))
+    rec = fxsurgeon.get_record(out)
+    measured = whole_macs(out, x)
+    assert measured <= frac * before
+    summary = rec.extras["allocation"]
+    assert summary["macs_counter"] == "fvcore"
+    assert summary["macs_after"] == pytest.approx(measured)
+    assert summary["macs_before"] == pytest.approx(before)
+    # the same MACs, less total (relative, squared) decomposition error than one multiplier everywhere
+    assert sq_weight_error(rec) < 0.9 * sq_weight_error(fxsurgeon.get_record(uni))
+    for r in rec.rewrites:
+        if r.pass_name == "separable":
+            assert r.details["rank"] == summary["layers"][r.target]["rank"]
+            assert r.details["allocation"]["macs"] > 0
+    kept = [s for s in rec.skipped if "budget allocation" in s.reason]
+    assert len(kept) + sum(r.pass_name == "separable" for r in rec.rewrites) == 18
+    check()
+
+
+def test_uniform_allocation_baseline_matches_the_pass():
+    model = trained_like(resnet20()).eval()
+    conv = model.layer2[1].conv1
+    lo = layer_options("c", conv, ["dw-pw"], positions_in=256, positions_out=256)
+    assert uniform_allocation([lo], "dw-pw", 3).picks["c"].rank == 3
+
+
+def test_params_budget_without_example_inputs():
+    model = trained_like(resnet20()).eval()
+    before = sum(p.numel() for p in model.parameters())
+    out = fxsurgeon.convert(model, separable=dict(target_params=0.5))
+    assert sum(p.numel() for p in out.parameters()) <= 0.5 * before
+    assert fxsurgeon.get_record(out).extras["allocation"]["params_fraction"] <= 0.5
+
+
+def test_budget_errors():
+    model = resnet20().eval()
+    with pytest.raises(SurgeryError, match="example_inputs"):
+        fxsurgeon.convert(model, separable=dict(target_macs=0.5))
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(SurgeryError, match="exclude multiplier"):
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, multiplier=2))
+    with pytest.raises(SurgeryError, match="fraction"):
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=1.5))
+    with pytest.raises(SurgeryError, match="cannot be met"):
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.05))
+    with pytest.raises(SurgeryError, match="calibration"):
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, allocation="data"))
+
+
+def test_budget_with_per_layer_override_counts_its_cost():
+    model = trained_like(resnet20()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    out = fxsurgeon.convert(model, example_inputs=x, separable=dict(
+        target_macs=0.6, layers={"layer3.2.conv2": {"form": "dw-pw", "rank": 1}}))
+    rec = fxsurgeon.get_record(out)
+    assert {r.target: r.details["rank"] for r in rec.rewrites if r.pass_name == "separable"}["layer3.2.conv2"] == 1
+    assert whole_macs(out, x) <= 0.6 * whole_macs(model, x)
+
+
+@pytest.mark.slow
+def test_budget_on_a_deeper_resnet_with_data_aware_errors():
+    model = trained_like(resnet32()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    data = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    out = fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, calibration=data))
+    rec = fxsurgeon.get_record(out)
+    assert rec.extras["allocation"]["errors"] == "data"
+    assert whole_macs(out, x) <= 0.5 * whole_macs(model, x)
+
+
+@pytest.mark.skipif("pw-dw-pw" not in FORMS, reason="the CP form is not registered")
+def test_budget_across_forms():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(24, 24, 3, stride=2, padding=1)).eval()
+    trained_like(net)
+    x = torch.randn(1, 3, 16, 16)
+    out = fxsurgeon.convert(net, example_inputs=x, separable=dict(target_macs=0.6, form="auto"))
+    rec = fxsurgeon.get_record(out)
+    assert whole_macs(out, x) <= 0.6 * whole_macs(net, x)
+    forms = {v["form"] for v in rec.extras["allocation"]["layers"].values()}
+    assert forms <= set(FORMS) | {"original"}

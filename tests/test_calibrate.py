@@ -1,0 +1,205 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxsurgeon
+from fxsurgeon import SurgeryError
+from fxsurgeon.calibrate import as_batches, calibrate, reestimate_batchnorm, residual, ridge_refit
+
+
+def test_ridge_refit_is_least_squares_and_shrinks_towards_w0():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    w_true = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = z @ w_true + 0.01 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    w0 = torch.zeros(6, 3, dtype=torch.float64)
+    gram, cross = z.T @ z, z.T @ y
+    ls = ridge_refit(gram, cross, w0, 0.0)
+    torch.testing.assert_close(ls, torch.linalg.lstsq(z, y).solution)
+    assert residual(gram, cross, float(y.pow(2).sum()), ls) == pytest.approx(float((z @ ls - y).pow(2).sum()))
+    far = ridge_refit(gram, cross, w0 + 5.0, 1e6)
+    assert (far - 5.0).abs().max() < 1e-3  # huge ridge: stays at w0
+    # singular Gram (a dead input channel): still a finite answer
+    z[:, 2] = 0
+    assert torch.isfinite(ridge_refit(z.T @ z, z.T @ y, w0, 0.0)).all()
+
+
+def make_task(n, generator):
+    """4 classes: which quadrant of a 16×16 image holds a bright blob, on noise."""
+    x = 0.5 * torch.randn(n, 3, 16, 16, generator=generator)
+    y = torch.randint(0, 4, (n,), generator=generator)
+    for i, c in enumerate(y.tolist()):
+        r, s = divmod(c, 2)
+        x[i, :, r * 8 + 2:r * 8 + 6, s * 8 + 2:s * 8 + 6] += 1.5
+    return x, y
+
+
+def trained_cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    )
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(40):
+        x, y = make_task(64, g)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_calibration_beats_data_free_on_a_trained_model(snapshot):
+    net = trained_cnn()
+    check = snapshot(net)
+    g = torch.Generator().manual_seed(1)
+    calib = [make_task(64, g)[0] for _ in range(4)]
+    held_out, labels = make_task(256, g)
+    with torch.no_grad():
+        ref = net(held_out)
+    assert (ref.argmax(1) == labels).float().mean() > 0.9  # it did learn the task
+    free = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    cal = fxsurgeon.convert(net, separable=dict(multiplier=1), calibration=calib)
+    with torch.no_grad():
+        e_free, e_cal = rel_err(free(held_out), ref), rel_err(cal(held_out), ref)
+    assert e_cal < 0.7 * e_free
+    rec = fxsurgeon.get_record(cal)
+    report = rec.extras["calibration"]
+    assert report["output_error_after"] < report["output_error_before"]
+    assert report["samples"] == 256 and report["batches"] == 4
+    refit = [r for r in rec.rewrites if r.pass_name == "separable"]
+    assert len(refit) == 2  # the stem (3 input channels) is skipped by default
+    for r in refit:
+        c = r.details["calibration"]
+        # depthwise and pointwise refit together: the record names the whole block
+        assert c["refit"] and c["layer"] == r.target and c["error_after"] < c["error_before"]
+    assert "calibrate" in rec.seconds
+    check()
+
+
+def test_frontier_and_streaming_give_the_same_refit():
+    net = trained_cnn()
+    g = torch.Generator().manual_seed(2)
+    calib = [make_task(32, g)[0] for _ in range(3)]
+    base = fxsurgeon.convert(net, separable=dict(multiplier=2))
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = calibrate(a, net, calib, mode="frontier", bn=False)
+    rb = calibrate(b, net, calib, mode="streaming", bn=False)
+    assert ra.mode == "frontier" and rb.mode == "streaming"
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    assert ra.output_error_after == pytest.approx(rb.output_error_after, rel=1e-4)
+
+
+def test_blocks_that_cannot_be_unfolded_refit_their_pointwise_conv():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1)).eval()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    rep = calibrate(small, net, [torch.randn(8, 8, 10, 10) for _ in range(2)])
+    layers = {x.target: x for x in rep.layers}
+    assert layers["0"].layer == "0.pointwise" and layers["0"].refit  # reflect padding: no unfold
+    assert layers["2"].layer == "2" and layers["2"].refit
+    assert rep.output_error_after < rep.output_error_before
+
+
+def test_calibrate_accepts_an_eager_original_and_a_single_tensor():
+    net = trained_cnn()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    x = make_task(64, torch.Generator().manual_seed(3))[0]
+    rep = calibrate(small, net, x)
+    assert rep.batches == 1 and rep.output_error_after < rep.output_error_before
+
+
+def test_reestimate_batchnorm_is_exact_and_independent_of_batch_order():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)).eval()
+    a = torch.randn(32, 3, 10, 10) + 2.0  # two "classes" with different statistics
+    b = torch.randn(32, 3, 10, 10) - 1.0
+    sorted_net, mixed_net = copy.deepcopy(net), copy.deepcopy(net)
+    assert reestimate_batchnorm(sorted_net, [a, b]) == 2
+    reestimate_batchnorm(mixed_net, [torch.cat([a[:16], b[:16]]), torch.cat([a[16:], b[16:]])])
+    for n in ("1", "4"):
+        bs, bm = sorted_net.get_submodule(n), mixed_net.get_submodule(n)
+        torch.testing.assert_close(bs.running_mean, bm.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bs.running_var, bm.running_var, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        h = net[0](torch.cat([a, b]))
+    torch.testing.assert_close(sorted_net[1].running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sorted_net[1].running_var, h.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not any(m.training for m in sorted_net.modules())
+
+
+def test_bad_calibration_inputs():
+    net = trained_cnn()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    with pytest.raises(SurgeryError, match="empty"):
+        as_batches([])
+    with pytest.raises(SurgeryError, match="tensor"):
+        as_batches([1, 2])
+    with pytest.raises(SurgeryError, match="iterable"):
+        as_batches(3)
+    x, y = make_task(8, torch.Generator().manual_seed(0))
+    with pytest.raises(SurgeryError, match=r"\(inputs, labels\)"):
+        calibrate(small, net, [(x, y)], mode="streaming")
+    with pytest.raises(SurgeryError, match="bn"):
+        calibrate(small, net, x, bn="sometimes")
+
+
+@pytest.mark.timm
+def test_timm_model_error_falls_with_random_data():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False, zero_init_last=False).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 64, 64, generator=g) for _ in range(2)]
+    held_out = torch.randn(8, 3, 64, 64, generator=g)
+    free = fxsurgeon.convert(model, separable=dict(multiplier=2))
+    cal = fxsurgeon.convert(model, separable=dict(multiplier=2), calibration=calib)
+    with torch.no_grad():
+        ref = model(held_out)
+        e_free, e_cal = rel_err(free(held_out), ref), rel_err(cal(held_out), ref)
+    assert e_cal < e_free
+    report = fxsurgeon.get_record(cal).extras["calibration"]
+    assert report["output_error_after"] < report["output_error_before"]
+    assert sum(x["refit"] for x in report["layers"]) >= 5
+
+
+def test_concat_fusion_reduce_consumers_are_refit():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 12, 3, padding=1)
+            self.b = nn.Conv2d(4, 12, 1)
+            self.bn = nn.BatchNorm2d(24)
+            self.head = nn.Conv2d(24, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # correlated channels, as trained features are: a reduction has something to keep
+        net.b.weight.copy_(net.a.weight[:, :, 1:2, 1:2] + 0.1 * net.b.weight)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 4, 12, 12, generator=g) for _ in range(3)]
+    x = torch.randn(2, 4, 12, 12)
+    out = fxsurgeon.convert(net, example_inputs=x, separable=False, conv_head=False, calibration=calib,
+                            concat_fusion=dict(mode="reduce", out_channels=8))
+    rec = fxsurgeon.get_record(out)
+    rw = next(r for r in rec.rewrites if r.pass_name == "concat_fusion")
+    assert any("calibration_positions" in s for s in rw.details["sites"])  # convert handed the data to the pass
+    c = rw.details["calibration"]
+    assert c["layer"] == "head" and c["refit"] and c["error_after"] < c["error_before"]
+    report = rec.extras["calibration"]
+    assert report["output_error_after"] < report["output_error_before"]
