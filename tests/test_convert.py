@@ -123,3 +123,21 @@ def test_timm_attributes_carried():
     out = fxsurgeon.convert(model)
     assert out.num_classes == 7 and out.pretrained_cfg["architecture"] == "resnet18"
     assert fxsurgeon.get_record(out).model == "resnet18"
+
+
+def test_record_to_dict_is_json_even_with_tensor_options():
+    import json
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+    x = torch.randn(2, 3, 8, 8)
+    out = fxsurgeon.convert(Cat(), example_inputs=x, separable=False,
+                            concat_fusion=dict(mode="reduce", out_channels=6, force=True, calibration=[x]))
+    data = json.loads(json.dumps(fxsurgeon.get_record(out).to_dict()))
+    assert data["options"]["concat_fusion"]["calibration"] == ["<tensor [2, 3, 8, 8] float32>"]

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import SurgeryError
@@ -91,7 +92,7 @@ class Conversion:
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
-            "options": self.options,
+            "options": _jsonable(self.options),
             "rewrites": [r.to_dict() for r in self.rewrites],
             "skipped": [s.to_dict() for s in self.skipped],
             "verification": self.verification.to_dict() if self.verification else None,
@@ -162,6 +163,21 @@ class Conversion:
         else:
             lines.append("  not verified (pass example_inputs= to compare outputs)")
         return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Options as JSON-ready data: calibration tensors, timers and other objects become short descriptions."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {list(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+    if callable(obj):
+        return f"<callable {getattr(obj, '__qualname__', type(obj).__name__)}>"
+    return f"<{type(obj).__name__}>"
 
 
 def _reason_key(reason: str) -> str:
