@@ -13,7 +13,8 @@ saved by fxsurgeon instead of converting.
 The loss is Hinton et al.'s (2015) distillation loss, ``T² · KL(softmax(t/T) ‖ softmax(s/T))``: no labels
 are needed, so any unlabelled images from the training distribution will do. BatchNorm layers stay in eval
 mode (their statistics are the original's; a few thousand images are too few to re-learn them), and the
-learning rate follows a cosine schedule from ``--lr`` to zero. :func:`distill` is the reusable part.
+learning rate follows a cosine schedule from ``--lr`` to zero (over ``--epochs``, or over ``--time-limit`` if
+that comes first). :func:`distill` is the reusable part.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def distill(
     train_batchnorm: bool = False,
     seed: int = 0,
     time_limit: float | None = None,
+    channels_last: bool = True,
     progress: bool = True,
 ) -> dict[str, float]:
     """Fine-tune ``student`` in place to reproduce ``teacher``'s logits on ``images``.
@@ -80,7 +82,11 @@ def distill(
         augment: ``fn(batch, generator) -> batch`` applied to each batch (None: no augmentation).
         train_batchnorm: also update BatchNorm statistics (default: keep the original's).
         seed: seeds shuffling, augmentation and anything random in the model.
-        time_limit: stop after this many seconds even if epochs remain (the result then depends on speed).
+        time_limit: stop after this many seconds even if epochs remain; the cosine schedule then follows
+            whichever of steps or time runs out first, so the run still ends annealed (and the result
+            depends on the machine's speed).
+        channels_last: train in channels-last memory format (about twice as fast for depthwise convs on
+            CPU); the student is returned in the default format.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -95,7 +101,8 @@ def distill(
     total = max(1, round(epochs * steps_per_epoch))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    student.to(memory_format=fmt)
     modes = {name: m.training for name, m in student.named_modules()}
     teacher_modes = {name: m.training for name, m in teacher.named_modules()}
     teacher.eval()
@@ -115,17 +122,21 @@ def distill(
                 if step >= total or (time_limit is not None and time.perf_counter() - t0 > time_limit):
                     stop = True
                     break
+                done = step / total
+                if time_limit is not None:
+                    done = max(done, (time.perf_counter() - t0) / time_limit)
+                for group in opt.param_groups:  # cosine from lr to 0 over the steps (or the time) allowed
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
                 x = images[order[i:i + batch_size]]
                 if augment is not None:
                     x = augment(x, gen)
                 with torch.no_grad():
                     target = F.log_softmax(teacher(x) / temperature, dim=1)
-                out = F.log_softmax(student(x) / temperature, dim=1)
+                out = F.log_softmax(student(x.contiguous(memory_format=fmt)) / temperature, dim=1)
                 loss = F.kl_div(out, target, log_target=True, reduction="batchmean") * temperature**2
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
                 losses.append(loss.item())
                 step += 1
                 bar.update(1)
@@ -133,6 +144,7 @@ def distill(
             stop = stop or step >= total
     finally:
         bar.close()
+        student.to(memory_format=torch.contiguous_format)
         for name, m in student.named_modules():
             m.training = modes.get(name, m.training)
         for name, m in teacher.named_modules():
