@@ -548,7 +548,8 @@ def save(converted: nn.Module, path: str | os.PathLike, *, source: Any = None, c
         )
     data = record.to_dict()
     data["source"] = src
-    data["options"] = {name: _without_data(opts) for name, opts in data["options"].items()}
+    # the raw options, not to_dict()'s JSON-ready descriptions: a set or object must be refused, not replayed
+    data["options"] = {name: _without_data(opts) for name, opts in record.options.items()}
     for where in ("options", "tracing"):
         bad = _json_path_error(data[where], f"record {where}")
         if bad:
