@@ -120,7 +120,17 @@ def propagate_shapes(gm: fx.GraphModule, *inputs: object) -> str:
     forward under ``no_grad``. The caller sets eval mode when it matters (BatchNorm in train mode would update
     its statistics on the real path).
     """
+    def channels_last(t: torch.Tensor) -> bool:
+        return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+    # meta kernels do not carry channels_last through every op, and memory format is part of the shapes
+    # (latency-aware timing reads it): such models take the real path
+    real = any(isinstance(x, torch.Tensor) and channels_last(x) for x in inputs) or any(
+        channels_last(p) for p in gm.parameters()
+    )
     try:
+        if real:
+            raise RuntimeError("channels_last model or inputs")
         twin = _meta_twin(gm)
         meta_inputs = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs]
         ShapeProp(twin).propagate(*meta_inputs)
