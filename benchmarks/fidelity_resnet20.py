@@ -36,7 +36,7 @@ import torch
 import fxsurgeon
 from fxsurgeon.allocation import model_macs
 from fxsurgeon.forms import FORMS
-from fxsurgeon.models import load_cifar10_test, load_resnet20, resnet20
+from fxsurgeon.models import load_cifar10_test, load_resnet20
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

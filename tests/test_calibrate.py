@@ -160,7 +160,7 @@ def test_bad_calibration_inputs():
 @pytest.mark.timm
 def test_timm_model_error_falls_with_random_data():
     timm = pytest.importorskip("timm")
-    model = timm.create_model("resnet10t", pretrained=False, zero_init_last=False).eval()
+    model = timm.create_model("test_resnet", pretrained=False, zero_init_last=False).eval()
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, 64, 64, generator=g) for _ in range(2)]
     held_out = torch.randn(8, 3, 64, 64, generator=g)

@@ -47,7 +47,9 @@ __all__ = [
     "output_error",
     "reestimate_batchnorm",
     "refit_specs",
+    "ridge_cg",
     "ridge_refit",
+    "rows_cap",
 ]
 
 #: default ridge: λ as a fraction of the mean eigenvalue of ZᵀZ. Small enough to leave a well-determined
@@ -77,6 +79,56 @@ def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge
         if int(info) == 0:
             return torch.cholesky_solve(b, chol)
     return torch.linalg.lstsq(a, b, driver="gelsd" if a.device.type == "cpu" else None).solution
+
+
+def ridge_cg(
+    gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float, *, start: torch.Tensor | None = None,
+    iterations: int = 60, tol: float = 1e-6,
+) -> torch.Tensor:
+    """:func:`ridge_refit` for one right-hand side by Jacobi-preconditioned conjugate gradients.
+
+    For systems too large to factorise each time; ``start`` warm-starts it.
+
+    >>> a = torch.randn(50, 8, dtype=torch.float64); x = torch.randn(8, dtype=torch.float64)
+    >>> g, c = a.T @ a, a.T @ (a @ x)
+    >>> torch.allclose(ridge_cg(g, c, torch.zeros(8, dtype=torch.float64), 0.0, iterations=50), x)
+    True
+    """
+    return _cg(lambda v: gram @ v, torch.diagonal(gram), cross, w0, ridge, start=start, iterations=iterations,
+               tol=tol)
+
+
+def _cg(
+    matvec: Any, diag: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float, *,
+    start: torch.Tensor | None = None, iterations: int = 60, tol: float = 1e-6,
+) -> torch.Tensor:
+    """Solve ``(A + λI) x = cross + λ w0`` given ``v ↦ A v`` and ``diag(A)``; λ = ridge · tr(A) / n."""
+    n = diag.shape[0]
+    lam = ridge * float(diag.sum()) / max(n, 1)
+    b = cross + lam * w0
+    d = diag + lam
+    inv = torch.where(d > 0, 1.0 / d, torch.ones_like(d))
+    x = (start if start is not None else w0).clone()
+    r = b - (matvec(x) + lam * x)
+    z = inv * r
+    p = z.clone()
+    rz = float(r @ z)
+    stop = tol * float(b.norm())
+    for _ in range(iterations):
+        if float(r.norm()) <= stop:
+            break
+        ap = matvec(p) + lam * p
+        pap = float(p @ ap)
+        if pap <= 0:
+            break
+        alpha = rz / pap
+        x += alpha * p
+        r -= alpha * ap
+        z = inv * r
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
 
 
 def residual(gram: torch.Tensor, cross: torch.Tensor, yy: float, w: torch.Tensor) -> float:
@@ -354,10 +406,14 @@ _ADD_MAX_ELEMENTS = 2**25
 def rows_cap(columns: int) -> int:
     """Sample positions (rows) a least-squares fit with ``columns`` unknowns per output keeps at most.
 
-    A few hundred rows per unknown pin the Gram matrix down; beyond that more rows only cost time (an
-    early, high-resolution layer sees millions of positions), so a uniform random subset is used.
+    Accumulating a Gram matrix costs rows × columns²; an early, high-resolution layer sees millions of
+    positions, far more than pin the fit down. So at most 2¹⁸ rows, fewer for wide layers (about 2³⁶
+    multiply-adds per layer), but never fewer than 32 per unknown; a seeded uniform subset is kept.
+
+    >>> rows_cap(145), rows_cap(577), rows_cap(4096)
+    (262144, 206408, 131072)
     """
-    return max(2**17, 256 * columns)
+    return max(32 * columns, min(2**18, 2**36 // max(columns, 1) ** 2))
 
 
 class _RowSampler:
@@ -452,9 +508,11 @@ class _Accumulator:
         return info
 
 
-#: largest im2col width (C_in·k²) and depthwise unknowns (C_dw·k²) the joint separable refit handles;
-#: wider layers refit their pointwise conv only (the Gram matrices grow with the square of these)
-SEPARABLE_MAX_COLUMNS = 4608
+#: largest im2col width (C_in·k², e.g. 128 channels at 3×3) the joint separable refit handles: its Gram
+#: matrix costs rows × width² to gather. Wider blocks refit their pointwise conv only.
+SEPARABLE_MAX_COLUMNS = 1152
+#: most depthwise unknowns (C_dw·k²) the depthwise step solves for; above, the pointwise step only
+DEPTHWISE_MAX_UNKNOWNS = 8192
 #: alternations of the depthwise and pointwise least-squares steps
 SEPARABLE_ITERATIONS = 4
 
@@ -565,53 +623,68 @@ class _SeparableAccumulator:
             gq, cq = t @ self.gram @ t.T, t @ self.cross
         else:
             gq, cq = self.gram, self.cross
-        c_dw = dw.out_channels
-        mult = c_dw // dw.in_channels
-        src = torch.arange(c_dw, device=dev) // mult  # the input channel each depthwise filter reads
-        idx = (src[:, None] * k2 + torch.arange(k2, device=dev)).reshape(-1)  # (filter, tap) → patch column
+        c_dw, c_mid = dw.out_channels, dw.in_channels
+        mult = c_dw // c_mid  # filter g = c·mult + j reads channel c
+        dq = c_mid * k2
+        g4 = gq[:dq, :dq].reshape(c_mid, k2, c_mid, k2)
+        c3 = cq[:dq].reshape(c_mid, k2, -1)
+        s2 = gq[:dq, dq].reshape(c_mid, k2) if self.has_bias else None  # Σ patches, for the bias
         d0 = dw.weight.detach().double().reshape(c_dw, k2)
         w0 = pw.weight.detach().double().reshape(pw.out_channels, c_dw).T
         if self.has_bias:
             w0 = torch.cat([w0, pw.bias.detach().double().unsqueeze(0)])
 
-        def expand(d: torch.Tensor) -> torch.Tensor:
-            """B(D) as a (C_dw [+1], patch columns [+1]) matrix."""
-            b = torch.zeros(c_dw, gq.shape[0] - self.has_bias, dtype=torch.float64, device=dev)
-            b.scatter_(1, idx.reshape(c_dw, k2), d)
+        def z_stats(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Gram and cross statistics of the depthwise outputs (and the constant, with a bias)."""
+            d3 = d.reshape(c_mid, mult, k2)
+            gz = torch.einsum("cjCs,CJs->cjCJ", torch.einsum("cjt,ctCs->cjCs", d3, g4), d3).reshape(c_dw, c_dw)
+            cz = torch.einsum("cjt,cto->cjo", d3, c3).reshape(c_dw, -1)
             if self.has_bias:
-                b = torch.block_diag(b, torch.ones(1, 1, dtype=torch.float64, device=dev))
-            return b
+                sz = torch.einsum("cjt,ct->cj", d3, s2).reshape(c_dw, 1)
+                gz = torch.cat([torch.cat([gz, sz], 1), torch.cat([sz.T, gq[dq:, dq:]], 1)])
+                cz = torch.cat([cz, cq[dq:]])
+            return gz, cz
 
         def pointwise_step(d: torch.Tensor) -> tuple[torch.Tensor, float]:
-            b = expand(d)
-            gz, cz = b @ gq @ b.T, b @ cq
+            gz, cz = z_stats(d)
             w = ridge_refit(gz, cz, w0, ridge)
             return w, residual(gz, cz, self.yy, w)
 
         def error(d: torch.Tensor, w: torch.Tensor) -> float:
-            b = expand(d)
-            return residual(b @ gq @ b.T, b @ cq, self.yy, w)
+            return residual(*z_stats(d), self.yy, w)
 
-        def depthwise_step(w: torch.Tensor) -> torch.Tensor:
-            p = w[:c_dw]  # (C_dw, C_out)
-            g = gq[:gq.shape[0] - self.has_bias, :gq.shape[0] - self.has_bias]
-            c = cq[:g.shape[0]]
-            if self.has_bias:  # the bias is fixed in this step: fit y − bias
-                c = c - torch.outer(gq[:g.shape[0], -1], w[c_dw])
-            h = g[idx][:, idx] * torch.kron(p @ p.T, torch.ones(k2, k2, dtype=torch.float64, device=dev))
-            rhs = ((c @ p.T)[idx.reshape(c_dw, k2), torch.arange(c_dw, device=dev)[:, None]]).reshape(-1)
-            sol = ridge_refit(h, rhs[:, None], d0.reshape(-1, 1), ridge)
-            return sol.reshape(c_dw, k2)
+        def depthwise_step(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            # the normal matrix is (W Wᵀ)[g, g'] · G[(c(g), t), (c(g'), t')] over (filter, tap) pairs
+            p3 = w[:c_dw].reshape(c_mid, mult, -1)
+            target = c3 if s2 is None else c3 - s2[..., None] * w[c_dw]  # the bias is fixed here: fit y − b
+            rhs = torch.einsum("cto,cjo->cjt", target, p3).reshape(-1)
+            pp = torch.einsum("cjo,CJo->cjCJ", p3, p3)
+            n = c_dw * k2
+            if n <= 4096:  # small enough to form: factorise, or CG with fast matrix-vector products
+                h = (pp[:, :, None, :, :, None] * g4[:, None, :, :, None, :]).reshape(n, n)
+                if n <= 1024:
+                    return ridge_refit(h, rhs[:, None], d0.reshape(-1, 1), ridge).reshape(c_dw, k2)
+                return ridge_cg(h, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
+            diag = (torch.diagonal(pp.reshape(c_dw, c_dw)).reshape(c_mid, mult, 1)
+                    * torch.diagonal(g4.reshape(dq, dq)).reshape(c_mid, 1, k2)).reshape(-1)
+
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                x = torch.einsum("cjCJ,CJs->cjCs", pp, v.reshape(c_mid, mult, k2))
+                return torch.einsum("ctCs,cjCs->cjt", g4, x).reshape(-1)
+
+            # large: conjugate gradients from the current filters, without forming the matrix; an inexact
+            # inner step is fine (the best (D, W) is kept by its true error)
+            return _cg(matvec, diag, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
 
         before = error(d0, w0)
         best = (before, d0, w0)
-        joint = c_dw * k2 <= SEPARABLE_MAX_COLUMNS
+        joint = c_dw * k2 <= DEPTHWISE_MAX_UNKNOWNS
         d = d0
         w, err = pointwise_step(d)
         if err < best[0]:
             best = (err, d, w)
         for _ in range(self.iterations if joint else 0):
-            d = depthwise_step(w)
+            d = depthwise_step(w, d)
             w, err = pointwise_step(d)
             if not math.isfinite(err) or not torch.isfinite(d).all() or not torch.isfinite(w).all():
                 break
