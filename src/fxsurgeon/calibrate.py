@@ -2,24 +2,30 @@
 
 A data-free rewrite (e.g. a separable conv from a truncated SVD) is the best approximation of the *weight*;
 what matters is the layer's *output* on the data the model sees, and the error that earlier approximations
-pass down. :func:`calibrate` walks the converted layers in network order and, for each, refits its final
-linear map (the pointwise 1×1 conv of a :class:`~fxsurgeon.modules.SeparableConv2d`) by regularised least
-squares:
+pass down. :func:`calibrate` walks the rewritten layers in network order and refits each by regularised
+least squares
 
     W = argmin ||Z W − Y||² + λ ||W − W₀||²,   λ = ridge · tr(ZᵀZ) / d
 
 where Z are the layer's inputs *in the converted model so far* (so each refit also corrects the error that
 reaches it from the layers before) and Y the outputs of the original layer *in the original model*. The
 shrinkage is towards the data-free weights W₀, so with little data the refit stays near them. Only
-sufficient statistics (ZᵀZ, ZᵀY, YᵀY) are kept, so memory does not grow with the amount of data. Then the
-BatchNorm statistics downstream of the rewrites are re-estimated on the converted model when that lowers
-the model's output error on the calibration data (``bn="auto"``).
+sufficient statistics are kept (Gram matrices; on a seeded subset of the images where a layer would see
+millions of positions), so memory does not grow with the amount of data.
 
-Which layer to refit against which reference comes from the record: by default, the rewrite's target in the
-original model is the reference and the last child of the replacement, when it is a 1×1 conv or a Linear, is
-refit (``rewrite.details["refit"]``, a list of ``{"layer": ..., "reference": ...}``, overrides that for
-rewrites of other shapes). The separable pass's rewrites need nothing more; passes that change the graph can
-say what to refit there.
+* A :class:`~fxsurgeon.modules.SeparableConv2d` (either form) is refit from the im2col statistics of its
+  input: the pointwise weights and the depthwise filters alternate, each step an exact least-squares solve
+  on the same statistics (:class:`_SeparableAccumulator`).
+* Any other rewrite refits its last linear layer: the replacement itself when it is a groups=1 conv or a
+  Linear, else its last child. A rewrite of a graph site rather than a module (a channel-reducing concat
+  fusion) refits the consumers it narrowed (``details["consumers"]`` or ``details["sites"][i]["consumers"]``)
+  against the same-named layers of the original; ``details["refit"] = [{"layer": ..., "reference": ...}]``
+  says it explicitly. Exact rewrites are left alone.
+
+Then the statistics of BatchNorm layers downstream of the rewrites are re-estimated exactly, in network
+order, and kept when that lowers the model's output error on the calibration data (``bn="auto"``). GraphModules
+run node by node over all batches at once (each node once per batch, :class:`_Stepper`); other models, or
+data too large to hold, re-run the network up to each layer batch by batch.
 """
 
 from __future__ import annotations
@@ -408,7 +414,8 @@ def rows_cap(columns: int) -> int:
 
     Accumulating a Gram matrix costs rows × columns²; an early, high-resolution layer sees millions of
     positions, far more than pin the fit down. So at most 2¹⁸ rows, fewer for wide layers (about 2³⁶
-    multiply-adds per layer), but never fewer than 32 per unknown; a seeded uniform subset is kept.
+    multiply-adds per layer), but never fewer than 32 per unknown; a seeded uniform subset of the images
+    is kept.
 
     >>> rows_cap(145), rows_cap(577), rows_cap(4096)
     (262144, 206408, 131072)
@@ -416,8 +423,13 @@ def rows_cap(columns: int) -> int:
     return max(32 * columns, min(2**18, 2**36 // max(columns, 1) ** 2))
 
 
-class _RowSampler:
-    """Keeps a seeded uniform random fraction of the rows, decided from the first batch and the data size."""
+class _Sampler:
+    """Keeps a seeded uniform random subset of the samples (images), sized so the rows fit :func:`rows_cap`.
+
+    The fraction is decided on the first batch from its rows per sample and the total number of samples.
+    Whole samples are dropped before any unfolding, so a high-resolution layer costs no more than a small
+    one.
+    """
 
     def __init__(self, samples: int | None, columns: int) -> None:
         self.samples = samples
@@ -425,15 +437,16 @@ class _RowSampler:
         self.fraction: float | None = None if samples else 1.0
         self.gen = torch.Generator().manual_seed(0)
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() < 2 or y.shape[0] != x.shape[0]:
+            return x, y
         if self.fraction is None:
-            per_sample = z.shape[0] / max(batch, 1)
-            self.fraction = min(1.0, rows_cap(self.columns) / max(per_sample * self.samples, 1.0))
+            self.fraction = min(1.0, rows_cap(self.columns) / max(rows_per_sample * self.samples, 1.0))
         if self.fraction >= 1.0:
-            return z, t
-        k = max(1, round(z.shape[0] * self.fraction))
-        idx = torch.randperm(z.shape[0], generator=self.gen)[:k].to(z.device)
-        return z[idx], t[idx]
+            return x, y
+        k = max(1, round(x.shape[0] * self.fraction))
+        idx = torch.randperm(x.shape[0], generator=self.gen)[:k].to(x.device)
+        return x[idx], y[idx]
 
 
 class _Accumulator:
@@ -454,16 +467,21 @@ class _Accumulator:
         self.cross = torch.zeros(d, c, dtype=torch.float64, device=w0.device)
         self.yy = 0.0
         self.n = 0
-        self.sample = _RowSampler(samples, d)
+        self.sample = _Sampler(samples, d)
         self.info = LayerRefit(spec.target, spec.layer, spec.reference)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Add one call's layer input ``x`` and target ``y``; False (with the reason) when they do not fit."""
+        channels = y.shape[-1] if self.linear else (y.shape[1] if y.dim() > 1 else 1)
+        x, y = self.sample(x, y, y[0].numel() // max(channels, 1) if y.dim() > 1 else 1)
+        return self._add(x, y)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         # k×k convs unfold into C·k² columns per position: go through the batch in slices to bound memory
         cols = self.w0.shape[0] * (1 if self.linear else max(1, x[0].numel() // max(x.shape[1], 1)))
         step = max(1, _ADD_MAX_ELEMENTS // max(cols, 1)) if x.dim() > 1 and x.shape[0] > 1 else max(x.shape[0], 1)
         if x.dim() > 1 and x.shape[0] > step and y.shape[0] == x.shape[0]:
-            return all(self.add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+            return all(self._add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
         z, t = _input_rows(x, self.layer), _rows(y, self.linear)
         if t.shape[0] != z.shape[0] or t.shape[1] != self.w0.shape[1] or z.shape[1] + self.has_bias != self.w0.shape[0]:
             self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the layer's input "
@@ -471,7 +489,7 @@ class _Accumulator:
             return False
         # float32 products per batch are accurate enough for the Gram matrix; the running sums are float64
         prec = torch.float64 if z.dtype == torch.float64 else torch.float32
-        z, t = self.sample(z.to(prec), t.to(prec), x.shape[0] if x.dim() > 1 else 1)
+        z, t = z.to(prec), t.to(prec)
         if self.has_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         self.gram += (z.T @ z).double()
@@ -577,15 +595,19 @@ class _SeparableAccumulator:
         self.cross = torch.zeros(d, self.pw.out_channels, dtype=torch.float64, device=dev)
         self.yy = 0.0
         self.n = 0
-        self.sample = _RowSampler(samples, d)
+        self.sample = _Sampler(samples, d)
         self.info = LayerRefit(spec.target, spec.layer, spec.reference)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        x, y = self.sample(x, y, y[0].numel() // max(y.shape[1], 1) if y.dim() > 1 else 1)
+        return self._add(x, y)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         dw = self.dw
         per_sample = self.gram.shape[0] * max(1, y[0].numel() // max(y.shape[1], 1)) if y.dim() > 1 else 1
         step = max(1, _ADD_MAX_ELEMENTS // max(per_sample, 1))
         if x.shape[0] > step and y.shape[0] == x.shape[0]:
-            return all(self.add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+            return all(self._add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
         prec = torch.float64 if x.dtype == torch.float64 else torch.float32
         cols = torch.nn.functional.unfold(x.detach().to(prec), dw.kernel_size, dilation=dw.dilation,
                                           padding=_conv_padding(dw), stride=dw.stride)
@@ -595,7 +617,6 @@ class _SeparableAccumulator:
             self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the block's input "
                                 f"{tuple(x.shape)}")
             return False
-        z, t = self.sample(z, t, x.shape[0])
         if self.has_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
         self.gram += (z.T @ z).double()
