@@ -75,6 +75,20 @@ HOOKS = textwrap.dedent('''
 
     def zero_branch():
         return ZeroBranch()
+
+    class Chaotic(nn.Module):
+        """Amplifies rounding: no output comparison can tell an exact rewrite from a wrong one."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.pretrained_cfg = {"input_size": (8, 8, 8)}
+
+        def forward(self, x):
+            return (self.conv(x) * 1e7).sin()
+
+    def chaotic():
+        return Chaotic()
 ''')
 
 EXACT = {"separable": {"multiplier": "full"}}
@@ -116,6 +130,13 @@ def test_perturbed_init_lets_verification_see_silenced_branches(hooks):
     assert seen["perturbed"] == 1 and seen["rel_error"] > 1e-3  # the zero bn weight; its zero bias adds
     exact = convert_one(Job("batchhooks:zero_branch", recipe=EXACT, count_macs=False))
     assert exact["rel_error"] <= 1e-4
+
+
+def test_chaotic_model_is_reported_unverifiable(hooks):
+    with pytest.raises(SurgeryError, match=r"unverifiable: .* numerically chaotic .* changes its output by"):
+        convert_one(Job("batchhooks:chaotic", recipe=EXACT, count_macs=False))
+    res = run_isolated(Job("batchhooks:chaotic", recipe=EXACT, count_macs=False))
+    assert res["status"] == "error" and res["cause"].startswith("unverifiable: the random-init model is")
 
 
 def test_silencing_params_found():

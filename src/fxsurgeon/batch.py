@@ -64,6 +64,7 @@ __all__ = [
     "expand_models",
     "latest_results",
     "perturb_constant_params",
+    "rounding_sensitivity",
     "run_batch",
     "run_isolated",
     "silencing_params",
@@ -182,7 +183,12 @@ def convert_one(job: Job, phase: Callable[[str], None] | None = None) -> dict[st
     out["input_shape"] = list(x.shape)
     tell("convert")
     recipe = dict(job.recipe)
-    converted = convert(model, example_inputs=x, **recipe)
+    try:
+        converted = convert(model, example_inputs=x, **recipe)
+    except SurgeryError as exc:
+        if "claim to be exact" in str(exc):
+            _raise_if_chaotic(model, x, exc, recipe.get("tolerance"))
+        raise
     rec = get_record(converted)
     steps.update({f"convert.{k}": v for k, v in rec.seconds.items()})
     out.update(status="ok", params_before=rec.params_before, params_after=rec.params_after,
@@ -212,6 +218,38 @@ _PERTURB_SCHEME = "zero-gates-U(0.05,0.15)"
 # zero-initialised parameters that add rather than multiply: they silence nothing, and shifting every bias
 # of a deep random network makes its activations grow without bound
 _NOT_GATES = ("bias", "token", "embed", "pos")
+
+
+def rounding_sensitivity(model, x, delta: float = 1e-6) -> float:
+    """Relative output change of ``model`` when its input is scaled by ``1 + delta``: ~delta when tame.
+
+    A network whose output moves by much more than ``delta`` amplifies float rounding: comparing outputs
+    cannot tell an exact rewrite (whose only change is rounding) from a wrong one.
+    """
+    import torch
+
+    from .convert import compare_outputs
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, rel = compare_outputs(model(x), model(x * (1 + delta)))
+    finally:
+        model.train(was)
+    return rel
+
+
+def _raise_if_chaotic(model, x, exc: Exception, tolerance: float | None) -> None:
+    """After an exactness failure: when the original itself amplifies rounding past the tolerance, say so."""
+    tol = tolerance if tolerance is not None else 1e-4
+    sens = rounding_sensitivity(model, x)
+    if sens > tol:
+        raise SurgeryError(
+            f"unverifiable: this randomly initialised model is numerically chaotic — scaling its input by "
+            f"1 + 1e-6 changes its output by {sens:.3g} (relative L2), more than the tolerance {tol:g}, so float "
+            f"rounding alone fails an exact comparison ({exc})"
+        ) from exc
 
 
 def perturb_constant_params(model, seed: int = 0) -> int:
@@ -1082,6 +1120,8 @@ def error_cause(result: dict[str, Any]) -> str:
         m = re.search(r"`[^`]*`: ([A-Za-z_][\w.]*(Error|Exception)[^.]*)", inner)
         inner = m.group(1) if m else inner
         return "trace: " + _normalise(inner)
+    if err.startswith("SurgeryError: unverifiable: this randomly initialised model is numerically chaotic"):
+        return "unverifiable: the random-init model is numerically chaotic (amplifies float rounding)"
     if "changed" in err and "output" in err and "exact" in err:
         return "exact rewrites changed the output"
     if "out of memory" in err:
