@@ -50,12 +50,21 @@ def test_shipped_recipe_header_loads_and_converts(path):
     if path.name == "exact.yaml":
         assert rec.exact and rec.verification.rel_error <= 1e-4
         assert {r.pass_name for r in rec.rewrites} >= {"separable", "conv_head"}
-    if path.name == "mobile.yaml":
+    if path.name.startswith("mobile"):
         assert rec.params_after < rec.params_before
     if path.name == "fully_conv.yaml":
         assert rec.exact and {r.pass_name for r in rec.rewrites} == {"conv_head"}
         y = converted(torch.randn(2, 3, 24, 20))  # any input size now
         assert y.shape == (2, 10)
+
+
+def test_mobile_budget_meets_its_mac_target():
+    recipe = load_recipe(RECIPES[0].parent / "mobile_budget.yaml")
+    model = _tiny()
+    x = torch.randn(1, 3, 16, 16)
+    converted = fxsurgeon.convert(model, example_inputs=x, **recipe)
+    report = fxsurgeon.savings(model, converted, x, measure_fidelity=False, torch_cross_check=False)
+    assert report.macs_after <= recipe["separable"]["target_macs"] * report.macs_before
 
 
 def test_empty_recipe_is_convert_defaults(tmp_path):
