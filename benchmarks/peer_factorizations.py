@@ -16,8 +16,9 @@ Every 3×3 conv but the stem is rewritten (18 layers), at the same whole-model M
 MACs are fvcore's (one multiply-add = one "flop"), plus every elementwise ``aten::mul`` output element (the
 peer's CP-weight multiply; fxsurgeon folds those weights, so it has none). Accuracy is on x[1::2] (5,000
 JPEG test images, original 81.06 %); calibration sees x[0::2] only. Conversion time is wall time of the
-whole conversion; CPU latency is the median of ``fxsurgeon.benchmark`` at batch 1 and 64, on however many
-threads torch uses here (a shared machine makes these noisy: compare within one run). The JSON has every row.
+whole conversion, each from a cold decomposition cache; CPU latency is the median of ``fxsurgeon.benchmark``
+at batch 1 and 64 on one thread (a shared machine makes timings noisy: compare within one run). The JSON
+has every row, with each fxsurgeon layer's form, rank, MACs and weight error.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    res = fxsurgeon.benchmark(model, x[:1], device="cpu", batch_sizes=[1, 64], warmup=5, iters=30)
+    # one intra-op thread: on a shared machine, thread hand-offs make multi-threaded timings swing by 2-5x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = fxsurgeon.benchmark(model, x[:1], device="cpu", batch_sizes=[1, 64], warmup=5, iters=30)
+    finally:
+        torch.set_num_threads(threads)
     return {f"b{b}": res.row(b).latency_ms_median for b in (1, 64)}
 
 
@@ -182,6 +189,12 @@ def main() -> None:
     probe = x_eval[:1]
     total = macs(base, probe)
     rows: list[dict] = []
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                    "original_macs": total, "rows": rows}, indent=1))
 
     def record(method: str, target: float | None, model: nn.Module, seconds: float, **extra) -> None:
         row = {"method": method, "target": target, "mac_ratio": macs(model, probe) / total,
@@ -189,6 +202,7 @@ def main() -> None:
         if not args.no_latency:
             row["cpu_latency_ms"] = latency_ms(model, x_eval)
         rows.append(row)
+        save()  # after every row: a long run that dies keeps what it measured
         lat = row.get("cpu_latency_ms", {})
         print(f"{method:58s} target {target if target is not None else '-':>5} MACs {row['mac_ratio']:.4f} "
               f"acc {row['accuracy']:6.2f} %  convert {seconds:6.1f} s  "
@@ -242,10 +256,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 record(f"TensorLy-Torch CP {impl}, seed {seed}", target, model, seconds, rank_ratio=ratio)
 
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                "original_macs": total, "rows": rows}, indent=1))
+    save()
     print(f"\nwrote {path}")
     print("\n| method | target | MACs (fvcore + mul) | accuracy x[1::2] | convert (s) | CPU latency b1 / b64 (ms) |")
     print("|---|---|---|---|---|---|")

@@ -203,3 +203,52 @@ def test_concat_fusion_reduce_consumers_are_refit():
     assert c["layer"] == "head" and c["refit"] and c["error_after"] < c["error_before"]
     report = rec.extras["calibration"]
     assert report["output_error_after"] < report["output_error_before"]
+
+
+def test_calibrated_model_saves_and_loads(tmp_path):
+    from fxsurgeon.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    small = fxsurgeon.convert(model, calibration=[torch.randn(4, 3, 32, 32)], source=resnet20,
+                              separable=dict(multiplier=2))
+    path = tmp_path / "small.safetensors"
+    fxsurgeon.save(small, path)
+    again = fxsurgeon.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small(x))
+    assert fxsurgeon.get_record(again).extras["calibration"]["output_error_after"] is not None
+
+
+def _distill_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
+    spec = importlib.util.spec_from_file_location("fxsurgeon_recipe_distill", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_distill_recipe_moves_the_student_towards_the_teacher():
+    recipe = _distill_recipe()
+    teacher = trained_cnn()
+    student = fxsurgeon.convert(teacher, separable=dict(multiplier=1))
+    student.train()  # modes are the caller's: restored after distilling
+    g = torch.Generator().manual_seed(4)
+    images = make_task(128, g)[0]
+    held_out = make_task(128, g)[0]
+    with torch.no_grad():
+        ref = teacher(held_out)
+        before = rel_err(student.eval()(held_out), ref)
+    student.train()
+    stats = recipe.distill(student, teacher, images, epochs=6, batch_size=32, augment=None, progress=False)
+    assert student.training and not teacher.training
+    assert all(p.is_contiguous() for p in student.parameters())  # back from channels-last
+    assert stats["steps"] == 24 and stats["loss_last"] < stats["loss_first"]
+    with torch.no_grad():
+        assert rel_err(student.eval()(held_out), ref) < before
+    aug = recipe.cifar_augment(images[:4], torch.Generator().manual_seed(0))
+    assert aug.shape == images[:4].shape
