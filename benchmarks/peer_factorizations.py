@@ -238,7 +238,7 @@ def main() -> None:
                                  "relative_error": r.details.get("relative_error"),
                                  "macs_after": r.details.get("macs_after")}
                       for r in rec.rewrites if r.pass_name == "separable"}
-            extra = {"layers": layers, "seconds": dict(rec.seconds)}
+            extra = {"layers": layers, "pass_seconds": dict(rec.seconds)}
             if method == "fxsurgeon auto, target_macs, weighting=bn":
                 clear_cache()
                 again = fxsurgeon.convert(base, separable=opts, conv_head=False, example_inputs=probe)
