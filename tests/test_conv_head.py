@@ -513,11 +513,26 @@ def test_fully_convolutional_224_model_at_320(built):
 
 
 @pytest.mark.timm
-def test_timm_shapes_derived_without_example_inputs(built):
-    model = built("resnet18")
+def test_timm_shapes_derived_only_when_they_decide(built):
+    # ResNet's ClassifierHead, ConvNeXt's pool → permute → layer_norm → permute → flatten and MobileNetV3's
+    # pool → 1×1 conv → act → flatten prove themselves: no shape pass over the model
+    for name in ("resnet18", "convnext_atto", "mobilenetv3_small_100"):
+        rw, _ = records(convert(built(name)))
+        assert rw[0].details["shapes"] == "none: matched structurally (the head's form needs none)", name
+    # a bare squeeze() needs shapes: for a timm model they are derived from its pretrained_cfg
+    class SqueezeHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+            self.pretrained_cfg = {"input_size": (3, 16, 16)}
+
+        def forward(self, x):
+            return self.fc(F.adaptive_avg_pool2d(self.body(x), 1).squeeze())
+
+    model = SqueezeHead().eval()
     out = convert(model)
     rw, _ = records(out)
-    assert rw[0].details["shapes"].startswith("derived: ShapeProp at pretrained_cfg input_size [3, 224, 224]")
+    assert rw[0].details["shapes"].startswith("derived: ShapeProp at pretrained_cfg input_size [3, 16, 16]")
     tv = convert(built("tv_resnet18"))
     assert records(tv)[0][0].details["shapes"].startswith("none: matched structurally")
     x = torch.randn(2, 3, 64, 64)

@@ -791,12 +791,64 @@ def _check_ranks(ctx: _Context, source: fx.Node, source_rank: int | None, nodes:
 
 
 def _rank(ctx: _Context, node: fx.Node, gap: Gap | None) -> int | None:
-    """2, 3 or 4 for a pooled (N, C[, 1[, 1]]) tensor, -1 for anything else, None when unknown."""
+    """2, 3 or 4 for a pooled (N, C[, 1[, 1]]) tensor, -1 for anything else, None when unknown.
+
+    From ShapeProp shapes when there are any, else followed structurally from the pool (:func:`_layout`).
+    """
     shape = _shape(node)
     if shape is not None:
         return len(shape) if _pooled_like(shape) else -1
-    if gap is not None and node is gap.node and gap.structural:
-        return 4 if gap.keep4d else 2
+    layout = _layout(ctx, node, gap)
+    if layout is None:
+        return None
+    return len(layout) if layout[:2] == ("N", "C") and set(layout[2:]) <= {"1"} else -1
+
+
+def _permutation(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    dims = tuple(d % rank for d in dims)
+    return dims if sorted(dims) == list(range(rank)) else None
+
+
+def _layout(ctx: _Context, node: fx.Node, gap: Gap | None, depth: int = 0) -> tuple[str, ...] | None:
+    """Without shapes: where batch ("N"), channels ("C") and singleton ("1") dims of a pooled tensor sit.
+
+    Followed from a structural pool through operations that act per position and keep the rank — identity,
+    dropout, activations, 1×1 convs, norms over the channels (BatchNorm, timm ``LayerNorm2d``, ``F.layer_norm``
+    over a channels-last last dim) — and ``permute``; None as soon as anything else (or an unknown) comes.
+    """
+    if gap is None or depth > _MAX_HEAD_DEPTH or _shape(node) is not None:
+        return None
+    if node is gap.node:
+        return (("N", "C", "1", "1") if gap.keep4d else ("N", "C")) if gap.structural else None
+    ins = _data_inputs(node)
+    if len(ins) != 1:
+        return None
+    src = _layout(ctx, ins[0], gap, depth + 1)
+    if src is None:
+        return None
+    kind = _kind(ctx, node)
+    if kind in (IDENTITY, DROPOUT, ELEMENTWISE):
+        return src
+    if kind == POINTWISE:
+        return src if src == ("N", "C", "1", "1") else None
+    if node.op == "call_method" and node.target == "permute":
+        dims = _permutation(node, len(src))
+        return tuple(src[d] for d in dims) if dims is not None else None
+    if node.op == "call_function" and node.target is F.layer_norm:
+        normalized = _arg(node, 1, "normalized_shape")
+        ok = (isinstance(normalized, (tuple, list)) and len(normalized) == 1) or isinstance(normalized, int)
+        return src if ok and src[-1] == "C" else None
+    if node.op == "call_module":
+        mod = _module(ctx.gm, node)
+        if type(mod) is nn.BatchNorm2d or _is_timm(mod, "LayerNorm2d") or _is_timm(mod, "BatchNormAct2d"):
+            return src if src == ("N", "C", "1", "1") else None
+        if type(mod) is nn.LayerNorm and len(mod.normalized_shape) == 1:
+            return src if src[-1] == "C" else None
     return None
 
 
@@ -1027,6 +1079,30 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
+def _shapes_would_decide(gm: fx.GraphModule, matches: list[HeadMatch], skipped: list[Skip],
+                         fully_convolutional: bool) -> bool:
+    """Whether derived shapes could change the outcome: a head waits for shapes, or a match is ambiguous without.
+
+    A match whose every check passes structurally (timm's ``ClassifierHead``, ``AdaptiveAvgPool2d(1)`` then
+    ``flatten(1)``, ...) is converted the same with or without shapes, so the shape derivation — a pass over the
+    whole model, the bulk of this pass's time — is left out for it.
+    """
+    if any("shapes are needed" in s.reason for s in skipped):
+        return True
+    ctx = _context(gm)
+    for match in matches:
+        if _shape(match.linear) is None and gm.get_submodule(match.name).weight.shape[1] == 1:
+            return True
+        if fully_convolutional and _fc_refusal(ctx, match) is None and _check_ranks(
+                ctx, match.gap.node, _rank(ctx, match.gap.node, match.gap), match.chain, match.linear)[0]:
+            return True
+        for target in (match.linear, *(n for n in match.chain if _kind(ctx, n) == LINEAR)):
+            source, seg = _segment(ctx, target)
+            if _check_ranks(ctx, source, _rank(ctx, source, match.gap), seg, target)[0]:
+                return True
+    return False
+
+
 def _derive_shapes(gm: fx.GraphModule) -> tuple[str | None, str | None]:
     """Run ShapeProp on an input of a timm model's ``pretrained_cfg["input_size"]``: (how, None) or (None, why not)."""
     cfg = getattr(gm, "pretrained_cfg", None) or getattr(gm, "default_cfg", None)
@@ -1102,8 +1178,10 @@ def conv_head(gm: fx.GraphModule, *, fully_convolutional: bool = False) -> PassR
     _expand_classifier_head(gm)
     shapes, no_shapes = ("shape_prop", None) if _has_shapes(gm) else (None, None)
     matches, skipped = find_heads(gm)
-    if not shapes and (matches or any("shapes are needed" in s.reason for s in skipped)):
+    if not shapes and _shapes_would_decide(gm, matches, skipped, fully_convolutional):
         shapes, no_shapes = _derive_shapes(gm)
+    elif not shapes:
+        no_shapes = "the head's form needs none"
         if shapes:
             matches, skipped = find_heads(gm)
     label = shapes or f"none: matched structurally ({no_shapes})"
