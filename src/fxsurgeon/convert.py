@@ -265,11 +265,14 @@ def convert(
         call_opts = opts
         if calib_batches is not None and "calibration" in info.options() and "calibration" not in opts:
             call_opts = {**opts, "calibration": calib_batches}
+        before, code = _graph_state(gm.graph), gm.code
         result = info.fn(gm, **call_opts)
         shapes_stale = shapes_stale or bool(result.rewrites)
         result.stamp(name)
         gm.graph.lint()
-        gm.recompile()
+        # passes end with lint + recompile (STYLE.md); recompile for one that changed the graph and did not
+        if gm.code is code and not _same_graph(before, _graph_state(gm.graph)):
+            gm.recompile()
         record.rewrites += result.rewrites
         record.skipped += result.skipped
         record.extras.update(gm.meta.pop("fxsurgeon_extras", None) or {})  # pass-level figures (e.g. budgets)
@@ -315,6 +318,17 @@ def convert(
     gm.meta[_PRESERVED_KEY] = {a: gm.__dict__[a] for a in (RECORD_ATTR, *_CARRIED_ATTRS) if a in gm.__dict__}
     _warn_lost_hooks(hooked, gm)
     return gm
+
+
+def _graph_state(graph: fx.Graph) -> list[tuple]:
+    """What a pass can change in a graph: its nodes and their ops, targets, args and kwargs (kept alive, by identity)."""
+    return [(n, n.op, n.target, n.args, n.kwargs) for n in graph.nodes]
+
+
+def _same_graph(a: list[tuple], b: list[tuple]) -> bool:
+    """No node added, removed, reordered or re-pointed: then the generated code is still current."""
+    return len(a) == len(b) and all(x[0] is y[0] and x[1] == y[1] and x[2] is y[2] and x[3] is y[3] and x[4] is y[4]
+                                    for x, y in zip(a, b))
 
 
 def _warn_lost_hooks(hooked: dict[str, list[str]], gm: fx.GraphModule) -> None:

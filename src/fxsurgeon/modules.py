@@ -73,6 +73,9 @@ def make_separable(
     factors = separable_factors(conv.weight, multiplier) if init == "svd" else None
     m = factors.multiplier if factors is not None else min(multiplier, c_out, kh * kw)
     factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+    if factors is not None and not conv.weight.is_meta:
+        # the weights are overwritten below: build on the meta device and skip PyTorch's random init
+        factory = {"device": "meta", "dtype": conv.weight.dtype}
     if cls is nn.Conv2d:
         dw = nn.Conv2d(
             c_in, c_in * m, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
@@ -82,6 +85,8 @@ def make_separable(
         dw = cls(c_in, c_in * m, (kh, kw), stride=conv.stride, dilation=conv.dilation, groups=c_in, bias=False)
         dw = dw.to(**factory)
     pw = nn.Conv2d(c_in * m, c_out, 1, bias=conv.bias is not None, **factory)
+    if factory["device"] == "meta":
+        dw, pw = dw.to_empty(device=conv.weight.device), pw.to_empty(device=conv.weight.device)
     with torch.no_grad():
         if factors is not None:
             dw.weight.copy_(factors.depthwise)
