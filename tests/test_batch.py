@@ -85,10 +85,19 @@ HOOKS = textwrap.dedent('''
             self.pretrained_cfg = {"input_size": (8, 8, 8)}
 
         def forward(self, x):
-            return (self.conv(x) * 1e7).sin()
+            return (self.conv(x) * 1e12).sin()
 
     def chaotic():
         return Chaotic()
+
+    class Touchy(Chaotic):
+        """Amplifies rounding 1e5-fold: float32 comparisons fail, float64 ones still tell."""
+
+        def forward(self, x):
+            return (self.conv(x) * 1e5).sin()
+
+    def touchy():
+        return Touchy()
 ''')
 
 EXACT = {"separable": {"multiplier": "full"}}
@@ -130,6 +139,13 @@ def test_perturbed_init_lets_verification_see_silenced_branches(hooks):
     assert seen["perturbed"] == 1 and seen["rel_error"] > 1e-3  # the zero bn weight; its zero bias adds
     exact = convert_one(Job("batchhooks:zero_branch", recipe=EXACT, count_macs=False))
     assert exact["rel_error"] <= 1e-4
+
+
+def test_model_chaotic_in_float32_is_verified_in_float64(hooks):
+    res = convert_one(Job("batchhooks:touchy", recipe=EXACT, count_macs=False))
+    assert res["status"] == "ok" and res["verified"] and res["verified_dtype"] == "float64"
+    assert res["rel_error"] <= 1e-9
+    assert convert_one(Job("batchhooks:ok", recipe=EXACT, count_macs=False))["verified_dtype"] is None
 
 
 def test_chaotic_model_is_reported_unverifiable(hooks):
