@@ -533,6 +533,13 @@ def test_timm_shapes_derived_only_when_they_decide(built):
     out = convert(model)
     rw, _ = records(out)
     assert rw[0].details["shapes"].startswith("derived: ShapeProp at pretrained_cfg input_size [3, 16, 16]")
+
+    class MeanHead(SqueezeHead):  # a mean is only a global pool by the shapes: matched after deriving them
+        def forward(self, x):
+            return self.fc(self.body(x).mean((2, 3)))
+
+    mean_rw, _ = records(convert(MeanHead().eval()))
+    assert len(mean_rw) == 1 and mean_rw[0].details["shapes"].startswith("derived: ShapeProp")
     tv = convert(built("tv_resnet18"))
     assert records(tv)[0][0].details["shapes"].startswith("none: matched structurally")
     x = torch.randn(2, 3, 64, 64)

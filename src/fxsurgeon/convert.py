@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 from . import __version__
 from .bench import ieee_fp32
 from .errors import SurgeryError
-from .graph import describe, module_aliases, propagate_shapes
+from .graph import describe, propagate_shapes
 from .io import describe_tracing, infer_source, normalize_source
 from .passes import Skip, get_pass, list_passes
 from .record import RECORD_ATTR, Conversion, Verification
@@ -269,9 +269,9 @@ def convert(
         result = info.fn(gm, **call_opts)
         shapes_stale = shapes_stale or bool(result.rewrites)
         result.stamp(name)
-        gm.graph.lint()
-        # passes end with lint + recompile (STYLE.md); recompile for one that changed the graph and did not
+        # passes end with lint + recompile (STYLE.md); do both for one that changed the graph and did not
         if gm.code is code and not _same_graph(before, _graph_state(gm.graph)):
+            gm.graph.lint()
             gm.recompile()
         record.rewrites += result.rewrites
         record.skipped += result.skipped
@@ -366,10 +366,13 @@ def _dropped_by_trace(model: nn.Module, gm: fx.GraphModule) -> list[Skip]:
     """Spatial convs of the original that the traced forward never uses: fx leaves them out of the result."""
     kept = {name for name, _ in gm.named_modules()}
     out = []
-    for names in module_aliases(model).values():
+    spatial: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.modules.conv._ConvNd) and any(k > 1 for k in mod.kernel_size):
+            spatial.setdefault(id(mod), []).append(name)
+    for names in spatial.values():
         mod = model.get_submodule(names[0]) if names[0] else model
-        spatial = isinstance(mod, nn.modules.conv._ConvNd) and any(k > 1 for k in mod.kernel_size)
-        if spatial and not any(n in kept for n in names):
+        if not any(n in kept for n in names):
             out.append(Skip(names[0], "not used by the traced forward: torch.fx leaves it out of the "
                                       "converted model", pass_name="trace", details={"module": describe(mod)}))
     return out

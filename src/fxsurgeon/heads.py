@@ -83,7 +83,8 @@ def conv1x1_from_linear_params(weight: torch.Tensor, bias: torch.Tensor | None) 
         raise TypeError(f"expected a (K, C) weight and a (K,) bias, got {tuple(weight.shape)} and "
                         f"{None if bias is None else tuple(bias.shape)}")
     k, c = weight.shape
-    conv = nn.Conv2d(c, k, 1, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    # built on the meta device and then given memory: PyTorch's random init would be overwritten at once
+    conv = nn.Conv2d(c, k, 1, bias=bias is not None, device="meta", dtype=weight.dtype).to_empty(device=weight.device)
     with torch.no_grad():
         conv.weight.copy_(weight.detach().reshape(k, c, 1, 1))
         if bias is not None:
@@ -195,32 +196,35 @@ def _restore_conv_head_module(fn: Callable[..., fx.GraphModule], args: tuple) ->
     return _set_class(fn(*args), ConvHeadGraphModule)
 
 
-def _set_class(gm: fx.GraphModule, cls: type[fx.GraphModule]) -> fx.GraphModule:
+def _set_class(gm: fx.GraphModule, cls: type[fx.GraphModule], recompile: bool = True) -> fx.GraphModule:
     """Make ``gm`` an instance of ``cls`` (a GraphModule subclass), in place.
 
     Every GraphModule instance has its own singleton class ``GraphModuleImpl`` holding its generated
-    ``forward``; a new singleton deriving from ``cls`` replaces it, and ``recompile`` installs ``forward`` there.
+    ``forward``; a new singleton deriving from ``cls`` replaces it, and ``recompile`` installs ``forward`` there
+    (``recompile=False``: the caller recompiles next, and ``gm`` cannot be called until it has).
     """
     if isinstance(gm, cls):
         return gm
     impl = type("GraphModuleImpl", (cls,), {"__module__": cls.__module__})
     impl.__name__ = type(gm).__name__  # GraphModule shows the traced model's class name
     gm.__class__ = impl
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return gm
 
 
-def adopt_head_api(gm: fx.GraphModule, info: dict[str, Any]) -> fx.GraphModule:
+def adopt_head_api(gm: fx.GraphModule, info: dict[str, Any], *, recompile: bool = True) -> fx.GraphModule:
     """Attach the head description ``info`` to ``gm`` and make it a :class:`ConvHeadGraphModule`, in place.
 
     ``info`` has at least ``classifier`` (qualified name of the 1×1 conv) and ``in_channels``; the pass adds
     ``fully_convolutional``, the reason it was refused if it was, and the pool's description. A GraphModule
-    of another subclass keeps its class and only gets the attribute (``class_map`` still works).
+    of another subclass keeps its class and only gets the attribute (``class_map`` still works). A change of
+    class needs a recompile: ``recompile=False`` leaves it to the caller (a pass that recompiles anyway).
     """
     setattr(gm, HEAD_ATTR, dict(info))
     base = next((t for t in type(gm).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl"), fx.GraphModule)
     if base is fx.GraphModule:
-        _set_class(gm, ConvHeadGraphModule)
+        _set_class(gm, ConvHeadGraphModule, recompile=recompile)
     return gm
 
 

@@ -681,14 +681,15 @@ def _expand_classifier_head(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def find_heads(gm: fx.GraphModule) -> tuple[list[HeadMatch], list[Skip]]:
+def find_heads(gm: fx.GraphModule, ctx: _Context | None = None) -> tuple[list[HeadMatch], list[Skip]]:
     """The classifier heads of ``gm`` this pass can convert, and the others with the reason.
 
     A classifier is a Linear whose output reaches the graph output with no other layer with weights after it
     (dropout, flatten, softmax, averaging may follow). Several of them (distillation, auxiliary heads) are
-    left alone; a single one is matched back to its global average pool.
+    left alone; a single one is matched back to its global average pool. ``ctx``: the graph's module
+    bookkeeping (:func:`_context`) when the caller has it for this graph already.
     """
-    ctx = _context(gm)
+    ctx = ctx or _context(gm)
     frontier = _output_frontier(gm)
     linears: list[tuple[fx.Node, str]] = []
     skipped: list[Skip] = []
@@ -1079,7 +1080,7 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _shapes_would_decide(gm: fx.GraphModule, matches: list[HeadMatch], skipped: list[Skip],
+def _shapes_would_decide(ctx: _Context, matches: list[HeadMatch], skipped: list[Skip],
                          fully_convolutional: bool) -> bool:
     """Whether derived shapes could change the outcome: a head waits for shapes, or a match is ambiguous without.
 
@@ -1089,9 +1090,8 @@ def _shapes_would_decide(gm: fx.GraphModule, matches: list[HeadMatch], skipped: 
     """
     if any("shapes are needed" in s.reason for s in skipped):
         return True
-    ctx = _context(gm)
     for match in matches:
-        if _shape(match.linear) is None and gm.get_submodule(match.name).weight.shape[1] == 1:
+        if _shape(match.linear) is None and ctx.gm.get_submodule(match.name).weight.shape[1] == 1:
             return True
         if fully_convolutional and _fc_refusal(ctx, match) is None and _check_ranks(
                 ctx, match.gap.node, _rank(ctx, match.gap.node, match.gap), match.chain, match.linear)[0]:
@@ -1177,27 +1177,30 @@ def conv_head(gm: fx.GraphModule, *, fully_convolutional: bool = False) -> PassR
         raise SurgeryError(f"conv_head: fully_convolutional must be True or False, got {fully_convolutional!r}")
     _expand_classifier_head(gm)
     shapes, no_shapes = ("shape_prop", None) if _has_shapes(gm) else (None, None)
-    matches, skipped = find_heads(gm)
-    if not shapes and _shapes_would_decide(gm, matches, skipped, fully_convolutional):
+    ctx = _context(gm)
+    matches, skipped = find_heads(gm, ctx)
+    if not shapes and _shapes_would_decide(ctx, matches, skipped, fully_convolutional):
         shapes, no_shapes = _derive_shapes(gm)
+        if shapes:
+            matches, skipped = find_heads(gm, ctx)
     elif not shapes:
         no_shapes = "the head's form needs none"
-        if shapes:
-            matches, skipped = find_heads(gm)
     label = shapes or f"none: matched structurally ({no_shapes})"
     if not shapes:
         for s in skipped:
             if "shapes are needed" in s.reason:
                 s.details["shapes"] = label
     rewrites: list[Rewrite] = []
-    for match in matches:
-        ctx = _context(gm)
-        done, skips, info = _rewrite(ctx, match, fully_convolutional, label)
+    infos = []
+    for i, match in enumerate(matches):
+        done, skips, info = _rewrite(ctx if i == 0 else _context(gm), match, fully_convolutional, label)
         rewrites += done
         skipped += skips
         if info is not None:
-            adopt_head_api(gm, info)
+            infos.append(info)
     if rewrites:
         gm.graph.lint()
+        for info in infos:
+            adopt_head_api(gm, info, recompile=False)
         gm.recompile()
     return PassResult(gm, rewrites, skipped, "conv_head")
