@@ -9,7 +9,7 @@ Each figure is the median of ``--repeats`` runs after one warm-up.
 
 ``floor`` adds to the trace the maths the default conversion cannot skip: the per-layer SVDs of the convs the
 separable pass rewrites (``separable_factors`` at multiplier 1, on a thread pool as wide as the pass's). A model
-whose 3×3 convs carry most of its weights (ResNet-50: 16 convs, 11.2 M weights) pays for them on top of the
+whose 3×3 convs carry most of its weights (ResNet-50: 16 convs, 11.3 M weights) pays for them on top of the
 trace; ``vs floor`` is convert() over that.
 """
 
