@@ -10,11 +10,13 @@ one 32×32 image (one multiply-add = one MAC), as a fraction of the original's. 
 
 * ``uniform m``: one channel multiplier everywhere, data-free SVD (and the same ``+ calibration``);
 * ``budget``: ``separable=dict(target_macs=b)``: per-layer ranks chosen by :mod:`fxsurgeon.allocation` on the
-  data-free weight error;
-* ``budget + calibration``: ``convert(..., calibration=...)``: ranks chosen on measured output errors, then
-  the layers refit in network order (:func:`fxsurgeon.calibrate`);
-* ``+ distillation``: ``recipes/distill.py`` on top, at most ``--distill-minutes`` of fine-tuning;
-* with the CP form registered, ``form="pw-dw-pw"`` and ``form="auto"`` budgets with calibration too.
+  data-free weight error, for ``form="dw-pw"`` and (with the CP form registered) ``form="auto"`` with
+  ``weighting="bn"`` — both forms compete per layer, errors weighted by the BatchNorms around each conv;
+* ``budget + calibration``: ``convert(..., calibration=...)``: ranks chosen on the layers' output errors
+  measured on the calibration images (``allocation="data"``), then the layers refit in network order
+  (:func:`fxsurgeon.calibrate`);
+* ``+ distillation``: ``recipes/distill.py`` on top of the ``auto`` model, at most ``--distill-minutes`` of
+  fine-tuning.
 
 Wall time is per step (conversion incl. allocation, calibration, distillation) and is real elapsed time on
 this machine, *shared with other jobs*: the load average during each step is printed beside it. Results go
@@ -118,28 +120,32 @@ def main(argv=None) -> int:
             steps={"convert": {"seconds": st.seconds - cal, "load": st.load},
                    "calibrate": {"seconds": cal, "load": st.load}})
 
-    forms = ["dw-pw"]
+    # dw-pw: the issue's own form; auto: both forms compete per layer, errors weighted by the BatchNorms
+    forms = {"dw-pw": {}}
     if not args.no_cp and "pw-dw-pw" in FORMS:
-        forms += ["pw-dw-pw", "auto"]
+        forms["auto"] = {"weighting": "bn"}
+    distill_form = "auto" if "auto" in forms else "dw-pw"
     distill_budgets = {float(v) for v in args.distill_budgets.split(",") if v}
     for budget in [float(v) for v in args.budgets.split(",") if v]:
-        with Step() as st:
-            m = fxsurgeon.convert(model, example_inputs=one, separable=dict(target_macs=budget, allocation="weight"))
-        add("budget (weight error)", m, budget=budget, steps={"convert": vars(st)})
-        for form in forms:
+        for form, extra in forms.items():
+            opts = dict(target_macs=budget, form=form, allocation="weight", **extra)
+            label = form + (" (bn)" if extra else "")
             with Step() as st:
+                m = fxsurgeon.convert(model, example_inputs=one, separable=opts)
+            add("budget (weight error)", m, budget=budget, form=label, steps={"convert": vars(st)})
+            with Step() as st:  # ranks chosen on measured output errors (allocation="data"), then refit
                 m = fxsurgeon.convert(model, example_inputs=one, calibration=calib,
-                                      separable=dict(target_macs=budget, form=form))
+                                      separable={**opts, "allocation": "data"})
             rec = fxsurgeon.get_record(m)
             cal = rec.seconds.get("calibrate", 0.0)
             steps = {"convert": {"seconds": st.seconds - cal, "load": st.load},
                      "calibrate": {"seconds": cal, "load": st.load}}
-            add("budget + calibration", m, budget=budget, form=form, steps=steps)
-            if form == "dw-pw" and budget in distill_budgets:
+            add("budget + calibration", m, budget=budget, form=label, steps=steps)
+            if form == distill_form and budget in distill_budgets:
                 with Step() as sd:
                     stats = recipe.distill(m, model, x_cal, epochs=args.distill_epochs, seed=args.seed,
                                            time_limit=args.distill_minutes * 60, progress=False)
-                add("budget + calibration + distillation", m, budget=budget, form=form,
+                add("budget + calibration + distillation", m, budget=budget, form=label,
                     steps={**steps, "distill": vars(sd)},
                     note=f"({int(stats['steps'])} steps, {stats['steps'] * 128 / len(x_cal):.1f} epochs)")
 

@@ -181,6 +181,8 @@ def main() -> None:
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
+    ap.add_argument("--merge", help="an earlier run's JSON: its rows come first, and rows this run measures again "
+                                    "(same method and target) replace them (e.g. calibrated rows without latency)")
     args = ap.parse_args()
 
     base = load_resnet20()
@@ -192,9 +194,16 @@ def main() -> None:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    earlier = json.loads(Path(args.merge).read_text())["rows"] if args.merge else []
+
     def save() -> None:
+        fresh = {(r["method"], r["target"]) for r in rows}
+        merged = [r for r in earlier if (r["method"], r["target"]) not in fresh] + rows
+        order = {t: i for i, t in enumerate([None, *args.targets])}
+        merged.sort(key=lambda r: order.get(r["target"], len(order)))  # stable: each target's rows together
         path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                    "original_macs": total, "rows": rows}, indent=1))
+                                    "original_macs": total, "rows": merged}, indent=1))
+        return merged
 
     def record(method: str, target: float | None, model: nn.Module, seconds: float, **extra) -> None:
         row = {"method": method, "target": target, "mac_ratio": macs(model, probe) / total,
@@ -222,10 +231,11 @@ def main() -> None:
         ]
         if not args.no_calibration:
             fx_runs += [
-                ("fxsurgeon dw-pw, target_macs + calibration", dict(form="dw-pw", target_macs=target,
-                                                                    allocation="weight"), x_cal),
+                # ranks chosen on the layers' output errors measured on x[0::2] (allocation="data", the
+                # default with calibration data), then the layers refit
+                ("fxsurgeon dw-pw, target_macs + calibration", dict(form="dw-pw", target_macs=target), x_cal),
                 ("fxsurgeon auto, target_macs, weighting=bn + calibration",
-                 dict(form="auto", target_macs=target, weighting="bn", allocation="weight"), x_cal),
+                 dict(form="auto", target_macs=target, weighting="bn"), x_cal),
             ]
         for method, opts, cal in fx_runs:
             clear_cache()  # time every conversion from scratch (rows share layers and decompositions)
@@ -256,11 +266,11 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 record(f"TensorLy-Torch CP {impl}, seed {seed}", target, model, seconds, rank_ratio=ratio)
 
-    save()
+    merged = save()
     print(f"\nwrote {path}")
     print("\n| method | target | MACs (fvcore + mul) | accuracy x[1::2] | convert (s) | CPU latency b1 / b64 (ms) |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
+    for r in merged:
         lat = r.get("cpu_latency_ms", {})
         print(f"| {r['method']} | {r['target'] if r['target'] is not None else '—'} | {r['mac_ratio']:.3f}× | "
               f"{r['accuracy']:.2f} % | {r['convert_s']:.1f} | {lat.get('b1', float('nan')):.2f} / "
