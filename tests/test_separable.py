@@ -201,3 +201,23 @@ def test_cifar_resnet20_loads_trained_weights_strictly():
         pytest.skip("shared/data not present")
     model = load_resnet20()
     assert sum(p.numel() for p in model.parameters()) == 269_722
+
+
+def test_builds_on_a_thread_pool_match_one_after_the_other():
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Conv2d(16, 16, 3, padding=1, bias=i % 2 == 0) for i in range(6)]).eval()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one after the other
+        one = fxsurgeon.convert(net, separable=dict(multiplier=2)).state_dict()
+        torch.set_num_threads(3)  # three builds at a time
+        pooled = fxsurgeon.convert(net, separable=dict(multiplier=2))
+        again = fxsurgeon.convert(net, separable=dict(multiplier=2)).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.target for r in fxsurgeon.get_record(pooled).rewrites] == [str(i) for i in range(6)]
+    state = pooled.state_dict()
+    assert state.keys() == one.keys()
+    for k in state:
+        torch.testing.assert_close(state[k], one[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(state[k], again[k])  # and the same bits run to run
