@@ -221,3 +221,27 @@ def test_builds_on_a_thread_pool_match_one_after_the_other():
     for k in state:
         torch.testing.assert_close(state[k], one[k], rtol=1e-6, atol=1e-7)
         assert torch.equal(state[k], again[k])  # and the same bits run to run
+
+
+def test_bias_correction_restores_the_output_mean_from_the_input_batchnorm():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(8) + 0.5)
+        bn.bias.copy_(torch.randn(8))
+    net = nn.Sequential(bn, nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, bias=False)).eval()
+    x = torch.randn(64, 8, 12, 12)  # BN(x) ~ N(β, γ²): what the correction assumes
+    plain = fxsurgeon.convert(net, separable=dict(multiplier=1))
+    fixed = fxsurgeon.convert(net, separable=dict(multiplier=1, bias_correction=True))
+    with torch.no_grad():
+        ref, a, b = (m(x)[..., 1:-1, 1:-1].mean((0, 2, 3)) for m in (net, plain, fixed))
+    assert (b - ref).abs().max() < 0.1 * (a - ref).abs().max()
+    rw = fxsurgeon.get_record(fixed).rewrites[0]
+    assert rw.details["bias_correction"]["input_mean"] == "relu(bn)"
+    assert rw.details["params_after"] == 8 * 9 + 8 * 16 + 16  # depthwise, pointwise and the new bias
+    assert fixed.get_submodule("2").pointwise.bias is not None and plain.get_submodule("2").pointwise.bias is None
+    # no BatchNorm before the conv, or an exact rewrite: nothing to correct
+    bare = fxsurgeon.convert(net[2:], separable=dict(multiplier=1, bias_correction=True))
+    assert "bias_correction" not in fxsurgeon.get_record(bare).rewrites[0].details
+    exact = fxsurgeon.convert(net, separable=dict(multiplier="full", bias_correction=True))
+    assert "bias_correction" not in fxsurgeon.get_record(exact).rewrites[0].details

@@ -29,6 +29,9 @@ __all__ = [
     "ChannelScales",
     "bn_channel_scales",
     "bn_output_scale",
+    "correct_mean_shift",
+    "input_channel_mean",
+    "relu_bn_mean",
     "relu_bn_rms",
     "scaled_conv",
     "unscale_separable",
@@ -104,6 +107,26 @@ def relu_bn_rms(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torch
     return second.clamp_min(0).sqrt()
 
 
+def relu_bn_mean(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torch.Tensor:
+    """Mean of each channel of ``ReLU(BN(x))`` (or ``BN(x)``: β), taking the BN's output as N(β, γ²).
+
+    ``E[ReLU(z)] = β·Φ(β/|γ|) + |γ|·φ(β/|γ|)``.
+
+    >>> bn = nn.BatchNorm2d(1).eval()  # β = 0, γ = 1: E[ReLU(z)] = 1/√(2π)
+    >>> abs(float(relu_bn_mean(bn)) - (2 * math.pi) ** -0.5) < 1e-12
+    True
+    """
+    n = bn.num_features
+    mu = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    if not relu:
+        return mu
+    sd = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    a = mu / sd.clamp_min(1e-30)
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    return torch.where(sd > 0, mu * cdf + sd * pdf, mu.clamp_min(0))
+
+
 def _module(gm: fx.GraphModule, node: object) -> nn.Module | None:
     if isinstance(node, fx.Node) and node.op == "call_module":
         try:
@@ -122,23 +145,71 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(mod, _RELUS)
 
 
-def _input_scale(gm: fx.GraphModule, src: object, channels: int) -> tuple[torch.Tensor | None, str]:
+def _input_bn(gm: fx.GraphModule, src: object, channels: int) -> tuple[nn.Module | None, bool]:
+    """The BatchNorm whose output (``relu``: through a ReLU) is the tensor ``src``, or (None, False)."""
     if not isinstance(src, fx.Node):
-        return None, ""
+        return None, False
     mod = _module(gm, src)
     if mod is not None and _usable_bn(mod, channels):
         act = getattr(mod, "act", None)  # timm BatchNormAct2d: BN then its own activation
         if act is None or isinstance(act, nn.Identity):
-            return relu_bn_rms(mod, relu=False), "bn"
+            return mod, False
         if isinstance(act, _RELUS):
-            return relu_bn_rms(mod), "relu(bn)"
-        return None, ""
+            return mod, True
+        return None, False
     if _is_relu(gm, src) and src.all_input_nodes:
         bn = _module(gm, src.all_input_nodes[0])
         act = getattr(bn, "act", None)
         if bn is not None and _usable_bn(bn, channels) and (act is None or isinstance(act, (nn.Identity, *_RELUS))):
-            return relu_bn_rms(bn), "relu(bn)"
-    return None, ""
+            return bn, True
+    return None, False
+
+
+def _input_scale(gm: fx.GraphModule, src: object, channels: int) -> tuple[torch.Tensor | None, str]:
+    bn, relu = _input_bn(gm, src, channels)
+    if bn is None:
+        return None, ""
+    return relu_bn_rms(bn, relu=relu), "relu(bn)" if relu else "bn"
+
+
+def input_channel_mean(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> tuple[torch.Tensor, str] | None:
+    """Expected value of each input channel of the conv called as any of ``names``, read from the BatchNorm
+    (and ReLU) that produce its input; None when the input is anything else or the conv is called twice."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
+    if len(nodes) != 1 or not nodes[0].args:
+        return None
+    bn, relu = _input_bn(gm, nodes[0].args[0], conv.in_channels)
+    if bn is None:
+        return None
+    return relu_bn_mean(bn, relu=relu), "relu(bn)" if relu else "bn"
+
+
+def correct_mean_shift(conv: nn.Conv2d, new: nn.Module, mean: torch.Tensor) -> torch.Tensor:
+    """Give ``new`` (the conv's replacement, ending in a 1×1 ``pointwise`` conv) the conv's output mean, in place.
+
+    For an input whose channels have expected values ``mean`` (constant over positions), the replacement's
+    output differs from the conv's by ``δ = (W − Ŵ) ∗ mean`` at every position the padding does not reach —
+    the bias shift of Nagel et al. (ICCV 2019), here for a low-rank rather than a quantised weight. Both are
+    linear, so δ is read off one evaluation of each on a constant map; it is added to the pointwise bias
+    (created, zero, when there is none). Returns δ.
+    """
+    pw = new.pointwise
+    dtype, device = conv.weight.dtype, conv.weight.device
+    reach = [(k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.dilation)]
+    size = [4 * r + 1 for r in reach]
+    m = mean.to(device=device, dtype=torch.float64).view(1, -1, 1, 1).expand(1, -1, *size)
+    with torch.no_grad():
+        ref = F.conv2d(m, conv.weight.double(), None, conv.stride, conv.padding, conv.dilation)
+        # the replacement in float64 on a copy (its bias, if any, subtracted: only the linear part differs)
+        twin = copy.deepcopy(new).double()
+        out = twin(m) - (twin.pointwise.bias.view(1, -1, 1, 1) if twin.pointwise.bias is not None else 0)
+        cy, cx = ref.shape[-2] // 2, ref.shape[-1] // 2
+        delta = (ref - out)[0, :, cy, cx]
+        if pw.bias is None:
+            pw.bias = nn.Parameter(torch.zeros(pw.out_channels, dtype=dtype, device=device),
+                                   requires_grad=pw.weight.requires_grad)
+        pw.bias.add_(delta.to(pw.bias.dtype))
+    return delta
 
 
 def bn_channel_scales(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> ChannelScales | None:

@@ -36,7 +36,13 @@ from ..graph import (
     module_aliases,
     replace_module,
 )
-from ..importance import bn_channel_scales, scaled_conv, unscale_separable
+from ..importance import (
+    bn_channel_scales,
+    correct_mean_shift,
+    input_channel_mean,
+    scaled_conv,
+    unscale_separable,
+)
 from ..latency import LatencyJudge
 from ..modules import depthwise_conv_class
 from . import register_pass
@@ -268,6 +274,7 @@ def separable(
     allocation: str = "auto",
     calibration: Any = None,
     weighting: str | None = None,
+    bias_correction: bool = False,
 ) -> PassResult:
     """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
 
@@ -307,6 +314,9 @@ def separable(
         weighting: ``"bn"`` weighs each output channel's error by the following BatchNorm's |γ|/√var and each
             input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.importance`; data-free)
             when decomposing and when ranking choices; default None: plain Frobenius error.
+        bias_correction: give each approximate rewrite whose input is ``BN(·)`` or ``ReLU(BN(·))`` the conv's
+            output mean: the shift ``(W − Ŵ) ∗ E[x]``, with E[x] read from that BatchNorm (data-free), goes
+            into the pointwise bias (:func:`fxsurgeon.importance.correct_mean_shift`).
 
     Forms: ``"dw-pw"`` (depthwise k×k, multiplier m → pointwise), ``"pw-dw-pw"`` (1×1 → depthwise k×k → 1×1
     from a rank-R CP decomposition, :mod:`fxsurgeon.cp`), or ``"auto"``: per layer the form with the least
@@ -343,6 +353,8 @@ def separable(
     check_form(form)
     if energy is not None and form != "dw-pw":
         raise SurgeryError(f"separable: energy= picks dw-pw's multiplier per layer; it does not apply to form={form!r}")
+    if not isinstance(bias_correction, bool):
+        raise SurgeryError(f"separable: bias_correction must be True or False, got {bias_correction!r}")
     if weighting not in (None, "bn"):
         raise SurgeryError(f"separable: weighting must be None or 'bn', got {weighting!r}")
     if energy is not None and init == "random":
@@ -427,8 +439,17 @@ def separable(
         for alias in cand.aliases:
             replace_module(gm, alias, new)
         exact = bool(built.pop("exact", False))
+        shift = None
+        if bias_correction and init == "svd" and not exact:
+            mean = input_channel_mean(gm, cand.aliases, conv)
+            if mean is not None:
+                delta = correct_mean_shift(conv, new, mean[0])
+                after += 0 if conv.bias is not None else conv.out_channels
+                shift = {"input_mean": mean[1], "max_abs_shift": float(delta.abs().max())}
         details = {"form": form_name, "rank": rank, **built, "params_before": before, "params_after": after,
                    "init": init}
+        if shift is not None:
+            details["bias_correction"] = shift
         if timing is not None:
             details["latency"] = timing
         if scales is not None:
