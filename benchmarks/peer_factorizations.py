@@ -173,6 +173,30 @@ def uniform_cp_layers(base: nn.Module, x: torch.Tensor, target: float, total: in
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def architecture(base: nn.Module, row: dict) -> nn.Module:
+    """The model a row measured, rebuilt with random weights: latency depends on the shapes only."""
+    if row["method"] == "original":
+        return base
+    if row["method"].startswith("TensorLy-Torch CP"):
+        return peer_model(base, row["rank_ratio"], row["method"].split()[3].rstrip(","), decompose=False)
+    layers = {n: {"form": v["form"], "rank": v["rank"]} for n, v in row["layers"].items()}
+    others = [n for n, _ in spatial_convs(base) if n not in layers]
+    return fxsurgeon.convert(base, separable=dict(layers=layers, exclude=others, init="random",
+                                                  include_unprofitable=True), conv_head=False)
+
+
+def retime(base: nn.Module, path: Path) -> None:
+    """Time every row of ``path`` again, one after the other in one process (see ``--latency-from``)."""
+    data = json.loads(path.read_text())
+    x = load_cifar10_test(split="eval")[0][:64]
+    for row in data["rows"]:
+        row["cpu_latency_ms"] = latency_ms(architecture(base, row), x)
+        lat = row["cpu_latency_ms"]
+        print(f"{row['method']:58s} {row['target']!s:>5} b1 {lat['b1']:.2f} ms  b64 {lat['b64']:.1f} ms", flush=True)
+    data["latency_note"] = "retimed in one quiet run (--latency-from)"
+    path.write_text(json.dumps(data, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", type=float, nargs="+", default=[0.60, 0.45])
@@ -181,11 +205,18 @@ def main() -> None:
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
+    ap.add_argument("--latency-from", metavar="JSON",
+                    help="only time again every row of an earlier run's JSON (on a quiet machine): each model's "
+                         "architecture is rebuilt from the row (ranks per layer, or the peer's ratio) without "
+                         "decomposing, and its cpu_latency_ms replaced; the file is rewritten")
     ap.add_argument("--merge", help="an earlier run's JSON: its rows come first, and rows this run measures again "
                                     "(same method and target) replace them (e.g. calibrated rows without latency)")
     args = ap.parse_args()
 
     base = load_resnet20()
+    if args.latency_from:
+        retime(base, Path(args.latency_from))
+        return
     x_eval, y_eval = load_cifar10_test(split="eval")
     x_cal, _ = load_cifar10_test(split="calib")
     probe = x_eval[:1]
