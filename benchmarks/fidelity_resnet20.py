@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS / "fidelity_resnet20"), help="output path prefix")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in OUT.json (written after every row) and measure only the others")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -93,7 +95,15 @@ def main(argv=None) -> int:
     print(f"# ResNet-20 fidelity (load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"original: {base_macs / 1e6:.2f} M MACs per image (fvcore), calibration: {len(pick)} images of x[0::2]")
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if args.resume and out.with_suffix(".json").exists():
+        rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+        print(f"resuming: {len(rows)} rows measured already")
+
+    def have(method, budget=None, form="dw-pw") -> bool:
+        return any((r["method"], r["budget"], r["form"]) == (method, budget, form) for r in rows)
 
     def add(method, m, *, budget=None, form="dw-pw", steps=None, note=""):
         macs = model_macs(m, (one,))[0]
@@ -101,18 +111,24 @@ def main(argv=None) -> int:
         row = {"method": method, "budget": budget, "form": form, "macs": macs, "macs_fraction": macs / base_macs,
                "params": sum(q.numel() for q in m.parameters()), "accuracy": acc, "steps": steps or {},
                "note": note}
-        rows.append(row)
+        rows[:] = [r for r in rows if (r["method"], r["budget"], r["form"]) != (method, budget, form)] + [row]
+        out.with_suffix(".json").write_text(json.dumps({"base_macs": base_macs, "rows": rows}, indent=1))
         times = ", ".join(f"{k} {v['seconds']:.0f} s (load {v['load']:.1f})" for k, v in row["steps"].items())
         print(f"{method:<34} {form:<9} MACs {row['macs_fraction']:.3f}  acc {acc:6.2f} %  {times} {note}",
               flush=True)
         return row
 
-    add("original", model, form="-")
+    if not have("original", form="-"):
+        add("original", model, form="-")
     for mult in [int(v) for v in args.uniform.split(",") if v]:
+        if have(f"uniform m={mult}"):
+            continue
         with Step() as st:
             m = fxsurgeon.convert(model, separable=dict(multiplier=mult))
         add(f"uniform m={mult}", m, steps={"convert": vars(st)})
     for mult in [int(v) for v in args.uniform_calibrated.split(",") if v]:
+        if have(f"uniform m={mult} + calibration"):
+            continue
         with Step() as st:
             m = fxsurgeon.convert(model, separable=dict(multiplier=mult), calibration=calib)
         cal = fxsurgeon.get_record(m).seconds.get("calibrate", 0.0)
@@ -130,9 +146,14 @@ def main(argv=None) -> int:
         for form, extra in forms.items():
             opts = dict(target_macs=budget, form=form, allocation="weight", **extra)
             label = form + (" (bn)" if extra else "")
-            with Step() as st:
-                m = fxsurgeon.convert(model, example_inputs=one, separable=opts)
-            add("budget (weight error)", m, budget=budget, form=label, steps={"convert": vars(st)})
+            if not have("budget (weight error)", budget, label):
+                with Step() as st:
+                    m = fxsurgeon.convert(model, example_inputs=one, separable=opts)
+                add("budget (weight error)", m, budget=budget, form=label, steps={"convert": vars(st)})
+            distill_here = form == distill_form and budget in distill_budgets
+            if have("budget + calibration", budget, label) and (
+                    not distill_here or have("budget + calibration + distillation", budget, label)):
+                continue
             with Step() as st:  # ranks chosen on measured output errors (allocation="data"), then refit
                 m = fxsurgeon.convert(model, example_inputs=one, calibration=calib,
                                       separable={**opts, "allocation": "data"})
@@ -140,8 +161,9 @@ def main(argv=None) -> int:
             cal = rec.seconds.get("calibrate", 0.0)
             steps = {"convert": {"seconds": st.seconds - cal, "load": st.load},
                      "calibrate": {"seconds": cal, "load": st.load}}
-            add("budget + calibration", m, budget=budget, form=label, steps=steps)
-            if form == distill_form and budget in distill_budgets:
+            if not have("budget + calibration", budget, label):
+                add("budget + calibration", m, budget=budget, form=label, steps=steps)
+            if distill_here:
                 with Step() as sd:
                     stats = recipe.distill(m, model, x_cal, epochs=args.distill_epochs, seed=args.seed,
                                            time_limit=args.distill_minutes * 60, progress=False)
@@ -149,8 +171,6 @@ def main(argv=None) -> int:
                     steps={**steps, "distill": vars(sd)},
                     note=f"({int(stats['steps'])} steps, {stats['steps'] * 128 / len(x_cal):.1f} epochs)")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"base_macs": base_macs, "rows": rows}, indent=1))
     table = markdown(rows)
     out.with_suffix(".md").write_text(table + "\n")

@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.60, 0.45])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-fxsurgeon", action="store_true", help="only the peer's rows (with --merge: add them)")
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
@@ -251,7 +252,7 @@ def main() -> None:
 
     record("original", None, base, 0.0)
     for target in args.targets:
-        fx_runs = [
+        fx_runs = [] if args.no_fxsurgeon else [
             ("fxsurgeon dw-pw, target_macs", dict(form="dw-pw", target_macs=target), None),
             ("fxsurgeon pw-dw-pw, uniform cost ratio", dict(form="pw-dw-pw", layers=uniform_cp_layers(
                 base, probe, target, total)), None),
@@ -260,7 +261,7 @@ def main() -> None:
             ("fxsurgeon auto, target_macs, weighting=bn", dict(form="auto", target_macs=target, weighting="bn"),
              None),
         ]
-        if not args.no_calibration:
+        if not args.no_calibration and not args.no_fxsurgeon:
             fx_runs += [
                 # ranks chosen on the layers' output errors measured on x[0::2] (allocation="data", the
                 # default with calibration data), then the layers refit

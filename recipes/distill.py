@@ -60,7 +60,8 @@ def distill(
     *,
     epochs: float = 3.0,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
+    warmup: float = 0.1,
     weight_decay: float = 0.0,
     temperature: float = 4.0,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = cifar_augment,
@@ -77,7 +78,11 @@ def distill(
         teacher: the original model (run in eval mode, never changed).
         images: unlabelled inputs (N, C, H, W) from the training distribution.
         epochs: passes over ``images`` (fractions allowed); the schedule is cosine over all of them.
-        batch_size / lr / weight_decay: AdamW settings.
+        batch_size / lr / weight_decay: AdamW settings. The student starts close to the teacher (converted and
+            calibrated), so the learning rate is a fine-tuning one: a larger one, or no warm-up, throws
+            away in the first steps what conversion kept (ResNet-20, CP form at 0.60× MACs: 80.9 % → 44 % after
+            61 steps at 1e-3 without warm-up).
+        warmup: fraction of the schedule over which the learning rate rises linearly from 0 to ``lr``.
         temperature: softening of both distributions in the KL loss.
         augment: ``fn(batch, generator) -> batch`` applied to each batch (None: no augmentation).
         train_batchnorm: also update BatchNorm statistics (default: keep the original's).
@@ -125,8 +130,9 @@ def distill(
                 done = step / total
                 if time_limit is not None:
                     done = max(done, (time.perf_counter() - t0) / time_limit)
-                for group in opt.param_groups:  # cosine from lr to 0 over the steps (or the time) allowed
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+                rise = min(1.0, done / warmup) if warmup > 0 else 1.0
+                for group in opt.param_groups:  # linear warm-up, then cosine to 0 over the steps (or time) allowed
+                    group["lr"] = lr * rise * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
                 x = images[order[i:i + batch_size]]
                 if augment is not None:
                     x = augment(x, gen)
@@ -180,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--calibration-images", type=int, default=2500, help="images of x[0::2] to calibrate on (2500)")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=540.0,
