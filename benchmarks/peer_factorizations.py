@@ -178,7 +178,7 @@ def architecture(base: nn.Module, row: dict) -> nn.Module:
     if row["method"] == "original":
         return base
     if row["method"].startswith("TensorLy-Torch CP"):
-        return peer_model(base, row["rank_ratio"], row["method"].split()[3].rstrip(","), decompose=False)
+        return peer_model(base, row["rank_ratio"], row["method"].split()[2].rstrip(","), decompose=False)
     layers = {n: {"form": v["form"], "rank": v["rank"]} for n, v in row["layers"].items()}
     others = [n for n, _ in spatial_convs(base) if n not in layers]
     return fxsurgeon.convert(base, separable=dict(layers=layers, exclude=others, init="random",
