@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .convert import _device_of, _to_device
 from .errors import SurgeryError
 
 __all__ = [
@@ -179,18 +180,6 @@ def as_batches(calibration: Any) -> list[tuple]:
     return out
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return None
-
-
-def _to(batch: tuple, device: torch.device | None) -> tuple:
-    if device is None or device.type == "meta":
-        return batch
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch)
-
-
 def _forward(model: nn.Module, batch: tuple, what: str) -> Any:
     try:
         return model(*batch)
@@ -211,7 +200,7 @@ def output_error(model: nn.Module, reference: nn.Module, batches: Sequence[tuple
     d2 = r2 = 0.0
     with torch.no_grad():
         for b in batches:
-            b = _to(b, dev)
+            b = _to_device(b, dev)
             out, _ = tree_flatten(_forward(model, b, "the converted model"))
             ref, _ = tree_flatten(_forward(reference, b, "the original model"))
             for o, r in zip(out, ref):
@@ -449,26 +438,54 @@ class _Sampler:
         return x[idx], y[idx]
 
 
-class _Accumulator:
-    """ZᵀZ, ZᵀY and ||Y||² of one refit layer, fed batch by batch, then the refit itself."""
+class _Statistics:
+    """ZᵀZ, ZᵀY and ||Y||² of one refit, fed batch by batch (rows of Z: the unknowns' inputs, plus a constant
+    column when there is a bias), and what the refit reports."""
 
-    def __init__(self, spec: RefitSpec, layer: nn.Module, samples: int | None = None) -> None:
+    def __init__(self, spec: RefitSpec, has_bias: bool, d: int, c: int, device: torch.device,
+                 samples: int | None) -> None:
         self.spec = spec
-        self.layer = layer
-        self.linear = isinstance(layer, nn.Linear)
-        self.has_bias = layer.bias is not None
-        w = layer.weight.detach()
-        w0 = w.reshape(w.shape[0], -1).T.double()  # (d, c)
-        if self.has_bias:
-            w0 = torch.cat([w0, layer.bias.detach().double().unsqueeze(0)])
-        self.w0 = w0
-        d, c = w0.shape
-        self.gram = torch.zeros(d, d, dtype=torch.float64, device=w0.device)
-        self.cross = torch.zeros(d, c, dtype=torch.float64, device=w0.device)
+        self.has_bias = has_bias
+        self.gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(d, c, dtype=torch.float64, device=device)
         self.yy = 0.0
         self.n = 0
         self.sample = _Sampler(samples, d)
         self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+
+    def _accumulate(self, z: torch.Tensor, t: torch.Tensor) -> bool:
+        if self.has_bias:
+            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        self.gram += (z.T @ z).double()
+        self.cross += (z.T @ t).double()
+        self.yy += float(t.double().pow(2).sum())
+        self.n += z.shape[0]
+        return True
+
+    def _unusable(self) -> LayerRefit | None:
+        """The report as it stands when there is nothing to solve (a reason already, or a zero target)."""
+        self.info.samples = self.n
+        if self.info.reason:
+            return self.info
+        if self.yy <= 0:
+            self.info.reason = "the original layer's output is zero on the calibration data"
+            return self.info
+        return None
+
+
+class _Accumulator(_Statistics):
+    """The statistics of one refit layer (a groups=1 conv or a Linear), then the refit itself."""
+
+    def __init__(self, spec: RefitSpec, layer: nn.Module, samples: int | None = None) -> None:
+        self.layer = layer
+        self.linear = isinstance(layer, nn.Linear)
+        has_bias = layer.bias is not None
+        w = layer.weight.detach()
+        w0 = w.reshape(w.shape[0], -1).T.double()  # (d, c)
+        if has_bias:
+            w0 = torch.cat([w0, layer.bias.detach().double().unsqueeze(0)])
+        self.w0 = w0
+        super().__init__(spec, has_bias, *w0.shape, w0.device, samples)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Add one call's layer input ``x`` and target ``y``; False (with the reason) when they do not fit."""
@@ -489,24 +506,14 @@ class _Accumulator:
             return False
         # float32 products per batch are accurate enough for the Gram matrix; the running sums are float64
         prec = torch.float64 if z.dtype == torch.float64 else torch.float32
-        z, t = z.to(prec), t.to(prec)
-        if self.has_bias:
-            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        self.gram += (z.T @ z).double()
-        self.cross += (z.T @ t).double()
-        self.yy += float(t.double().pow(2).sum())
-        self.n += z.shape[0]
-        return True
+        return self._accumulate(z.to(prec), t.to(prec))
 
     def finish(self, ridge: float) -> LayerRefit:
         """Solve, and write the weights when the error on the calibration data falls."""
+        stop = self._unusable()
+        if stop is not None:
+            return stop
         info = self.info
-        info.samples = self.n
-        if info.reason:
-            return info
-        if self.yy <= 0:
-            info.reason = "the original layer's output is zero on the calibration data"
-            return info
         before = residual(self.gram, self.cross, self.yy, self.w0)
         w = ridge_refit(self.gram, self.cross, self.w0, ridge)
         after = residual(self.gram, self.cross, self.yy, w)
@@ -567,7 +574,7 @@ def separable_refittable(module: nn.Module) -> bool:
     return c_in * k2 <= SEPARABLE_MAX_COLUMNS
 
 
-class _SeparableAccumulator:
+class _SeparableAccumulator(_Statistics):
     """Refit a SeparableConv2d's depthwise and last pointwise weights from statistics of its *input* patches.
 
     With P = the im2col patches of the block's input (over the depthwise conv's window, stride, padding and
@@ -581,22 +588,15 @@ class _SeparableAccumulator:
 
     def __init__(self, spec: RefitSpec, module: nn.Module, samples: int | None = None,
                  iterations: int | None = None) -> None:
-        self.spec = spec
         self.module = module
         self.iterations = SEPARABLE_ITERATIONS if iterations is None else iterations
         self.dw, self.pw = module.depthwise, module.pointwise
         self.red = module.reduce if "reduce" in module._modules else None
-        self.has_bias = self.pw.bias is not None
+        has_bias = self.pw.bias is not None
         c_in = self.red.in_channels if self.red is not None else self.dw.in_channels
         self.k2 = self.dw.kernel_size[0] * self.dw.kernel_size[1]
-        d = c_in * self.k2 + self.has_bias
-        dev = self.dw.weight.device
-        self.gram = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        self.cross = torch.zeros(d, self.pw.out_channels, dtype=torch.float64, device=dev)
-        self.yy = 0.0
-        self.n = 0
-        self.sample = _Sampler(samples, d)
-        self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+        super().__init__(spec, has_bias, c_in * self.k2 + has_bias, self.pw.out_channels, self.dw.weight.device,
+                         samples)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         x, y = self.sample(x, y, y[0].numel() // max(y.shape[1], 1) if y.dim() > 1 else 1)
@@ -617,22 +617,13 @@ class _SeparableAccumulator:
             self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the block's input "
                                 f"{tuple(x.shape)}")
             return False
-        if self.has_bias:
-            z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        self.gram += (z.T @ z).double()
-        self.cross += (z.T @ t).double()
-        self.yy += float(t.double().pow(2).sum())
-        self.n += z.shape[0]
-        return True
+        return self._accumulate(z, t)
 
     def finish(self, ridge: float) -> LayerRefit:
+        stop = self._unusable()
+        if stop is not None:
+            return stop
         info = self.info
-        info.samples = self.n
-        if info.reason:
-            return info
-        if self.yy <= 0:
-            info.reason = "the original layer's output is zero on the calibration data"
-            return info
         dw, pw, k2 = self.dw, self.pw, self.k2
         dev = self.gram.device
         # patches of the depthwise conv's input: T p (the first 1×1 conv acts on each window tap alike)
@@ -995,7 +986,7 @@ def _refit_streaming(
     acc = _accumulator(spec, layer, _samples(batches))
     counts: tuple[int, int] | None = None
     for batch in batches:
-        batch = _to(batch, device)
+        batch = _to_device(batch, device)
         # the first batch runs whole, to learn how often each side calls its module; later ones stop early
         ys = _capture(ref_mod, lambda b=batch: _forward(reference, b, "the original model"), inputs=False,
                       stop_after=counts[0] if counts else None)
@@ -1015,12 +1006,12 @@ def _refit_streaming(
 def _bn_streaming(model: nn.Module, batches: Sequence[tuple], names: Sequence[str], device: torch.device | None) -> int:
     """Exact BatchNorm statistics in network order, one pass over the data per BatchNorm (no fx needed)."""
     done = 0
-    for n in _call_order(model, _to(batches[0], device), names):
+    for n in _call_order(model, _to_device(batches[0], device), names):
         bn = model.get_submodule(n)
         stats = _BNStats(bn)
         count = None
         for b in batches:
-            b = _to(b, device)
+            b = _to_device(b, device)
             xs = _capture(bn, lambda b=b: _forward(model, b, "the converted model"), inputs=True, stop_after=count)
             count = count or len(xs)
             for x in xs:
@@ -1090,7 +1081,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, names: Iterable[str] | 
         model.eval()
         with torch.no_grad():
             if isinstance(model, fx.GraphModule):
-                done, _ = _bn_frontier(model, [_to(b, dev) for b in batches], names)
+                done, _ = _bn_frontier(model, [_to_device(b, dev) for b in batches], names)
             else:
                 done = _bn_streaming(model, batches, names, dev)
     finally:
@@ -1216,7 +1207,7 @@ def calibrate(
         report.seconds = time.perf_counter() - t0
         return report
     device = _device_of(converted)
-    batches = [_to(b, device) for b in batches]
+    batches = [_to_device(b, device) for b in batches]
     modes_c = {n: m.training for n, m in converted.named_modules()}
     modes_o = {n: m.training for n, m in original.named_modules()}
     try:
@@ -1356,7 +1347,7 @@ def measure_choices(
             for b in batches:
                 if all(v >= max_elements for v in size.values()):
                     break
-                _forward(gm, _to(b, dev), "the original model")
+                _forward(gm, _to_device(b, dev), "the original model")
     finally:
         for h in handles:
             h.remove()

@@ -85,6 +85,17 @@ def bn_output_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     return gamma.abs() / (bn.running_var.detach().double() + bn.eps).sqrt()
 
 
+def _bn_gaussian(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, ...]:
+    """β, |γ| and Φ(β/|γ|), φ(β/|γ|) of a BatchNorm's output taken as N(β, γ²), per channel, in float64."""
+    n = bn.num_features
+    mu = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    sd = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    a = mu / sd.clamp_min(1e-30)
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    return mu, sd, cdf, pdf
+
+
 def relu_bn_rms(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torch.Tensor:
     """Root-mean-square of each channel of ``ReLU(BN(x))`` (or ``BN(x)``), taking the BN's output as N(β, γ²).
 
@@ -92,15 +103,9 @@ def relu_bn_rms(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torch
     >>> float(relu_bn_rms(bn)) == 0.5 ** 0.5
     True
     """
-    n = bn.num_features
-    mu = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
-    sd = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    mu, sd, cdf, pdf = _bn_gaussian(bn)
     if not relu:
         return (mu * mu + sd * sd).sqrt()
-    safe = sd.clamp_min(1e-30)
-    a = mu / safe
-    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
     second = (mu * mu + sd * sd) * cdf + mu * sd * pdf
     # σ → 0: ReLU(β) exactly
     second = torch.where(sd > 0, second, mu.clamp_min(0).pow(2))
@@ -116,14 +121,9 @@ def relu_bn_mean(bn: nn.modules.batchnorm._BatchNorm, relu: bool = True) -> torc
     >>> abs(float(relu_bn_mean(bn)) - (2 * math.pi) ** -0.5) < 1e-12
     True
     """
-    n = bn.num_features
-    mu = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    mu, sd, cdf, pdf = _bn_gaussian(bn)
     if not relu:
         return mu
-    sd = bn.weight.detach().double().abs() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
-    a = mu / sd.clamp_min(1e-30)
-    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2)))
-    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
     return torch.where(sd > 0, mu * cdf + sd * pdf, mu.clamp_min(0))
 
 
@@ -143,6 +143,12 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
         return node.target in ("relu", "relu_")
     mod = _module(gm, node)
     return isinstance(mod, _RELUS)
+
+
+def _only_call(gm: fx.GraphModule, names: list[str]) -> fx.Node | None:
+    """The graph's single call of the module registered as any of ``names``; None when called more or less often."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
+    return nodes[0] if len(nodes) == 1 else None
 
 
 def _input_bn(gm: fx.GraphModule, src: object, channels: int) -> tuple[nn.Module | None, bool]:
@@ -175,10 +181,10 @@ def _input_scale(gm: fx.GraphModule, src: object, channels: int) -> tuple[torch.
 def input_channel_mean(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> tuple[torch.Tensor, str] | None:
     """Expected value of each input channel of the conv called as any of ``names``, read from the BatchNorm
     (and ReLU) that produce its input; None when the input is anything else or the conv is called twice."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
-    if len(nodes) != 1 or not nodes[0].args:
+    node = _only_call(gm, names)
+    if node is None or not node.args:
         return None
-    bn, relu = _input_bn(gm, nodes[0].args[0], conv.in_channels)
+    bn, relu = _input_bn(gm, node.args[0], conv.in_channels)
     if bn is None:
         return None
     return relu_bn_mean(bn, relu=relu), "relu(bn)" if relu else "bn"
@@ -219,10 +225,9 @@ def bn_channel_scales(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> 
     side needs the conv's input to be ``BN(·)`` or ``ReLU(BN(·))``. A conv called more than once, or from
     inside a leaf module, gets None (nothing is known for certain).
     """
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) in names]
-    if len(nodes) != 1:
+    node = _only_call(gm, names)
+    if node is None:
         return None
-    node = nodes[0]
     c_out, c_in = conv.out_channels, conv.in_channels
     out = None
     parts = []
