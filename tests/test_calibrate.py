@@ -252,3 +252,134 @@ def test_distill_recipe_moves_the_student_towards_the_teacher():
         assert rel_err(student.eval()(held_out), ref) < before
     aug = recipe.cifar_augment(images[:4], torch.Generator().manual_seed(0))
     assert aug.shape == images[:4].shape
+
+
+# ------------------------------------------------------------------------------- residual-aware targets
+
+
+class _Residual(nn.Module):
+    """Two ResNet basic blocks; the second downsamples with a 1×1 conv shortcut traced *after* its conv2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a1, self.an1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a2, self.an2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.b1, self.bn1 = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24)
+        self.b2, self.bn2 = nn.Conv2d(24, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24)
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 1, stride=2, bias=False), nn.BatchNorm2d(24))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.an2(self.a2(torch.relu(self.an1(self.a1(x))))))
+        y = self.bn2(self.b2(torch.relu(self.bn1(self.b1(x)))))
+        return torch.relu(y + self.down(x))
+
+
+def _residual_net():
+    torch.manual_seed(0)
+    net = _Residual()
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():  # BatchNorms with statistics of their own, as a trained net has
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return net.eval()
+
+
+def _residual_sums(model, x):
+    """The value of every residual sum (the inputs of the blocks' last ReLUs) on ``x``."""
+    gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    out = {}
+    interp = torch.fx.Interpreter(gm)
+    run_node = interp.run_node
+
+    def keep(n):
+        v = run_node(n)
+        if n in adds:
+            out[adds.index(n)] = v
+        return v
+
+    interp.run_node = keep
+    with torch.no_grad():
+        interp.run(x)
+    return [out[i] for i in range(len(adds))]
+
+
+def test_block_targets_fit_the_sum_not_the_layer():
+    net = _residual_net()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 16, 16, generator=g) for _ in range(3)]
+    x = torch.cat(calib)
+    ref = _residual_sums(net, x)
+    small = fxsurgeon.convert(net, separable=dict(form="dw-pw", multiplier=1), conv_head=False)
+    errs = {}
+    for kind in ("layer", "block"):
+        m = copy.deepcopy(small)
+        rep = calibrate(m, net, calib, targets=kind, bn=False)
+        kinds = {r.layer: r.target_kind for r in rep.layers}
+        errs[kind] = [rel_err(a, b) for a, b in zip(_residual_sums(m, x), ref)]
+        if kind == "block":
+            # the blocks' last convs (a2: identity shortcut; b2: a shortcut conv that runs after it) fit the sum
+            assert kinds["a2"] == kinds["b2"] == "block"
+            assert kinds["a1"] == kinds["b1"] == "layer"  # followed by a ReLU, not a sum
+        else:
+            assert set(kinds.values()) == {"layer"}
+    # the first block's shortcut is the exact stem's output: no error to cancel, the same fit
+    assert errs["block"][0] == pytest.approx(errs["layer"][0], rel=1e-5)
+    # the second's carries the first block's error: fitting the sum cancels part of it
+    assert errs["block"][1] < 0.99 * errs["layer"][1]
+
+
+def test_calibrate_rejects_unknown_targets():
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    with pytest.raises(SurgeryError, match="targets"):
+        calibrate(small, net, torch.randn(2, 3, 16, 16), targets="blocks")
+
+
+def test_three_factor_refit_lowers_the_error_it_reports():
+    import fxsurgeon.calibrate as C
+
+    net = _residual_net()
+    g = torch.Generator().manual_seed(2)
+    calib = [torch.randn(16, 3, 16, 16, generator=g) for _ in range(2)]
+    small = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", multiplier=1), conv_head=False)
+    errs, reduce_w = {}, {}
+    for refit_reduce in (False, True):
+        m = copy.deepcopy(small)
+        old = C.REFIT_REDUCE
+        C.REFIT_REDUCE = refit_reduce
+        try:
+            rep = calibrate(m, net, calib, targets="layer", bn=False)
+        finally:
+            C.REFIT_REDUCE = old
+        layers = {r.layer: r for r in rep.layers}
+        errs[refit_reduce] = layers["b1"].error_after
+        reduce_w[refit_reduce] = m.get_submodule("b1.reduce").weight.detach().clone()
+        # the reported error is the true one: the block's output on the calibration data against the original's
+        xs, ys = [], []
+        h1 = m.get_submodule("b1").register_forward_hook(lambda mod, a, o, xs=xs: xs.append(o))
+        h2 = net.get_submodule("b1").register_forward_hook(lambda mod, a, o, ys=ys: ys.append(o))
+        with torch.no_grad():
+            for b in calib:
+                m(b)
+                net(b)
+        h1.remove()
+        h2.remove()
+        measured = rel_err(torch.cat(xs), torch.cat(ys))
+        assert measured == pytest.approx(layers["b1"].error_after, rel=1e-3)
+    assert errs[True] < 0.97 * errs[False]
+    assert not torch.equal(reduce_w[True], small.get_submodule("b1.reduce").weight)
+    torch.testing.assert_close(reduce_w[False], small.get_submodule("b1.reduce").weight)
+
+
+def test_calibrate_finds_the_record_of_a_torch_loaded_model(tmp_path):
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    rep = calibrate(again, net, torch.randn(8, 3, 16, 16))  # rewrites come from the record
+    assert rep.layers and rep.output_error_after < rep.output_error_before

@@ -14,8 +14,14 @@ sufficient statistics are kept (Gram matrices; on a seeded subset of the images 
 millions of positions), so memory does not grow with the amount of data.
 
 * A :class:`~fxsurgeon.modules.SeparableConv2d` (either form) is refit from the im2col statistics of its
-  input: the pointwise weights and the depthwise filters alternate, each step an exact least-squares solve
-  on the same statistics (:class:`_SeparableAccumulator`).
+  input: the last pointwise weights, the depthwise filters and (pointwise → depthwise → pointwise) the first
+  1×1 conv alternate, each step an exact least-squares solve on the same statistics
+  (:class:`_SeparableAccumulator`).
+* Block targets (``targets="block"``, the default): a layer whose output joins a residual sum, directly or
+  through a BatchNorm (a ResNet block's last conv), is refit so the *sum* matches the original's,
+  ``Y* = Y + (S − S')/a`` with S, S' the other operand in the original and converted models and a the
+  BatchNorm's scale: it cancels the error the shortcut carries from the layers before, which layer targets
+  leave in place.
 * Any other rewrite refits its last linear layer: the replacement itself when it is a groups=1 conv or a
   Linear, else its last child. A rewrite of a graph site rather than a module (a channel-reducing concat
   fusion) refits the consumers it narrowed (``details["consumers"]`` or ``details["sites"][i]["consumers"]``)
@@ -31,6 +37,7 @@ data too large to hold, re-run the network up to each layer batch by batch.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -245,6 +252,7 @@ class LayerRefit:
     samples: int = 0
     refit: bool = False
     reason: str = ""
+    target_kind: str = "layer"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -540,6 +548,8 @@ SEPARABLE_MAX_COLUMNS = 1152
 DEPTHWISE_MAX_UNKNOWNS = 8192
 #: alternations of the depthwise and pointwise least-squares steps
 SEPARABLE_ITERATIONS = 4
+#: refit the first 1×1 conv of a pointwise → depthwise → pointwise block too (a third alternating step)
+REFIT_REDUCE = True
 
 
 def _plain_conv(conv: Any) -> bool:
@@ -626,21 +636,28 @@ class _SeparableAccumulator(_Statistics):
         info = self.info
         dw, pw, k2 = self.dw, self.pw, self.k2
         dev = self.gram.device
-        # patches of the depthwise conv's input: T p (the first 1×1 conv acts on each window tap alike)
-        if self.red is not None:
-            t = torch.kron(self.red.weight.detach().double().reshape(self.red.out_channels, -1),
-                           torch.eye(k2, dtype=torch.float64, device=dev))
-            if self.has_bias:
-                t = torch.block_diag(t, torch.ones(1, 1, dtype=torch.float64, device=dev))
-            gq, cq = t @ self.gram @ t.T, t @ self.cross
-        else:
-            gq, cq = self.gram, self.cross
         c_dw, c_mid = dw.out_channels, dw.in_channels
         mult = c_dw // c_mid  # filter g = c·mult + j reads channel c
         dq = c_mid * k2
-        g4 = gq[:dq, :dq].reshape(c_mid, k2, c_mid, k2)
-        c3 = cq[:dq].reshape(c_mid, k2, -1)
-        s2 = gq[:dq, dq].reshape(c_mid, k2) if self.has_bias else None  # Σ patches, for the bias
+        eye_k = torch.eye(k2, dtype=torch.float64, device=dev)
+        gq = cq = g4 = c3 = s2 = None
+
+        def project(t_red: torch.Tensor | None) -> None:
+            """Statistics of the depthwise conv's input patches: T p (the first 1×1 conv acts on each tap alike)."""
+            nonlocal gq, cq, g4, c3, s2
+            if t_red is not None:
+                t = torch.kron(t_red, eye_k)
+                if self.has_bias:
+                    t = torch.block_diag(t, torch.ones(1, 1, dtype=torch.float64, device=dev))
+                gq, cq = t @ self.gram @ t.T, t @ self.cross
+            else:
+                gq, cq = self.gram, self.cross
+            g4 = gq[:dq, :dq].reshape(c_mid, k2, c_mid, k2)
+            c3 = cq[:dq].reshape(c_mid, k2, -1)
+            s2 = gq[:dq, dq].reshape(c_mid, k2) if self.has_bias else None  # Σ patches, for the bias
+
+        t0 = self.red.weight.detach().double().reshape(self.red.out_channels, -1) if self.red is not None else None
+        project(t0)
         d0 = dw.weight.detach().double().reshape(c_dw, k2)
         w0 = pw.weight.detach().double().reshape(pw.out_channels, c_dw).T
         if self.has_bias:
@@ -688,21 +705,59 @@ class _SeparableAccumulator(_Statistics):
             # inner step is fine (the best (D, W) is kept by its true error)
             return _cg(matvec, diag, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
 
+        c_in = self.gram.shape[0] // k2 if not self.has_bias else (self.gram.shape[0] - 1) // k2
+        dp = c_in * k2
+        gp4 = self.gram[:dp, :dp].reshape(c_in, k2, c_in, k2)
+        gp_blocks = torch.stack([gp4[i, :, i, :] for i in range(c_in)]) if self.red is not None else None
+
+        def reduce_step(w: torch.Tensor, d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """Least squares in the first 1×1 conv's weights T (c_mid × C_in) for fixed D and W.
+
+            The normal matrix, over (channel, input channel) pairs, is
+            ``Σ_{j,j'} (W Wᵀ)[(c,j),(c',j')] Σ_{t,t'} D[(c,j),t] D[(c',j'),t'] G[(i,t),(i',t')]``; conjugate
+            gradients apply it without forming it (one product with G per step).
+            """
+            p = w[:c_dw]
+            pp = p @ p.T  # (c_dw, c_dw)
+            g = self.gram[:dp, :dp]
+            cross = self.cross[:dp] if not self.has_bias else self.cross[:dp] - self.gram[:dp, dp:dp + 1] * w[c_dw]
+            cp = (cross @ p.T).reshape(c_in, k2, c_mid, mult)  # Σ p (W y)ᵀ, per (input channel, tap)
+            d3 = d.reshape(c_mid, mult, k2)
+            rhs = torch.einsum("cjt,itcj->ci", d3, cp).reshape(-1)
+
+            def matvec(v: torch.Tensor) -> torch.Tensor:
+                a = (d3[:, :, None, :] * v.reshape(c_mid, 1, c_in, 1)).reshape(c_dw, dp)  # (c,j) × (i,t)
+                b = pp @ (a @ g)
+                return torch.einsum("cjt,cjit->ci", d3, b.reshape(c_mid, mult, c_in, k2)).reshape(-1)
+
+            ppb = torch.diagonal(pp).reshape(c_mid, mult) if mult == 1 else None
+            if ppb is not None:
+                diag = torch.einsum("cj,cjt,itT,cjT->ci", ppb, d3, gp_blocks, d3).reshape(-1)
+            else:
+                pp4 = pp.reshape(c_mid, mult, c_mid, mult)
+                ppc = torch.stack([pp4[c, :, c, :] for c in range(c_mid)])
+                diag = torch.einsum("cjJ,cjt,itT,cJT->ci", ppc, d3, gp_blocks, d3).reshape(-1)
+            return _cg(matvec, diag, rhs, t0.reshape(-1), ridge, start=t.reshape(-1)).reshape(c_mid, c_in)
+
         before = error(d0, w0)
-        best = (before, d0, w0)
+        best = (before, d0, w0, t0)
         joint = c_dw * k2 <= DEPTHWISE_MAX_UNKNOWNS
-        d = d0
+        d, t = d0, t0
         w, err = pointwise_step(d)
         if err < best[0]:
-            best = (err, d, w)
+            best = (err, d, w, t)
         for _ in range(self.iterations if joint else 0):
             d = depthwise_step(w, d)
+            if t is not None and REFIT_REDUCE:
+                t = reduce_step(w, d, t)
+                project(t)
             w, err = pointwise_step(d)
-            if not math.isfinite(err) or not torch.isfinite(d).all() or not torch.isfinite(w).all():
+            if not math.isfinite(err) or not torch.isfinite(d).all() or not torch.isfinite(w).all() \
+                    or (t is not None and not torch.isfinite(t).all()):
                 break
             if err < best[0]:
-                best = (err, d, w)
-        after, d, w = best
+                best = (err, d, w, t)
+        after, d, w, t = best
         info.error_before = math.sqrt(before / self.yy)
         if not after < before:
             info.error_after = info.error_before
@@ -711,6 +766,8 @@ class _SeparableAccumulator(_Statistics):
         info.error_after = math.sqrt(after / self.yy)
         with torch.no_grad():
             dw.weight.copy_(d.reshape(dw.weight.shape).to(dw.weight.dtype))
+            if t is not None:
+                self.red.weight.copy_(t.reshape(self.red.weight.shape).to(self.red.weight.dtype))
             core = w[:-1] if self.has_bias else w
             pw.weight.copy_(core.T.reshape(pw.weight.shape).to(pw.weight.dtype))
             if self.has_bias:
@@ -853,6 +910,26 @@ class _Stepper:
             self.step()
         return self.outputs
 
+    def value(self, node: fx.Node, i: int, memo: dict[fx.Node, Any] | None = None) -> Any:
+        """``node``'s value on batch ``i``: from the environment, or computed (not stored) from live values.
+
+        A node that has not run yet only needs values that are still live: whatever it depends on was
+        either computed before and is used again (by this node's chain) later, or comes after and is
+        computed here.
+        """
+        env = self.interps[i].env
+        if node in env:
+            return env[node]
+        memo = {} if memo is None else memo
+        if node not in memo:
+            if node.op in ("placeholder", "output"):
+                raise SurgeryError(f"calibration: graph input '{node.name}' is no longer held")
+            it = self.interps[i]
+            args = fx.node.map_arg(node.args, lambda n: self.value(n, i, memo))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: self.value(n, i, memo))
+            memo[node] = getattr(it, node.op)(node.target, args, kwargs)
+        return memo[node]
+
     def call(self, node: fx.Node, i: int) -> Any:
         """Call ``node``'s module on batch ``i``'s inputs without storing the result (for hooks to see)."""
         args, kwargs = self.interps[i].fetch_args_kwargs_from_env(node)
@@ -884,12 +961,99 @@ def _peak_bytes(gm: fx.GraphModule, batch: tuple) -> int:
     return peak
 
 
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _bn_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(BatchNorm node, its per-channel scale γ/√(σ²+ε))`` when ``node``'s only user is an eval BatchNorm."""
+    nxt = _only_user(node)
+    if nxt is None or nxt.op != "call_module":
+        return None
+    bn = gm.get_submodule(str(nxt.target))
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+        return None
+    scale = (bn.running_var.detach().double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    return nxt, scale
+
+
+def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
+    """Where ``node``'s output joins a residual sum: ``(other operand of the add, per-channel scale)``.
+
+    Matches ``node → add`` and ``node → BatchNorm (eval statistics) → add``; the scale is the BatchNorm's
+    γ/√(σ²+ε) (None: no BatchNorm between). Anything else (an activation, a second user, a sum whose other
+    operand depends on ``node`` itself) is not a residual join.
+    """
+    scale = None
+    nxt = _only_user(node)
+    if nxt is not None and nxt.op == "call_module":
+        after = _bn_after(gm, node)
+        if after is None:
+            return None
+        nxt, scale = after
+        node, nxt = nxt, _only_user(nxt)
+    if nxt is None or nxt.op != "call_function" or nxt.target not in _ADDS or nxt.kwargs or len(nxt.args) != 2:
+        return None
+    a, b = nxt.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node not in (a, b) or a is b:
+        return None
+    other = b if a is node else a
+    seen, todo = set(), [other]
+    while todo:  # the other operand must not depend on this layer's own output
+        n = todo.pop()
+        if n is node or n in seen:
+            if n is node:
+                return None
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return other, scale
+
+
+def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
+    """Shift the layer's targets so the residual sum after it matches the original's (in place).
+
+    With s the other operand of the sum and a the BatchNorm scale between (1 without one), the original
+    computes ``a·y + s`` and the converted model ``a·y' + s'``; the target ``y + (s − s')/a`` makes the layer
+    cancel the error its shortcut carries. Channels with a = 0 keep the plain target.
+    """
+    c_other, scale = c_join
+    r_other = r_join[0]
+    shifted = []
+    for i, ys_i in enumerate(ys):
+        if len(ys_i) != 1:
+            return False
+        y = ys_i[0]
+        try:
+            s_r, s_c = rs.value(r_other, i), cs.value(c_other, i)
+        except SurgeryError:  # a value the walk no longer holds: keep the layer's own target
+            return False
+        if not (isinstance(s_r, torch.Tensor) and isinstance(s_c, torch.Tensor)) or s_r.shape != y.shape \
+                or s_c.shape != y.shape:
+            return False
+        d = (s_r - s_c).double()
+        if scale is not None:
+            inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale)).to(d.device)
+            d = d * inv.reshape(1, -1, *([1] * (d.dim() - 2)))
+        shifted.append([(y.double() + d).to(y.dtype)])
+    ys[:] = shifted
+    return True
+
+
 def _refit_frontier(
     converted: fx.GraphModule, reference: fx.GraphModule, batches: Sequence[tuple], specs: Sequence[RefitSpec],
-    ridge: float,
+    ridge: float, block: bool = False,
 ) -> tuple[list[LayerRefit], list[Any], list[Any]]:
     """Refit ``specs`` (in network order) with one node-by-node pass over each model.
 
+    With ``block``, a layer whose output joins a residual sum (through at most a BatchNorm) is refit to
+    make the *sum* match the original's (:func:`_block_targets`), not its own output.
     Returns the per-layer results, and the converted (refit) and reference outputs per batch.
     """
     cs, rs = _Stepper(converted, batches), _Stepper(reference, batches)
@@ -897,6 +1061,7 @@ def _refit_frontier(
     by_node: dict[fx.Node, list[RefitSpec]] = {}
     ref_last: dict[str, int] = {}
     ref_index = {n: i for i, n in enumerate(rs.nodes)}
+    joins: dict[str, tuple] = {}
     for s in specs:
         sites = _containing_nodes(converted, s.layer)
         ref_sites = _containing_nodes(reference, s.reference)
@@ -909,6 +1074,10 @@ def _refit_frontier(
         else:
             by_node.setdefault(sites[0], []).append(s)
             ref_last[s.layer] = max(ref_index[n] for n in ref_sites)
+            if block and len(ref_sites) == 1 and str(sites[0].target) == s.layer:
+                c_join, r_join = _residual_join(converted, sites[0]), _residual_join(reference, ref_sites[0])
+                if c_join is not None and r_join is not None:
+                    joins[s.layer] = (c_join, r_join)
     targets: dict[str, list[list[torch.Tensor]]] = {}
     handles = []
     for specs_here in by_node.values():
@@ -926,6 +1095,8 @@ def _refit_frontier(
                     rs.step()
                 layer = converted.get_submodule(s.layer)
                 acc = _accumulator(s, layer, _samples(batches))
+                if s.layer in joins and _block_targets(cs, rs, *joins[s.layer], targets[s.layer]):
+                    acc.info.target_kind = "block"
                 count = None
                 for i in range(len(batches)):
                     xs = _capture(layer, lambda i=i, node=node: cs.call(node, i), inputs=True, stop_after=count)
@@ -1151,6 +1322,7 @@ def calibrate(
     ridge: float = DEFAULT_RIDGE,
     bn: bool | str = "auto",
     mode: str = "auto",
+    targets: str = "block",
 ) -> CalibrationReport:
     """Refit ``converted``'s rewritten layers, in network order, to reproduce ``original`` on real data.
 
@@ -1173,6 +1345,10 @@ def calibrate(
             memory: the widest cut of activations times the data), ``"streaming"`` re-runs the models up to
             each layer batch by batch (any model, little memory, slower); ``"auto"`` picks frontier when the
             activations fit in :data:`FRONTIER_MAX_BYTES`.
+        targets: ``"block"`` refits a layer that feeds a residual sum (through at most a BatchNorm) to make
+            the sum match the original's; ``"layer"`` matches each layer's own output. Block targets need
+            frontier mode (streaming uses layer targets); each layer's ``target_kind`` says which it got.
+
 
     Returns:
         A :class:`CalibrationReport`; the converted model's record, when it has one, gets it at
@@ -1185,23 +1361,25 @@ def calibrate(
     >>> rep.output_error_after < rep.output_error_before
     True
     """
-    from .record import Conversion
+    from .record import Conversion, find_record
 
     if mode not in ("auto", "frontier", "streaming"):
         raise SurgeryError(f"calibrate: mode must be 'auto', 'frontier' or 'streaming', got {mode!r}")
+    if targets not in ("layer", "block"):
+        raise SurgeryError(f"calibrate: targets must be 'layer' or 'block', got {targets!r}")
     if bn not in (True, False, "auto"):
         raise SurgeryError(f"calibrate: bn must be True, False or 'auto', got {bn!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
         raise SurgeryError(f"calibrate: ridge must be a number >= 0, got {ridge!r}")
     t0 = time.perf_counter()
     batches = as_batches(calibration)
-    record = converted.meta.get("fxsurgeon") if isinstance(getattr(converted, "meta", None), dict) else None
+    record = find_record(converted)
     if rewrites is None:
         if not isinstance(record, Conversion):
             raise SurgeryError("calibrate: the converted model carries no fxsurgeon record; pass rewrites=")
         rewrites = record.rewrites
     rewrites = list(rewrites)
-    report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn})
+    report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn, "targets": targets})
     report.samples = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor) and b[0].dim())
     if not rewrites:
         report.seconds = time.perf_counter() - t0
@@ -1221,7 +1399,8 @@ def calibrate(
             specs = [by_layer[n] for n in order]
             before = [_forward(converted, b, "the converted model") for b in batches]
             if report.mode == "frontier":
-                results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge))
+                results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge),
+                                                          block=targets == "block")
             else:
                 ref_out = [_forward(original, b, "the original model") for b in batches]
                 results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]

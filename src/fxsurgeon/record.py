@@ -186,12 +186,8 @@ def _reason_key(reason: str) -> str:
     return head if len(head) < len(reason) else reason
 
 
-def get_record(model: nn.Module) -> Conversion:
-    """The :class:`Conversion` record carried by a converted model.
-
-    Raises:
-        SurgeryError: ``model`` was not produced by ``fxsurgeon.convert``.
-    """
+def find_record(model: nn.Module) -> Conversion | None:
+    """The :class:`Conversion` record ``model`` carries, or None (:func:`get_record` without the error)."""
     meta = getattr(model, "meta", None)
     rec = meta.get("fxsurgeon") if isinstance(meta, dict) else None
     if rec is None and isinstance(getattr(model, RECORD_ATTR, None), Conversion):
@@ -200,7 +196,17 @@ def get_record(model: nn.Module) -> Conversion:
         rec = getattr(model, RECORD_ATTR)
         if isinstance(meta, dict):
             meta["fxsurgeon"] = rec
-    if not isinstance(rec, Conversion):
+    return rec if isinstance(rec, Conversion) else None
+
+
+def get_record(model: nn.Module) -> Conversion:
+    """The :class:`Conversion` record carried by a converted model.
+
+    Raises:
+        SurgeryError: ``model`` was not produced by ``fxsurgeon.convert``.
+    """
+    rec = find_record(model)
+    if rec is None:
         raise SurgeryError(
             f"{type(model).__name__} carries no fxsurgeon record (meta['fxsurgeon']); was it made by fxsurgeon.convert?"
         )

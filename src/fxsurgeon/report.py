@@ -37,7 +37,7 @@ from .convert import (
     normalize_inputs,
 )
 from .errors import SurgeryError
-from .record import Conversion
+from .record import find_record
 from .report_attrib import attribute_rewrites
 from .report_count import Counts, count_model, cross_check
 
@@ -290,12 +290,6 @@ def _run_restoring(model: nn.Module, inputs: tuple, what: str) -> Any:
         _restore_modes(model, modes, model.training)
 
 
-def _record_of(model: nn.Module) -> Conversion | None:
-    meta = getattr(model, "meta", None)
-    rec = meta.get("fxsurgeon") if isinstance(meta, dict) else None
-    return rec if isinstance(rec, Conversion) else None
-
-
 def savings(
     original: nn.Module,
     converted: nn.Module,
@@ -346,7 +340,7 @@ def savings(
     in_conv = _to_device(inputs, _device_of(converted))
     before = count_model(original, in_orig, what="the original model", torch_counter=torch_cross_check)
     after = count_model(converted, in_conv, what="the converted model", torch_counter=torch_cross_check)
-    record = _record_of(converted)
+    record = find_record(converted)
 
     if measure_fidelity:
         ref = _run_restoring(original, in_orig, "the original model")
