@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python benchmarks/peer_factorizations.py [--targets 0.60 0.45] [--seeds 0 1 2]
                                                         [--no-peer] [--no-calibration] [--json PATH]
+                                                        [--only TEXT ...] [--merge JSON] [--latency-from JSON]
 
 Every 3×3 conv but the stem is rewritten (18 layers), at the same whole-model MAC ratio for every method:
 
@@ -11,7 +12,8 @@ Every 3×3 conv but the stem is rewritten (18 layers), at the same whole-model M
   meets the target; seeds 0–2 (its ALS start draws random columns when R exceeds a mode's size).
 * fxsurgeon ``dw-pw``, ``pw-dw-pw`` and ``auto``: ranks from the budget allocation (``target_macs=``), and
   ``pw-dw-pw`` with one uniform cost ratio per layer (ranks chosen here, like the peer's ρ), data-free;
-  then ``auto`` with ``calibration=`` on x[0::2] (refit of the last 1×1 convs, BN statistics re-estimated).
+  then ``auto`` with ``calibration=`` on x[0::2] (the blocks refit, block targets at residual sums), and
+  with ``calibration="synthetic"``: no data, images made to match the BatchNorm statistics.
 
 MACs are fvcore's (one multiply-add = one "flop"), plus every elementwise ``aten::mul`` output element (the
 peer's CP-weight multiply; fxsurgeon folds those weights, so it has none). Accuracy is on x[1::2] (5,000
@@ -204,6 +206,9 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-fxsurgeon", action="store_true", help="only the peer's rows (with --merge: add them)")
     ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--only", nargs="+", metavar="TEXT",
+                    help="run only the fxsurgeon rows whose method contains one of these (with --merge: re-measure "
+                         "them, e.g. --only calibration)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
     ap.add_argument("--latency-from", metavar="JSON",
@@ -268,7 +273,16 @@ def main() -> None:
                 ("fxsurgeon dw-pw, target_macs + calibration", dict(form="dw-pw", target_macs=target), x_cal),
                 ("fxsurgeon auto, target_macs, weighting=bn + calibration",
                  dict(form="auto", target_macs=target, weighting="bn"), x_cal),
+                ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks on weight error)",
+                 dict(form="auto", target_macs=target, weighting="bn", allocation="weight"), x_cal),
             ]
+        if not args.no_fxsurgeon:
+            # no data: calibration on images made to match the BatchNorm statistics (calibration="synthetic"),
+            # their making included in the conversion time
+            fx_runs.append(("fxsurgeon auto, target_macs, weighting=bn + synthetic calibration (no data)",
+                            dict(form="auto", target_macs=target, weighting="bn"), "synthetic"))
+        if args.only:
+            fx_runs = [r for r in fx_runs if any(t in r[0] for t in args.only)]
         for method, opts, cal in fx_runs:
             clear_cache()  # time every conversion from scratch (rows share layers and decompositions)
             t = time.perf_counter()

@@ -19,6 +19,7 @@ from .io import load, save
 from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
 from .report import SavingsReport, savings
+from .synthetic import SyntheticData, synthesize
 from .tracing import trace
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SavingsReport",
     "Skip",
     "SurgeryError",
+    "SyntheticData",
     "Verification",
     "__version__",
     "benchmark",
@@ -42,5 +44,6 @@ __all__ = [
     "save",
     "savings",
     "summary",
+    "synthesize",
     "trace",
 ]

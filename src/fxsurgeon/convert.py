@@ -134,6 +134,21 @@ def _pass_options(name: str, value: Any) -> dict[str, Any] | None:
     raise SurgeryError(f"{name}= takes True, False or a dict of options, got {type(value).__name__}: {value!r}")
 
 
+def _synthetic_calibration(gm: nn.Module, what: str, inputs: tuple) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """``calibration="synthetic"``: BatchNorm-matched images shaped like the example input (and a summary)."""
+    if what != "synthetic":
+        raise SurgeryError(f"calibration= takes input batches or 'synthetic', got the string {what!r}")
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+        raise SurgeryError("calibration='synthetic' needs example_inputs: one batched input tensor (its shape "
+                           "without the batch dimension is the shape of the images made)")
+    from .synthetic import synthesize
+
+    data = synthesize(gm, tuple(inputs[0].shape[1:]))
+    summary = {"images": int(data.images.shape[0]), "steps": data.steps, "batchnorms": data.batchnorms,
+               "loss_start": data.loss_start, "loss_end": data.loss_end, "seconds": data.seconds}
+    return data.batches(), summary
+
+
 def convert(
     model: nn.Module,
     *,
@@ -173,6 +188,10 @@ def convert(
             takes a keyword-only ``calibration`` option (unless its options set one), then used to refit the
             rewritten layers on real activations, in network order (:func:`fxsurgeon.calibrate`); the effect
             per layer is in ``record.extras["calibration"]`` and each rewrite's ``details["calibration"]``.
+            ``"synthetic"``: no data at hand — images whose activations match the model's BatchNorm
+            statistics are made first (:func:`fxsurgeon.synthesize` with its defaults, shaped like
+            ``example_inputs``; seeded, so the conversion stays deterministic) and used instead; what they
+            cost and how well they match is in ``record.extras["synthetic_calibration"]``.
         **passes: ``separable=dict(multiplier=2)``, ``conv_head=True``, ...
 
     Returns:
@@ -232,12 +251,14 @@ def convert(
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs) if on_meta else \
         _to_device(inputs, device)
     params_before = sum(p.numel() for p in gm.parameters())
-    calib_batches = original = None
+    calib_batches = original = synthetic = None
     if calibration is not None:
         from .calibrate import as_batches
 
         if on_meta:
             raise SurgeryError("calibration needs real weights; the model is on the meta device")
+        if isinstance(calibration, str):
+            calibration, synthetic = _synthetic_calibration(gm, calibration, inputs)
         calib_batches = [_to_device(b, device) for b in as_batches(calibration)]
         original = copy.deepcopy(gm)  # the targets of the refit: the traced model before any pass
 
@@ -250,6 +271,8 @@ def convert(
 
     record = Conversion(model=model_name(model), options={n: o for n, o in plan}, source=source_spec,
                         tracing=tracing)
+    if synthetic is not None:
+        record.extras["synthetic_calibration"] = synthetic
     record.skipped += _dropped_by_trace(model, gm)
     record.skipped += _unsupported_modules(gm)
     shapes_stale = True  # ShapeProp's node.meta["tensor_meta"] stay valid until a pass rewrites something

@@ -1,0 +1,151 @@
+"""Calibration inputs without data: images whose activations have the statistics the BatchNorms remember.
+
+A trained BatchNorm keeps the mean and variance of its input over the training set. Inputs optimised so that,
+at every BatchNorm, the batch's per-channel mean and standard deviation match those running statistics
+("distilled data", ZeroQ: Cai et al., CVPR 2020) exercise the network much like real images do, and can
+stand in for them where only activations' statistics matter — the least-squares refit of
+:func:`fxsurgeon.calibrate` and the data-aware rank allocation. No weight of the model changes; only the
+inputs are optimised, from a seeded start, so the same model and options give the same images.
+
+    x* = argmin_x Σ_BN ||μ_B(x) − μ_BN||₂ + ||σ_B(x) − σ_BN||₂      (x starts from N(0, 1), Adam)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .convert import _device_of
+from .errors import SurgeryError
+
+__all__ = ["SyntheticData", "synthesize"]
+
+
+@dataclass
+class SyntheticData:
+    """What :func:`synthesize` made: the images and how well they match (``loss`` per step, first and last)."""
+
+    images: torch.Tensor
+    batchnorms: int
+    loss_start: float
+    loss_end: float
+    steps: int
+    seconds: float
+    history: list[float] = field(default_factory=list, repr=False)
+
+    def batches(self, size: int = 64) -> list[torch.Tensor]:
+        """The images in batches of ``size`` (the form :func:`fxsurgeon.convert`'s ``calibration=`` takes)."""
+        return list(self.images.split(size))
+
+
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None and m.running_var is not None]
+
+
+def synthesize(
+    model: nn.Module,
+    shape: Sequence[int],
+    *,
+    count: int = 256,
+    steps: int = 200,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> SyntheticData:
+    """Optimise ``count`` inputs of ``shape`` (one image, e.g. ``(3, 32, 32)``) to match ``model``'s BatchNorms.
+
+    The model runs in eval mode (its BatchNorms normalise with their running statistics, as in deployment);
+    forward hooks read each BatchNorm's *input* statistics over the batch. Gradients flow to the inputs
+    only: no parameter, buffer or mode of ``model`` changes.
+
+    Args:
+        model: a model with BatchNorm layers (with running statistics). Any device; the images are made there.
+        shape: one input's shape, without the batch dimension.
+        count: how many images; made ``batch_size`` at a time (each batch matched on its own, as in ZeroQ).
+        steps: Adam steps per batch.
+        lr: Adam's learning rate on the input pixels.
+        seed: the start is ``N(0, 1)`` from this seed: the same call gives the same images.
+
+    Raises:
+        SurgeryError: no BatchNorm with running statistics to match, or bad arguments.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    >>> data = synthesize(net, (3, 8, 8), count=4, steps=5)
+    >>> data.images.shape, data.loss_end < data.loss_start
+    (torch.Size([4, 3, 8, 8]), True)
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise SurgeryError(f"synthesize: shape must be one input's positive sizes (no batch dimension), got {shape}")
+    for name, v in (("count", count), ("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SurgeryError(f"synthesize: {name} must be an int >= 1, got {v!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise SurgeryError(f"synthesize: lr must be a positive number, got {lr!r}")
+    bns = _batchnorms(model)
+    if not bns:
+        raise SurgeryError(f"synthesize: {type(model).__name__} has no BatchNorm with running statistics to match; "
+                           "pass real calibration data instead")
+    dev = _device_of(model) or torch.device("cpu")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    t0 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    targets = [(bn.running_mean.detach().float(), (bn.running_var.detach().float() + bn.eps).sqrt()) for _, bn in bns]
+    losses: list[torch.Tensor] = []
+
+    def hook_for(i: int):
+        mean_t, std_t = targets[i]
+
+        def hook(mod, args, out):
+            x = args[0]
+            dims = [d for d in range(x.dim()) if d != 1]
+            mean = x.mean(dims)
+            std = (x.var(dims, unbiased=False) + mod.eps).sqrt()
+            losses.append((mean - mean_t).norm() + (std - std_t).norm())
+        return hook
+
+    handles = [bn.register_forward_hook(hook_for(i)) for i, (_, bn) in enumerate(bns)]
+    modes = {n: m.training for n, m in model.named_modules()}
+    images, history = [], []
+    start = end = 0.0
+    try:
+        model.eval()
+        for first in range(0, count, batch_size):
+            n = min(batch_size, count - first)
+            x = torch.randn((n, *shape), generator=gen).to(dev, dtype).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            for step in range(steps):
+                losses.clear()
+                model(x)
+                loss = torch.stack(losses).sum()
+                (grad,) = torch.autograd.grad(loss, [x])
+                x.grad = grad
+                opt.step()
+                value = float(loss.detach())
+                if first == 0:
+                    history.append(value)
+                if step == 0:
+                    start += value * n / count
+                if not math.isfinite(value):
+                    raise SurgeryError(f"synthesize: the BatchNorm-matching loss became {value} at step {step}; "
+                                       "try a smaller lr")
+            with torch.no_grad():
+                losses.clear()
+                model(x)
+                end += float(torch.stack(losses).sum()) * n / count
+            images.append(x.detach())
+    finally:
+        for h in handles:
+            h.remove()
+        for n_, m in model.named_modules():
+            m.training = modes.get(n_, m.training)
+    return SyntheticData(torch.cat(images), len(bns), start, end, steps, time.perf_counter() - t0, history)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+from fxsurgeon import SurgeryError
+from fxsurgeon.synthetic import synthesize
+
+
+def _net():
+    """BatchNorms that remember data unlike N(0, 1) noise: smooth, offset, scaled images."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    real = 2.0 * nn.functional.interpolate(torch.randn(64, 3, 4, 4, generator=g), size=(12, 12), mode="bilinear")
+    real = real + torch.tensor([0.5, -0.3, 1.0]).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        net.train()(real)
+    return net.eval()
+
+
+def _bn_mismatch(net, x):
+    out = []
+    hooks = [m.register_forward_hook(lambda m, a, o: out.append(
+        (a[0].mean((0, 2, 3)) - m.running_mean).norm() + (a[0].std((0, 2, 3), unbiased=False)
+                                                        - (m.running_var + m.eps).sqrt()).norm()))
+        for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return float(sum(out))
+
+
+def test_synthetic_images_match_the_batchnorm_statistics_and_leave_the_model_alone():
+    net = _net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = synthesize(net, (3, 12, 12), count=40, steps=100, batch_size=16, lr=0.1)
+    assert data.images.shape == (40, 3, 12, 12) and data.batchnorms == 2
+    noise = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    assert _bn_mismatch(net.eval(), data.images) < 0.2 * _bn_mismatch(net, noise)
+    assert data.loss_end < 0.2 * data.loss_start
+    net.train()
+    assert net.training and all(m.training for m in net.modules())  # modes restored
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no statistic or weight moved
+    assert all(p.grad is None for p in net.parameters())
+    assert [b.shape[0] for b in data.batches(16)] == [16, 16, 8]
+
+
+def test_synthesize_is_deterministic():
+    net = _net().eval()
+    a = synthesize(net, (3, 8, 8), count=6, steps=10, seed=3)
+    b = synthesize(net, (3, 8, 8), count=6, steps=10, seed=3)
+    c = synthesize(net, (3, 8, 8), count=6, steps=10, seed=4)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+
+
+def test_synthesize_bad_input():
+    with pytest.raises(SurgeryError, match="no BatchNorm"):
+        synthesize(nn.Sequential(nn.Conv2d(3, 4, 3)), (3, 8, 8))
+    with pytest.raises(SurgeryError, match="shape"):
+        synthesize(_net(), (0, 8))
+    with pytest.raises(SurgeryError, match="count"):
+        synthesize(_net(), (3, 8, 8), count=0)
+    with pytest.raises(SurgeryError, match="lr"):
+        synthesize(_net(), (3, 8, 8), lr=-1)
+
+
+def test_convert_calibrates_on_synthetic_images_without_data():
+    import fxsurgeon
+
+    net = _net()
+    x = torch.randn(2, 3, 12, 12)
+    free = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False, example_inputs=x)
+    syn = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False, example_inputs=x,
+                            calibration="synthetic")
+    rec = fxsurgeon.get_record(syn)
+    info = rec.extras["synthetic_calibration"]
+    assert info["images"] == 256 and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
+    assert rec.extras["calibration"]["output_error_after"] < rec.extras["calibration"]["output_error_before"]
+    # closer to the original on data like the BatchNorms remember than the data-free conversion
+    g = torch.Generator().manual_seed(9)
+    real = 2.0 * nn.functional.interpolate(torch.randn(64, 3, 4, 4, generator=g), size=(12, 12), mode="bilinear")
+    real = real + torch.tensor([0.5, -0.3, 1.0]).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = net(real)
+        e_free = float((free(real) - ref).norm() / ref.norm())
+        e_syn = float((syn(real) - ref).norm() / ref.norm())
+    assert e_syn < e_free
+
+
+def test_convert_synthetic_calibration_needs_an_example_input():
+    import fxsurgeon
+
+    with pytest.raises(SurgeryError, match="example_inputs"):
+        fxsurgeon.convert(_net(), calibration="synthetic")
+    with pytest.raises(SurgeryError, match="'synthetic'"):
+        fxsurgeon.convert(_net(), calibration="synth", example_inputs=torch.randn(1, 3, 8, 8))
