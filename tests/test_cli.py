@@ -26,6 +26,12 @@ TINY = textwrap.dedent('''
     def sleepy():
         time.sleep(3600)
 
+    def with_bn():
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        m.pretrained_cfg = {"input_size": (3, 8, 8)}
+        return m
+
     def zero_bn():
         m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
         nn.init.zeros_(m[1].weight)  # like timm's zero_init_last: the verification cannot see the conv
@@ -79,6 +85,12 @@ def test_convert_notes_branches_silenced_by_fresh_weights(tiny, capsys):
     printed = capsys.readouterr().out
     assert "note: 1 scaling parameters of this model are zero (e.g. 1.weight)" in printed
     assert "savings:" not in printed
+
+
+def test_convert_synthetic_calibration(tiny, capsys):
+    assert main(["convert", "clitiny:with_bn", "--synthetic-calibration", "--no-savings"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration: 256 synthetic images" in printed and "output error on them" in printed
 
 
 def test_convert_bad_recipe_exit_2_names_key_and_file(tiny, tmp_path, capsys):

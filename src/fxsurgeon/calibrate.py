@@ -708,7 +708,7 @@ class _SeparableAccumulator(_Statistics):
         c_in = self.gram.shape[0] // k2 if not self.has_bias else (self.gram.shape[0] - 1) // k2
         dp = c_in * k2
         gp4 = self.gram[:dp, :dp].reshape(c_in, k2, c_in, k2)
-        gp_blocks = torch.stack([gp4[i, :, i, :] for i in range(c_in)]) if self.red is not None else None
+        gp_blocks = torch.diagonal(gp4, dim1=0, dim2=2).permute(2, 0, 1)  # G's (i, ·, i, ·) blocks
 
         def reduce_step(w: torch.Tensor, d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """Least squares in the first 1×1 conv's weights T (c_mid × C_in) for fixed D and W.
@@ -730,13 +730,8 @@ class _SeparableAccumulator(_Statistics):
                 b = pp @ (a @ g)
                 return torch.einsum("cjt,cjit->ci", d3, b.reshape(c_mid, mult, c_in, k2)).reshape(-1)
 
-            ppb = torch.diagonal(pp).reshape(c_mid, mult) if mult == 1 else None
-            if ppb is not None:
-                diag = torch.einsum("cj,cjt,itT,cjT->ci", ppb, d3, gp_blocks, d3).reshape(-1)
-            else:
-                pp4 = pp.reshape(c_mid, mult, c_mid, mult)
-                ppc = torch.stack([pp4[c, :, c, :] for c in range(c_mid)])
-                diag = torch.einsum("cjJ,cjt,itT,cJT->ci", ppc, d3, gp_blocks, d3).reshape(-1)
+            pp_blocks = torch.diagonal(pp.reshape(c_mid, mult, c_mid, mult), dim1=0, dim2=2).permute(2, 0, 1)
+            diag = torch.einsum("cjJ,cjt,itT,cJT->ci", pp_blocks, d3, gp_blocks, d3).reshape(-1)
             return _cg(matvec, diag, rhs, t0.reshape(-1), ridge, start=t.reshape(-1)).reshape(c_mid, c_in)
 
         before = error(d0, w0)

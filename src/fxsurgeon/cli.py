@@ -216,7 +216,7 @@ def _write_text(path: str, text: str) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
-    from .record import summary
+    from .record import get_record, summary
 
     _check_output(args.out, "--out")
     _check_output(args.report, "--report")
@@ -228,8 +228,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # random-init models come out the same on every run
     model = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
     x = _example_input(model, args.input_size, args.batch_size, args.seed)
+    if args.synthetic_calibration:
+        recipe = {**recipe, "calibration": "synthetic"}
     converted = convert(model, example_inputs=x, **recipe)
     print(summary(converted))
+    extras = get_record(converted).extras
+    synthetic = extras.get("synthetic_calibration")
+    if synthetic:
+        calib = extras.get("calibration") or {}
+        print(f"  calibration: {synthetic['images']} synthetic images ({synthetic['seconds']:.0f} s), output error "
+              f"on them {calib.get('output_error_before', float('nan')):.4g} → "
+              f"{calib.get('output_error_after', float('nan')):.4g}")
     from .report import savings
 
     # the full report only when asked for; the savings line needs the two MAC counts alone
@@ -289,6 +298,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (downloads them)")
     p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
     p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
+    p.add_argument("--synthetic-calibration", action="store_true",
+                   help="calibrate without data: on images made to match the model's BatchNorm statistics "
+                        "(convert(calibration='synthetic'); meaningful with trained --weights or --pretrained)")
     p.set_defaults(func=_cmd_convert)
 
 
