@@ -77,7 +77,7 @@ def test_convert_calibrates_on_synthetic_images_without_data():
                             calibration="synthetic")
     rec = fxsurgeon.get_record(syn)
     info = rec.extras["synthetic_calibration"]
-    assert info["images"] == 256 and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
+    assert info["images"] == 512 and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
     assert rec.extras["calibration"]["output_error_after"] < rec.extras["calibration"]["output_error_before"]
     # closer to the original on data like the BatchNorms remember than the data-free conversion
     g = torch.Generator().manual_seed(9)

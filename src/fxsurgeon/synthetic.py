@@ -53,7 +53,7 @@ def synthesize(
     model: nn.Module,
     shape: Sequence[int],
     *,
-    count: int = 256,
+    count: int = 512,
     steps: int = 200,
     lr: float = 0.1,
     batch_size: int = 128,
