@@ -383,3 +383,29 @@ def test_calibrate_finds_the_record_of_a_torch_loaded_model(tmp_path):
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     rep = calibrate(again, net, torch.randn(8, 3, 16, 16))  # rewrites come from the record
     assert rep.layers and rep.output_error_after < rep.output_error_before
+
+
+def test_residual_join_matches_only_sums_fed_through_at_most_a_batchnorm():
+    from fxsurgeon.calibrate import _residual_join
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+            self.bn1, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = x + self.bn1(self.c1(x))  # through a BatchNorm
+            x = self.c2(x) + x  # directly, either side of the sum
+            x = x + torch.relu(self.bn3(self.c3(x)))  # an activation between: no
+            y = self.c4(x)
+            return y + y  # the layer's output with itself: no
+
+    gm = torch.fx.symbolic_trace(Net().eval())
+    node = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    other, scale = _residual_join(gm, node["c1"])
+    assert other.op == "placeholder" and scale.shape == (4,)
+    torch.testing.assert_close(scale, (gm.bn1.running_var.double() + gm.bn1.eps).rsqrt() * gm.bn1.weight.double())
+    other, scale = _residual_join(gm, node["c2"])
+    assert other.name == "add" and scale is None
+    assert _residual_join(gm, node["c3"]) is None and _residual_join(gm, node["c4"]) is None

@@ -982,8 +982,8 @@ def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     """Where ``node``'s output joins a residual sum: ``(other operand of the add, per-channel scale)``.
 
     Matches ``node → add`` and ``node → BatchNorm (eval statistics) → add``; the scale is the BatchNorm's
-    γ/√(σ²+ε) (None: no BatchNorm between). Anything else (an activation, a second user, a sum whose other
-    operand depends on ``node`` itself) is not a residual join.
+    γ/√(σ²+ε) (None: no BatchNorm between). Anything else (an activation between, a second user, a sum of
+    the output with itself) is not a residual join.
     """
     scale = None
     nxt = _only_user(node)
@@ -998,17 +998,8 @@ def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     a, b = nxt.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or node not in (a, b) or a is b:
         return None
-    other = b if a is node else a
-    seen, todo = set(), [other]
-    while todo:  # the other operand must not depend on this layer's own output
-        n = todo.pop()
-        if n is node or n in seen:
-            if n is node:
-                return None
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return other, scale
+    # every step has one user, so the other operand cannot depend on this layer's output
+    return (b if a is node else a), scale
 
 
 def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
