@@ -409,3 +409,23 @@ def test_residual_join_matches_only_sums_fed_through_at_most_a_batchnorm():
     other, scale = _residual_join(gm, node["c2"])
     assert other.name == "add" and scale is None
     assert _residual_join(gm, node["c3"]) is None and _residual_join(gm, node["c4"]) is None
+
+
+def test_block_targets_reach_a_block_that_refits_only_its_pointwise_conv():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", bias=False)  # no unfold: pointwise only
+            self.bn = nn.BatchNorm2d(8)
+            self.b = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            x = x + self.bn(self.b(torch.relu(x)))  # through a BatchNorm
+            return x + self.a(x)  # directly, the block's output being its pointwise conv's
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    rep = calibrate(small, net, [torch.randn(8, 8, 10, 10) for _ in range(2)], bn=False)
+    kinds = {r.layer: r.target_kind for r in rep.layers}
+    assert kinds == {"b": "block", "a.pointwise": "block"}

@@ -1002,6 +1002,17 @@ def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     return (b if a is node else a), scale
 
 
+def _gives_output_of(gm: fx.GraphModule, node: fx.Node, layer: str) -> bool:
+    """Whether ``node``'s value is ``layer``'s output: the layer itself, or a Sequential (nested) ending with it."""
+    name = str(node.target)
+    while name != layer:
+        mod = gm.get_submodule(name)
+        if type(mod).forward is not nn.Sequential.forward or not len(mod) or not layer.startswith(name + "."):
+            return False
+        name = f"{name}.{list(mod._modules)[-1]}"
+    return True
+
+
 def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
     """Shift the layer's targets so the residual sum after it matches the original's (in place).
 
@@ -1060,7 +1071,7 @@ def _refit_frontier(
         else:
             by_node.setdefault(sites[0], []).append(s)
             ref_last[s.layer] = max(ref_index[n] for n in ref_sites)
-            if block and len(ref_sites) == 1 and str(sites[0].target) == s.layer:
+            if block and len(ref_sites) == 1 and _gives_output_of(converted, sites[0], s.layer):
                 c_join, r_join = _residual_join(converted, sites[0]), _residual_join(reference, ref_sites[0])
                 if c_join is not None and r_join is not None:
                     joins[s.layer] = (c_join, r_join)
