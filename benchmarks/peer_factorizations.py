@@ -275,6 +275,8 @@ def main() -> None:
                  dict(form="auto", target_macs=target, weighting="bn"), x_cal),
                 ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks on weight error)",
                  dict(form="auto", target_macs=target, weighting="bn", allocation="weight"), x_cal),
+                ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks sensitivity-weighted)",
+                 dict(form="auto", target_macs=target, weighting="bn", allocation="sensitivity"), x_cal),
             ]
         if not args.no_fxsurgeon:
             # no data: calibration on images made to match the BatchNorm statistics (calibration="synthetic"),

@@ -210,3 +210,40 @@ def test_budget_across_forms():
     assert whole_macs(out, x) <= 0.6 * whole_macs(net, x)
     forms = {v["form"] for v in rec.extras["allocation"]["layers"].values()}
     assert forms <= set(FORMS) | {"original"}
+
+
+def test_output_sensitivity_sees_what_the_network_amplifies():
+    from fxsurgeon.calibrate import output_sensitivity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():
+        # the second conv's output reaches the end through a 1×1 conv that keeps only its four weakest
+        # channels: noise spread over all eight is large against what survives
+        net[1].weight[:4] *= 0.1
+        net[1].bias[:4] *= 0.1
+        net[2].weight.zero_()
+        net[2].weight[:4, :4, 0, 0] = torch.eye(4)
+        net[2].bias.zero_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    s = output_sensitivity(net, ["0", "1", "2"], data, samples=8)
+    again = output_sensitivity(net, ["0", "1", "2"], data, samples=8)
+    assert s == again  # seeded noise
+    assert s["2"] == pytest.approx(1.0, rel=1e-6)  # noise on the output itself: relative error passes whole
+    assert s["1"] > 5  # amplified: the same relative error at layer 1 moves the output far more
+    assert not net._forward_hooks and all(not m._forward_hooks for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_budget_with_sensitivity_weighted_errors():
+    model = trained_like(resnet20()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    data = [torch.randn(8, 3, 32, 32)]
+    out = fxsurgeon.convert(model, example_inputs=x, calibration=data,
+                            separable=dict(target_macs=0.6, allocation="sensitivity"))
+    rec = fxsurgeon.get_record(out)
+    assert rec.extras["allocation"]["errors"] == "sensitivity"
+    assert whole_macs(out, x) <= 0.6 * whole_macs(model, x)
+    with pytest.raises(SurgeryError, match="calibration"):
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, allocation="sensitivity"))

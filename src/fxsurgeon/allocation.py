@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -516,19 +516,22 @@ def plan_budget(
         calibration: input batches; with them (``errors="auto"`` or ``"data"``) each choice's error is its
             measured relative output error after a least-squares refit of its last pointwise conv on the
             layer's real inputs (:func:`fxsurgeon.calibrate.measure_choices`), instead of its weight error.
-        errors: ``"weight"`` (data-free relative squared weight error), ``"data"``, or ``"auto"`` (data when
-            calibration batches are given).
+        errors: ``"weight"`` (data-free relative squared weight error), ``"data"``, ``"sensitivity"`` (data
+            errors weighted by how much the model's outputs move per unit of each layer's error,
+            :func:`fxsurgeon.calibrate.output_sensitivity`), or ``"auto"`` (data when calibration batches are
+            given).
 
     Returns:
         A :class:`BudgetPlan` whose allocation picks, per conv, a choice (``form == "original"``: keep it).
     """
-    if errors not in ("auto", "weight", "data"):
-        raise SurgeryError(f"separable: allocation errors must be 'auto', 'weight' or 'data', got {errors!r}")
+    if errors not in ("auto", "weight", "data", "sensitivity"):
+        raise SurgeryError(f"separable: allocation errors must be 'auto', 'weight', 'data' or 'sensitivity', "
+                           f"got {errors!r}")
     for what, v in (("target_macs", target_macs), ("target_params", target_params)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise SurgeryError(f"separable: {what} is a fraction of the original model's in (0, 1], got {v!r}")
-    if errors == "data" and calibration is None:
-        raise SurgeryError("separable: errors='data' needs calibration batches (convert(..., calibration=...))")
+    if errors in ("data", "sensitivity") and calibration is None:
+        raise SurgeryError(f"separable: errors='{errors}' needs calibration batches (convert(..., calibration=...))")
     fixed = dict(fixed or {})
     total_params = sum(p.numel() for p in gm.parameters())
     everything = {**convs}
@@ -563,11 +566,15 @@ def plan_budget(
         options.append(layer_options(name, conv, forms, positions_in=sh.positions_in,
                                      positions_out=sh.positions_out, calls=sh.calls))
     how = "weight"
-    if calibration is not None and errors in ("auto", "data") and options:
-        from .calibrate import measure_choices
+    if calibration is not None and errors in ("auto", "data", "sensitivity") and options:
+        from .calibrate import measure_choices, output_sensitivity
 
         options = measure_choices(gm, options, {n: everything[n][1] for n in (o.name for o in options)}, calibration)
         how = "data"
+        if errors == "sensitivity":
+            sens = output_sensitivity(gm, [o.name for o in options], calibration)
+            options = [replace(o, weight=o.weight * sens[o.name]) for o in options]
+            how = "sensitivity"
     max_macs = None if target_macs is None else target_macs * total_macs - fixed_macs
     max_params = None if target_params is None else target_params * total_params - fixed_params
     try:

@@ -308,8 +308,10 @@ def separable(
             (:mod:`fxsurgeon.allocation`); with ``form="auto"`` every registered form competes per layer.
         target_params: the same for the fraction of the original model's parameters (may be combined).
         allocation: the error a budget minimises: ``"weight"`` (relative squared weight error, data-free),
-            ``"data"`` (relative output error left after a least-squares refit on ``calibration``), or
-            ``"auto"``: data when calibration batches are given.
+            ``"data"`` (relative output error left after a least-squares refit on ``calibration``),
+            ``"sensitivity"`` (those data errors weighted by how much the model's outputs move per unit of
+            each layer's error, measured by injecting noise), or ``"auto"``: data when calibration batches
+            are given.
         calibration: input batches for ``allocation="data"``; ``convert(calibration=...)`` fills it in.
         weighting: ``"bn"`` weighs each output channel's error by the following BatchNorm's |γ|/√var and each
             input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.importance`; data-free)
