@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .convert import _device_of, _to_device
+from .convert import _device_of, _eval_modes, _to_device
 from .errors import SurgeryError
 
 __all__ = [
@@ -706,10 +706,10 @@ class _SeparableAccumulator(_Statistics):
             # inner step is fine (the best (D, W) is kept by its true error)
             return _cg(matvec, diag, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
 
-        c_in = self.gram.shape[0] // k2 if not self.has_bias else (self.gram.shape[0] - 1) // k2
-        dp = c_in * k2
-        gp4 = self.gram[:dp, :dp].reshape(c_in, k2, c_in, k2)
-        gp_blocks = torch.diagonal(gp4, dim1=0, dim2=2).permute(2, 0, 1)  # G's (i, ·, i, ·) blocks
+        dp = self.gram.shape[0] - self.has_bias  # input patch width, C_in·k²
+        c_in = dp // k2
+        if self.red is not None:  # G's (i, ·, i, ·) blocks, for the first 1×1 conv's preconditioner
+            gp_blocks = torch.diagonal(self.gram[:dp, :dp].reshape(c_in, k2, c_in, k2), dim1=0, dim2=2).permute(2, 0, 1)
 
         def reduce_step(w: torch.Tensor, d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             """Least squares in the first 1×1 conv's weights T (c_mid × C_in) for fixed D and W.
@@ -987,13 +987,10 @@ def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     the output with itself) is not a residual join.
     """
     scale = None
+    after = _bn_after(gm, node)
+    if after is not None:
+        node, scale = after
     nxt = _only_user(node)
-    if nxt is not None and nxt.op == "call_module":
-        after = _bn_after(gm, node)
-        if after is None:
-            return None
-        nxt, scale = after
-        node, nxt = nxt, _only_user(nxt)
     if nxt is None or nxt.op != "call_function" or nxt.target not in _ADDS or nxt.kwargs or len(nxt.args) != 2:
         return None
     a, b = nxt.args
@@ -1023,6 +1020,7 @@ def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys:
     """
     c_other, scale = c_join
     r_other = r_join[0]
+    inv = None if scale is None else torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     shifted = []
     for i, ys_i in enumerate(ys):
         if len(ys_i) != 1:
@@ -1036,9 +1034,8 @@ def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys:
                 or s_c.shape != y.shape:
             return False
         d = (s_r - s_c).double()
-        if scale is not None:
-            inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale)).to(d.device)
-            d = d * inv.reshape(1, -1, *([1] * (d.dim() - 2)))
+        if inv is not None:
+            d = d * inv.to(d.device).reshape(1, -1, *([1] * (d.dim() - 2)))
         shifted.append([(y.double() + d).to(y.dtype)])
     ys[:] = shifted
     return True
@@ -1244,18 +1241,12 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, names: Iterable[str] | 
     names = [n for n in names if getattr(model.get_submodule(n), "running_mean", None) is not None]
     if not names:
         return 0
-    modes = {n: m.training for n, m in model.named_modules()}
     dev = _device_of(model)
-    try:
-        model.eval()
-        with torch.no_grad():
-            if isinstance(model, fx.GraphModule):
-                done, _ = _bn_frontier(model, [_to_device(b, dev) for b in batches], names)
-            else:
-                done = _bn_streaming(model, batches, names, dev)
-    finally:
-        for n, m in model.named_modules():
-            m.training = modes.get(n, m.training)
+    with _eval_modes(model), torch.no_grad():
+        if isinstance(model, fx.GraphModule):
+            done, _ = _bn_frontier(model, [_to_device(b, dev) for b in batches], names)
+        else:
+            done = _bn_streaming(model, batches, names, dev)
     return done
 
 
@@ -1384,53 +1375,43 @@ def calibrate(
         return report
     device = _device_of(converted)
     batches = [_to_device(b, device) for b in batches]
-    modes_c = {n: m.training for n, m in converted.named_modules()}
-    modes_o = {n: m.training for n, m in original.named_modules()}
-    try:
-        converted.eval()
-        original.eval()
-        with torch.no_grad():
-            report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
-            specs, skipped = refit_specs(converted, original, rewrites)
-            order = _call_order(converted, batches[0], [s.layer for s in specs])
-            by_layer = {s.layer: s for s in specs}
-            specs = [by_layer[n] for n in order]
-            before = [_forward(converted, b, "the converted model") for b in batches]
+    with _eval_modes(converted, original), torch.no_grad():
+        report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
+        specs, skipped = refit_specs(converted, original, rewrites)
+        order = _call_order(converted, batches[0], [s.layer for s in specs])
+        by_layer = {s.layer: s for s in specs}
+        specs = [by_layer[n] for n in order]
+        before = [_forward(converted, b, "the converted model") for b in batches]
+        if report.mode == "frontier":
+            results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge),
+                                                      block=targets == "block")
+        else:
+            ref_out = [_forward(original, b, "the original model") for b in batches]
+            results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
+            after = [_forward(converted, b, "the converted model") for b in batches]
+        rank = {n: i for i, n in enumerate(order)}
+        report.layers = sorted(results, key=lambda r: rank.get(r.layer, -1)) + skipped
+        report.output_error_before = _rel_error(before, ref_out)
+        del before
+        err = _rel_error(after, ref_out)
+        if bn is not False:
+            bns = _downstream_batchnorms(converted, [r.target for r in rewrites])
+            saved = {n: {k: v.clone() for k, v in converted.get_submodule(n).state_dict().items()} for n in bns}
             if report.mode == "frontier":
-                results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge),
-                                                          block=targets == "block")
+                count, with_bn = _bn_frontier(converted, batches, bns)
             else:
-                ref_out = [_forward(original, b, "the original model") for b in batches]
-                results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
-                after = [_forward(converted, b, "the converted model") for b in batches]
-            rank = {n: i for i, n in enumerate(order)}
-            report.layers = sorted(results, key=lambda r: rank.get(r.layer, -1)) + skipped
-            report.output_error_before = _rel_error(before, ref_out)
-            del before
-            err = _rel_error(after, ref_out)
-            if bn is not False:
-                bns = _downstream_batchnorms(converted, [r.target for r in rewrites])
-                saved = {n: {k: v.clone() for k, v in converted.get_submodule(n).state_dict().items()} for n in bns}
-                if report.mode == "frontier":
-                    count, with_bn = _bn_frontier(converted, batches, bns)
-                else:
-                    count = _bn_streaming(converted, batches, bns, None)
-                    with_bn = [_forward(converted, b, "the converted model") for b in batches]
-                err_bn = _rel_error(with_bn, ref_out) if count else err
-                keep = bool(count) and (bn is True or err_bn < err)
-                report.batchnorm = {"modules": count, "output_error_without": err, "output_error_with": err_bn,
-                                    "kept": keep}
-                if keep:
-                    err = err_bn
-                else:
-                    for n, st in saved.items():
-                        converted.get_submodule(n).load_state_dict(st)
-            report.output_error_after = err
-    finally:
-        for n, m in converted.named_modules():
-            m.training = modes_c.get(n, m.training)
-        for n, m in original.named_modules():
-            m.training = modes_o.get(n, m.training)
+                count = _bn_streaming(converted, batches, bns, None)
+                with_bn = [_forward(converted, b, "the converted model") for b in batches]
+            err_bn = _rel_error(with_bn, ref_out) if count else err
+            keep = bool(count) and (bn is True or err_bn < err)
+            report.batchnorm = {"modules": count, "output_error_without": err, "output_error_with": err_bn,
+                                "kept": keep}
+            if keep:
+                err = err_bn
+            else:
+                for n, st in saved.items():
+                    converted.get_submodule(n).load_state_dict(st)
+        report.output_error_after = err
     report.seconds = time.perf_counter() - t0
     if isinstance(record, Conversion):
         annotate_record(record, report)
@@ -1517,10 +1498,8 @@ def measure_choices(
         return hook
 
     handles = [convs[o.name].register_forward_hook(hook_for(o.name)) for o in options]
-    modes = {n: m.training for n, m in gm.named_modules()}
     try:
-        gm.eval()
-        with torch.no_grad():
+        with _eval_modes(gm), torch.no_grad():
             for b in batches:
                 if all(v >= max_elements for v in size.values()):
                     break
@@ -1528,8 +1507,6 @@ def measure_choices(
     finally:
         for h in handles:
             h.remove()
-        for n, m in gm.named_modules():
-            m.training = modes.get(n, m.training)
     out = []
     with torch.no_grad():
         for o in options:
@@ -1598,7 +1575,6 @@ def output_sensitivity(
         n += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
     dev = _device_of(model)
     batches = [_to_device(b, dev) for b in batches]
-    modes = {k: m.training for k, m in model.named_modules()}
 
     def flat(out: Any) -> torch.Tensor:
         leaves, _ = tree_flatten(out)
@@ -1606,26 +1582,21 @@ def output_sensitivity(
                           if isinstance(t, torch.Tensor) and t.is_floating_point()])
 
     out: dict[str, float] = {}
-    try:
-        model.eval()
-        with torch.no_grad():
-            clean = [flat(_forward(model, b, "the model")) for b in batches]
-            norm2 = sum(float(c.pow(2).sum()) for c in clean)
-            for name in names:
-                gen = torch.Generator(device="cpu").manual_seed(seed)
+    with _eval_modes(model), torch.no_grad():
+        clean = [flat(_forward(model, b, "the model")) for b in batches]
+        norm2 = sum(float(c.pow(2).sum()) for c in clean)
+        for name in names:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
 
-                def hook(mod, args, y, gen=gen):
-                    z = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
-                    return y + noise * y.norm() / z.norm().clamp_min(1e-30) * z
+            def hook(mod, args, y, gen=gen):
+                z = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
+                return y + noise * y.norm() / z.norm().clamp_min(1e-30) * z
 
-                h = model.get_submodule(name).register_forward_hook(hook)
-                try:
-                    moved = sum(float((flat(_forward(model, b, "the model")) - c).pow(2).sum())
-                                for b, c in zip(batches, clean))
-                finally:
-                    h.remove()
-                out[name] = moved / norm2 / noise ** 2 if norm2 > 0 else 1.0
-    finally:
-        for k, m in model.named_modules():
-            m.training = modes.get(k, m.training)
+            h = model.get_submodule(name).register_forward_hook(hook)
+            try:
+                moved = sum(float((flat(_forward(model, b, "the model")) - c).pow(2).sum())
+                            for b, c in zip(batches, clean))
+            finally:
+                h.remove()
+            out[name] = moved / norm2 / noise ** 2 if norm2 > 0 else 1.0
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -69,6 +70,20 @@ def _to_device(inputs: tuple, device: torch.device | None) -> tuple:
 
 def _modes(model: nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in model.named_modules()}
+
+
+@contextmanager
+def _eval_modes(*models: nn.Module) -> Iterator[None]:
+    """Run the block with ``models`` in eval mode; every submodule's train/eval flag is put back after."""
+    saved = [(m, _modes(m)) for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for model, modes in saved:
+            for name, m in model.named_modules():
+                m.training = modes.get(name, m.training)
 
 
 def _restore_modes(model: nn.Module, modes: dict[str, bool], default: bool) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _device_of
+from .convert import _device_of, _eval_modes
 from .errors import SurgeryError
 
 __all__ = ["SyntheticData", "synthesize"]
@@ -47,6 +47,32 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             and m.running_mean is not None and m.running_var is not None]
+
+
+def _match(model: nn.Module, x: torch.Tensor, losses: list[torch.Tensor], steps: int,
+           lr: float) -> tuple[torch.Tensor, list[float], float]:
+    """Adam on the pixels of ``x`` against the BatchNorm-matching loss the hooks append to ``losses``.
+
+    Returns the images, the loss at every step, and the loss of the final images.
+    """
+    x = x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    seen: list[float] = []
+    for step in range(steps):
+        losses.clear()
+        model(x)
+        loss = torch.stack(losses).sum()
+        (grad,) = torch.autograd.grad(loss, [x])
+        x.grad = grad
+        opt.step()
+        seen.append(float(loss.detach()))
+        if not math.isfinite(seen[-1]):
+            raise SurgeryError(f"synthesize: the BatchNorm-matching loss became {seen[-1]} at step {step}; "
+                               "try a smaller lr")
+    with torch.no_grad():
+        losses.clear()
+        model(x)
+        return x.detach(), seen, float(torch.stack(losses).sum())
 
 
 def synthesize(
@@ -114,38 +140,20 @@ def synthesize(
         return hook
 
     handles = [bn.register_forward_hook(hook_for(i)) for i, (_, bn) in enumerate(bns)]
-    modes = {n: m.training for n, m in model.named_modules()}
     images, history = [], []
     start = end = 0.0
     try:
-        model.eval()
-        for first in range(0, count, batch_size):
-            n = min(batch_size, count - first)
-            x = torch.randn((n, *shape), generator=gen).to(dev, dtype).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr)
-            for step in range(steps):
-                losses.clear()
-                model(x)
-                loss = torch.stack(losses).sum()
-                (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad
-                opt.step()
-                value = float(loss.detach())
+        with _eval_modes(model):
+            for first in range(0, count, batch_size):
+                n = min(batch_size, count - first)
+                x = torch.randn((n, *shape), generator=gen).to(dev, dtype)
+                x, losses_seen, final = _match(model, x, losses, steps, lr)
                 if first == 0:
-                    history.append(value)
-                if step == 0:
-                    start += value * n / count
-                if not math.isfinite(value):
-                    raise SurgeryError(f"synthesize: the BatchNorm-matching loss became {value} at step {step}; "
-                                       "try a smaller lr")
-            with torch.no_grad():
-                losses.clear()
-                model(x)
-                end += float(torch.stack(losses).sum()) * n / count
-            images.append(x.detach())
+                    history = losses_seen
+                start += losses_seen[0] * n / count
+                end += final * n / count
+                images.append(x)
     finally:
         for h in handles:
             h.remove()
-        for n_, m in model.named_modules():
-            m.training = modes.get(n_, m.training)
     return SyntheticData(torch.cat(images), len(bns), start, end, steps, time.perf_counter() - t0, history)
