@@ -159,3 +159,22 @@ def test_bench_cli_on_cuda(tmp_path, capsys):
     assert [r["batch_size"] for r in data["comparison"]] == [1, 4]
     for r in data["comparison"]:
         assert r["original_peak_mib"] > 0 and r["converted_peak_mib"] > 0 and r["speedup"] > 0
+
+
+def test_first_cuda_conversion_in_a_fresh_process_with_worker_threads():
+    """torch loads its CUDA linalg library lazily and not thread-safely (pytorch/pytorch#90613): the separable
+    pass's worker threads must not be the first to call it. A fresh process, so nothing has loaded it yet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, timm, fxsurgeon\n"
+        "torch.set_num_threads(4)\n"
+        "m = timm.create_model('resnet18', pretrained=False).cuda().eval()\n"
+        "gm = fxsurgeon.convert(m, example_inputs=torch.randn(1, 3, 64, 64))\n"
+        "n = sum(r.pass_name == 'separable' for r in fxsurgeon.get_record(gm).rewrites)\n"
+        "print('rewrites', n)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rewrites 16" in run.stdout  # resnet18's sixteen 3×3 convs after the stem

@@ -241,6 +241,17 @@ def _build_one(plan: _Planned, init: str) -> tuple[nn.Module, dict[str, Any]]:
     return new, built
 
 
+def _load_cuda_linalg(devices: Iterable[torch.device]) -> None:
+    """Run one tiny ``eigh`` on each CUDA device here, before any worker thread does.
+
+    torch loads its CUDA linear-algebra library lazily on the first call, and that first call is not
+    thread-safe: two workers reaching it together fail with "lazy wrapper should be called at most once"
+    (pytorch/pytorch#90613; met converting timm resnet50 on an H100 in a fresh process).
+    """
+    for dev in {d for d in devices if d.type == "cuda"}:
+        torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=dev))
+
+
 def _build_all(planned: list[_Planned], init: str) -> list[tuple[nn.Module, dict[str, Any]]]:
     """Build every replacement; decompositions run on a thread pool as wide as torch's CPU threads.
 
@@ -250,6 +261,7 @@ def _build_all(planned: list[_Planned], init: str) -> list[tuple[nn.Module, dict
     workers = min(len(planned), torch.get_num_threads(), 8)
     if workers < 2 or init != "svd":
         return [_build_one(p, init) for p in planned]
+    _load_cuda_linalg(p.decomp.weight.device for p in planned)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fxsurgeon-separable") as pool:
         return list(pool.map(lambda p: _build_one(p, init), planned))
 
