@@ -94,7 +94,7 @@ def test_frontier_and_streaming_give_the_same_refit():
     calib = [make_task(32, g)[0] for _ in range(3)]
     base = fxsurgeon.convert(net, separable=dict(multiplier=2))
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    ra = calibrate(a, net, calib, mode="frontier", bn=False)
+    ra = calibrate(a, net, calib, mode="frontier", bn=False, relu=False)  # streaming has no ReLU relaxation
     rb = calibrate(b, net, calib, mode="streaming", bn=False)
     assert ra.mode == "frontier" and rb.mode == "streaming"
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -318,7 +318,7 @@ def test_block_targets_fit_the_sum_not_the_layer():
     errs = {}
     for kind in ("layer", "block"):
         m = copy.deepcopy(small)
-        rep = calibrate(m, net, calib, targets=kind, bn=False)
+        rep = calibrate(m, net, calib, targets=kind, bn=False, relu=False)  # compares the sums before the ReLU
         kinds = {r.layer: r.target_kind for r in rep.layers}
         errs[kind] = [rel_err(a, b) for a, b in zip(_residual_sums(m, x), ref)]
         if kind == "block":
@@ -353,7 +353,7 @@ def test_three_factor_refit_lowers_the_error_it_reports():
         old = C.REFIT_REDUCE
         C.REFIT_REDUCE = refit_reduce
         try:
-            rep = calibrate(m, net, calib, targets="layer", bn=False)
+            rep = calibrate(m, net, calib, targets="layer", bn=False, relu=False)  # measured before the ReLU
         finally:
             C.REFIT_REDUCE = old
         layers = {r.layer: r for r in rep.layers}
@@ -429,3 +429,92 @@ def test_block_targets_reach_a_block_that_refits_only_its_pointwise_conv():
     rep = calibrate(small, net, [torch.randn(8, 8, 10, 10) for _ in range(2)], bn=False)
     kinds = {r.layer: r.target_kind for r in rep.layers}
     assert kinds == {"b": "block", "a.pointwise": "block"}
+
+
+# ------------------------------------------------------------------------------- ReLU-aware targets
+
+
+def test_relax_for_relu_keeps_what_the_relu_passes_and_frees_the_rest():
+    from fxsurgeon.calibrate import _relax_for_relu
+
+    g = torch.Generator().manual_seed(0)
+    y, pred, shift = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
+    scale = torch.tensor([2.0, -0.5, 0.0], dtype=torch.float64)  # a negative BatchNorm scale, and a dead channel
+    a = scale.float().reshape(1, -1, 1, 1)
+    v = a * y + shift  # the original's ReLU input
+
+    def u(t):  # the converted model's ReLU input when the layer outputs t
+        return v + a * (t - y)
+
+    relaxed, dead = _relax_for_relu(y, pred, v, scale)
+    zeroed = (v <= 0) & (a != 0)
+    assert dead == int(zeroed.sum()) > 0
+    assert torch.equal(relaxed[~zeroed], y[~zeroed])  # what the ReLU passes on is asked for exactly
+    assert (u(relaxed)[zeroed] <= 1e-6).all()  # elsewhere, anything the ReLU zeroes too
+    already = zeroed & (u(pred) <= 0)
+    assert torch.equal(relaxed[already], pred[already])  # an output already zeroed stays where it is
+    moved = zeroed & (u(pred) > 0)
+    assert moved.any()
+    torch.testing.assert_close(u(relaxed)[moved], torch.zeros(int(moved.sum())), atol=1e-6, rtol=0)  # the boundary
+    same, _ = _relax_for_relu(y, pred, y, None)  # no BatchNorm: the ReLU reads the layer's output itself
+    torch.testing.assert_close(same, torch.where(y > 0, y, torch.clamp_max(pred, 0)))
+
+
+def _post_relu(model, names, x):
+    """Every named layer's output after its BatchNorm and ReLU (a1 → an1 → relu in _Residual)."""
+    out = {}
+    hooks = [model.get_submodule(bn).register_forward_hook(lambda m, a, o, bn=bn: out.__setitem__(bn, o.relu()))
+             for bn in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_relu_targets_lower_the_error_after_the_relu_and_report_it():
+    net = _residual_net()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, 3, 16, 16, generator=g) for _ in range(3)]
+    x = torch.cat(calib)
+    small = fxsurgeon.convert(net, separable=dict(form="dw-pw", multiplier=1), conv_head=False)
+    runs = {}
+    for relu in (False, True):
+        m = copy.deepcopy(small)
+        rep = calibrate(m, net, calib, bn=False, relu=relu)
+        runs[relu] = (m, {r.layer: r for r in rep.layers})
+    plain, relaxed = runs[False][1], runs[True][1]
+    assert all(r.relu_relaxed is None for r in plain.values())
+    # every rewritten conv here feeds a ReLU (a1, b1 through a BatchNorm; a2, b2 through a BatchNorm and a sum)
+    assert all(0 < relaxed[n].relu_relaxed < 1 for n in ("a1", "a2", "b1", "b2"))
+    assert relaxed["a2"].target_kind == "block" and relaxed["a1"].target_kind == "layer"
+    # a1's inputs are exact (the stem is the original's), so its post-ReLU error compares the two fits directly
+    ref = _post_relu(net, ["an1"], x)["an1"]
+    errs = {relu: rel_err(_post_relu(m, ["an1"], x)["an1"], ref) for relu, (m, _) in runs.items()}
+    assert errs[True] < 0.97 * errs[False]  # 0.362 against 0.384
+    # the reported error is the one the ReLU sees: passed positions in full, zeroed ones by how far they pass
+    m = runs[True][0]
+    ys, preds = [], []
+    h1 = net.get_submodule("a1").register_forward_hook(lambda mod, a, o: ys.append(o))
+    h2 = m.get_submodule("a1").register_forward_hook(lambda mod, a, o: preds.append(o))
+    with torch.no_grad():
+        net(x)
+        m(x)
+    h1.remove()
+    h2.remove()
+    bn = net.an1
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().reshape(1, -1, 1, 1)
+    y, pred = ys[0].double(), preds[0].double()
+    v = bn(ys[0]).detach().double()
+    u = v + scale * (pred - y)
+    dist = torch.where(v > 0, pred - y, u.clamp_min(0) / scale.abs())
+    assert relaxed["a1"].error_after == pytest.approx(float(dist.norm() / y.norm()), rel=1e-4)
+    assert relaxed["a1"].relu_relaxed == pytest.approx(float((v <= 0).double().mean()), abs=1e-6)
+    assert relaxed["a1"].error_after < relaxed["a1"].error_before
+
+
+def test_calibrate_rejects_a_non_boolean_relu():
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    with pytest.raises(SurgeryError, match="relu"):
+        calibrate(small, net, torch.randn(2, 3, 16, 16), relu="yes")

@@ -22,6 +22,12 @@ millions of positions), so memory does not grow with the amount of data.
   ``Y* = Y + (S − S')/a`` with S, S' the other operand in the original and converted models and a the
   BatchNorm's scale: it cancels the error the shortcut carries from the layers before, which layer targets
   leave in place.
+* ReLU-aware targets (``relu=True``, the default): a layer whose output (or sum) reaches a ReLU through at
+  most a BatchNorm need only match the original *after* the ReLU. Where the original's ReLU input v is ≤ 0,
+  any output whose ReLU input ``u = v + a·(ŷ − y)`` is ≤ 0 will do; the target there becomes the current
+  output projected onto that set, and the layer is refit to it a few times (alternating minimisation of
+  ``Σ_{v>0} (ŷ − y)² + Σ_{v≤0} max(0, u/a)²``, from the plain fit). About half the positions of a ResNet's
+  convs are zeroed by their ReLU; the capacity they no longer claim goes to the rest.
 * Any other rewrite refits its last linear layer: the replacement itself when it is a groups=1 conv or a
   Linear, else its last child. A rewrite of a graph site rather than a module (a channel-reducing concat
   fusion) refits the consumers it narrowed (``details["consumers"]`` or ``details["sites"][i]["consumers"]``)
@@ -243,7 +249,11 @@ class RefitSpec:
 
 @dataclass
 class LayerRefit:
-    """What calibration did to one layer (errors are relative L2 on the calibration data)."""
+    """What calibration did to one layer (errors are relative L2 on the calibration data).
+
+    ``relu_relaxed`` (ReLU-aware targets): the share of output positions the original's ReLU zeroes; the
+    errors are then measured as the ReLU sees them. None: the layer had plain targets.
+    """
 
     target: str
     layer: str
@@ -254,6 +264,7 @@ class LayerRefit:
     refit: bool = False
     reason: str = ""
     target_kind: str = "layer"
+    relu_relaxed: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -461,11 +472,17 @@ class _Statistics:
         self.n = 0
         self.sample = _Sampler(samples, d)
         self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+        self.gram_given = False
+
+    def reuse_gram(self, other: _Statistics) -> None:
+        """Take ``other``'s ZᵀZ (the same inputs, seeded subset and layer): only ZᵀY and ||Y||² are gathered."""
+        self.gram, self.gram_given = other.gram, True
 
     def _accumulate(self, z: torch.Tensor, t: torch.Tensor) -> bool:
         if self.has_bias:
             z = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        self.gram += (z.T @ z).double()
+        if not self.gram_given:
+            self.gram += (z.T @ z).double()
         self.cross += (z.T @ t).double()
         self.yy += float(t.double().pow(2).sum())
         self.n += z.shape[0]
@@ -549,6 +566,8 @@ SEPARABLE_MAX_COLUMNS = 1152
 DEPTHWISE_MAX_UNKNOWNS = 8192
 #: alternations of the depthwise and pointwise least-squares steps
 SEPARABLE_ITERATIONS = 4
+#: relaxed-target refits after the plain one, for a layer before a ReLU (``calibrate(relu=True)``)
+RELU_ROUNDS = 2
 #: refit the first 1×1 conv of a pointwise → depthwise → pointwise block too (a third alternating step)
 REFIT_REDUCE = True
 
@@ -1011,6 +1030,52 @@ def _gives_output_of(gm: fx.GraphModule, node: fx.Node, layer: str) -> bool:
     return True
 
 
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, nn.functional.relu, nn.functional.relu_)
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_")
+    return node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.ReLU
+
+
+def _relu_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
+    """Where ``node``'s output reaches a ReLU: ``(the ReLU's input node, the BatchNorm scale between or None)``.
+
+    Matches ``node → [BatchNorm] → [residual sum] → ReLU``, every step the only user of the one before (the
+    sum as :func:`_residual_join` accepts it).
+    """
+    head, scale = node, None
+    after = _bn_after(gm, node)
+    if after is not None:
+        head, scale = after
+    nxt = _only_user(head)
+    if nxt is not None and _residual_join(gm, node) is not None:
+        head, nxt = nxt, _only_user(nxt)
+    if nxt is None or not _is_relu(gm, nxt):
+        return None
+    return head, scale
+
+
+def _relax_for_relu(y: torch.Tensor, pred: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Targets that ask only for what the ReLU after the layer passes on; and how many positions were relaxed.
+
+    With v the original's ReLU input and a the scale between the layer and it, the converted model's ReLU
+    input is ``u(ŷ) = v + a·(ŷ − y)`` (exactly, for block targets too). Where the original's ReLU outputs zero
+    (v ≤ 0) any ŷ with u(ŷ) ≤ 0 gives the same result, so the target there becomes the current output
+    ``pred`` projected onto that set: ``pred`` itself when already below, else the boundary ``y − v/a``.
+    One step of alternating minimisation over (weights, feasible targets); channels with a = 0 keep y.
+    """
+    if scale is None:
+        a = torch.ones((), dtype=y.dtype, device=y.device)
+    else:
+        a = scale.to(device=y.device, dtype=y.dtype).reshape(1, -1, *([1] * (y.dim() - 2)))
+    dead = (v <= 0) & (a != 0)
+    safe = torch.where(a != 0, a, torch.ones_like(a))
+    below = v + a * (pred - y) <= 0  # the current output already zeroed by the ReLU
+    relaxed = torch.where(dead, torch.where(below, pred, y - v / safe), y)
+    return relaxed, int(dead.sum())
+
+
 def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
     """Shift the layer's targets so the residual sum after it matches the original's (in place).
 
@@ -1041,14 +1106,89 @@ def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys:
     return True
 
 
+class _ReluTargets:
+    """Targets for a layer before a ReLU, relaxed around the layer's current output (:func:`_relax_for_relu`),
+    and the error of that output as the ReLU sees it.
+
+    ``r_head`` is the original's ReLU input node and ``scale`` the BatchNorm scale between layer and ReLU.
+    :meth:`__call__` takes batch ``i``'s targets and the layer's current output on it, returns the relaxed
+    targets and adds to the running error: a position the original's ReLU zeroes counts only by how far the
+    output would pass the ReLU. A batch whose values are missing or do not line up keeps its targets and
+    makes :attr:`error` None.
+    """
+
+    def __init__(self, rs: _Stepper, r_head: fx.Node, scale: torch.Tensor | None) -> None:
+        self.rs, self.r_head, self.scale = rs, r_head, scale
+        self.err = self.norm = 0.0
+        self.dead = self.total = 0
+        self.ok = True
+
+    def __call__(self, i: int, ys: list[Any], pred: Any) -> list[Any]:
+        try:
+            v = self.rs.value(self.r_head, i) if len(ys) == 1 else None
+        except SurgeryError:
+            v = None
+        y = ys[0] if len(ys) == 1 else None
+        if not all(isinstance(t, torch.Tensor) and t.shape == y.shape for t in (y, v, pred)):
+            self.ok = False
+            return ys
+        relaxed, dead = _relax_for_relu(y, pred, v, self.scale)
+        self.err += float((pred - relaxed).pow(2).sum(dtype=torch.float64))
+        self.norm += float(y.pow(2).sum(dtype=torch.float64))
+        self.dead, self.total = self.dead + dead, self.total + y.numel()
+        return [relaxed]
+
+    @property
+    def error(self) -> float | None:
+        """Relative error of the outputs seen so far, as the ReLU sees it (None when a batch did not line up)."""
+        if not self.ok or self.norm <= 0:
+            return None
+        return math.sqrt(self.err / self.norm)
+
+
+def _outputs(cs: _Stepper, node: fx.Node, ys_all: list[list[Any]], relu: _ReluTargets) -> _ReluTargets:
+    """Run the layer's node on every batch (current weights) through ``relu``, for its error."""
+    for i, ys in enumerate(ys_all):
+        relu(i, ys, cs.call(node, i))
+    return relu
+
+
+def _fill(acc: Any, cs: _Stepper, node: fx.Node, layer: nn.Module, ys_all: list[list[Any]],
+          relu: _ReluTargets | None = None, relax: bool = False) -> Any:
+    """Feed ``acc`` every batch's layer inputs (from the converted model) and targets; stops with a reason.
+
+    With ``relu``, the node runs whole and its output goes through ``relu`` (its error is measured); with
+    ``relax`` too, the relaxed targets are the ones fed.
+    """
+    count = None
+    for i, ys in enumerate(ys_all):
+        out: list[Any] = []
+        xs = _capture(layer, lambda i=i, out=out: out.append(cs.call(node, i)), inputs=True,
+                      stop_after=None if relu is not None else count)
+        if relu is not None:
+            relaxed = relu(i, ys, out[0] if out else None)
+            ys = relaxed if relax else ys
+        if count is None:
+            count = len(xs)
+        if len(xs) != len(ys) or not xs:
+            acc.info.reason = (f"called {len(xs)}× in the converted model but {len(ys)}× in the "
+                               "original: cannot pair inputs with targets")
+            break
+        if not all(isinstance(y, torch.Tensor) for y in ys) or not all(acc.add(x, y) for x, y in zip(xs, ys)):
+            acc.info.reason = acc.info.reason or "the original module does not return a tensor"
+            break
+    return acc
+
+
 def _refit_frontier(
     converted: fx.GraphModule, reference: fx.GraphModule, batches: Sequence[tuple], specs: Sequence[RefitSpec],
-    ridge: float, block: bool = False,
+    ridge: float, block: bool = False, relu: bool = False,
 ) -> tuple[list[LayerRefit], list[Any], list[Any]]:
     """Refit ``specs`` (in network order) with one node-by-node pass over each model.
 
     With ``block``, a layer whose output joins a residual sum (through at most a BatchNorm) is refit to
-    make the *sum* match the original's (:func:`_block_targets`), not its own output.
+    make the *sum* match the original's (:func:`_block_targets`), not its own output. With ``relu``, a layer
+    whose output (or sum) reaches a ReLU is asked only for what the ReLU passes on (:func:`_relax_for_relu`).
     Returns the per-layer results, and the converted (refit) and reference outputs per batch.
     """
     cs, rs = _Stepper(converted, batches), _Stepper(reference, batches)
@@ -1057,6 +1197,7 @@ def _refit_frontier(
     ref_last: dict[str, int] = {}
     ref_index = {n: i for i, n in enumerate(rs.nodes)}
     joins: dict[str, tuple] = {}
+    relus: dict[str, tuple] = {}
     for s in specs:
         sites = _containing_nodes(converted, s.layer)
         ref_sites = _containing_nodes(reference, s.reference)
@@ -1069,10 +1210,15 @@ def _refit_frontier(
         else:
             by_node.setdefault(sites[0], []).append(s)
             ref_last[s.layer] = max(ref_index[n] for n in ref_sites)
-            if block and len(ref_sites) == 1 and _gives_output_of(converted, sites[0], s.layer):
+            whole = len(ref_sites) == 1 and _gives_output_of(converted, sites[0], s.layer)
+            if block and whole:
                 c_join, r_join = _residual_join(converted, sites[0]), _residual_join(reference, ref_sites[0])
                 if c_join is not None and r_join is not None:
                     joins[s.layer] = (c_join, r_join)
+            if relu and whole:
+                c_relu, r_relu = _relu_after(converted, sites[0]), _relu_after(reference, ref_sites[0])
+                if c_relu is not None and r_relu is not None:
+                    relus[s.layer] = (r_relu[0], c_relu[1])  # the original's ReLU input, the running BN's scale
     targets: dict[str, list[list[torch.Tensor]]] = {}
     handles = []
     for specs_here in by_node.values():
@@ -1089,25 +1235,31 @@ def _refit_frontier(
                 while rs.pos <= ref_last[s.layer]:
                     rs.step()
                 layer = converted.get_submodule(s.layer)
-                acc = _accumulator(s, layer, _samples(batches))
-                if s.layer in joins and _block_targets(cs, rs, *joins[s.layer], targets[s.layer]):
-                    acc.info.target_kind = "block"
-                count = None
-                for i in range(len(batches)):
-                    xs = _capture(layer, lambda i=i, node=node: cs.call(node, i), inputs=True, stop_after=count)
-                    ys = targets[s.layer][i]
-                    targets[s.layer][i] = []
-                    if count is None:
-                        count = len(xs)
-                    if len(xs) != len(ys) or not xs:
-                        acc.info.reason = (f"called {len(xs)}× in the converted model but {len(ys)}× in the "
-                                           "original: cannot pair inputs with targets")
-                        break
-                    if not all(isinstance(y, torch.Tensor) for y in ys) or not all(acc.add(x, y) for x, y in zip(xs, ys)):
-                        acc.info.reason = acc.info.reason or "the original module does not return a tensor"
-                        break
-                results.append(acc.finish(ridge))
-                del targets[s.layer]
+                block_kind = s.layer in joins and _block_targets(cs, rs, *joins[s.layer], targets[s.layer])
+                ys_all = targets.pop(s.layer)
+                relu_at = relus.get(s.layer)
+                before = _ReluTargets(rs, *relu_at) if relu_at is not None else None
+                saved = {k: v.clone() for k, v in layer.state_dict().items()} if before is not None else None
+                acc = _fill(_accumulator(s, layer, _samples(batches)), cs, node, layer, ys_all, before)
+                info = acc.finish(ridge)
+                info.target_kind = "block" if block_kind else "layer"
+                if before is not None and before.error is not None and info.error_before is not None:
+                    # targets relaxed where the original's ReLU outputs zero, around the plain fit and then each
+                    # refit (alternating minimisation); the inputs, so the Gram matrix, stay the same
+                    for _ in range(RELU_ROUNDS):
+                        nxt = _accumulator(s, layer, _samples(batches))
+                        nxt.reuse_gram(acc)
+                        _fill(nxt, cs, node, layer, ys_all, _ReluTargets(rs, *relu_at), relax=True).finish(ridge)
+                    after = _outputs(cs, node, ys_all, _ReluTargets(rs, *relu_at)).error
+                    if after is not None:
+                        if after >= before.error:
+                            layer.load_state_dict(saved)
+                            after = before.error
+                        info.error_before, info.error_after = before.error, after
+                        info.relu_relaxed = before.dead / max(before.total, 1)
+                        info.refit = after < before.error
+                        info.reason = "" if info.refit else "the refit did not lower the error; weights kept"
+                results.append(info)
             cs.step()
         ref_out = rs.run_to_end()
     finally:
@@ -1312,6 +1464,7 @@ def calibrate(
     bn: bool | str = "auto",
     mode: str = "auto",
     targets: str = "block",
+    relu: bool = True,
 ) -> CalibrationReport:
     """Refit ``converted``'s rewritten layers, in network order, to reproduce ``original`` on real data.
 
@@ -1337,6 +1490,12 @@ def calibrate(
         targets: ``"block"`` refits a layer that feeds a residual sum (through at most a BatchNorm) to make
             the sum match the original's; ``"layer"`` matches each layer's own output. Block targets need
             frontier mode (streaming uses layer targets); each layer's ``target_kind`` says which it got.
+        relu: a layer whose output (or residual sum) goes through at most a BatchNorm into a ReLU is asked
+            only for what the ReLU passes on: where the original's ReLU outputs zero, any output the ReLU
+            also zeroes is as good. After the plain fit, :data:`RELU_ROUNDS` refits to targets relaxed there
+            (alternating minimisation; the Gram matrix is reused). Such a layer's ``relu_relaxed`` is the share
+            of positions the original's ReLU zeroes, and its errors are measured as the ReLU sees them (a zeroed
+            position counts only by how far the output would pass the ReLU). Frontier mode only.
 
 
     Returns:
@@ -1356,6 +1515,8 @@ def calibrate(
         raise SurgeryError(f"calibrate: mode must be 'auto', 'frontier' or 'streaming', got {mode!r}")
     if targets not in ("layer", "block"):
         raise SurgeryError(f"calibrate: targets must be 'layer' or 'block', got {targets!r}")
+    if not isinstance(relu, bool):
+        raise SurgeryError(f"calibrate: relu must be True or False, got {relu!r}")
     if bn not in (True, False, "auto"):
         raise SurgeryError(f"calibrate: bn must be True, False or 'auto', got {bn!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
@@ -1368,7 +1529,8 @@ def calibrate(
             raise SurgeryError("calibrate: the converted model carries no fxsurgeon record; pass rewrites=")
         rewrites = record.rewrites
     rewrites = list(rewrites)
-    report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn, "targets": targets})
+    report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn, "targets": targets,
+                                                                  "relu": relu})
     report.samples = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor) and b[0].dim())
     if not rewrites:
         report.seconds = time.perf_counter() - t0
@@ -1384,7 +1546,7 @@ def calibrate(
         before = [_forward(converted, b, "the converted model") for b in batches]
         if report.mode == "frontier":
             results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge),
-                                                      block=targets == "block")
+                                                      block=targets == "block", relu=relu)
         else:
             ref_out = [_forward(original, b, "the original model") for b in batches]
             results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
