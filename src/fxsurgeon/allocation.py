@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import SurgeryError
 from .forms import LayerChoice, conv_cost, get_form
+from .modes import eval_modes
 
 __all__ = [
     "Allocation",
@@ -402,16 +403,12 @@ def conv_shapes(gm: fx.GraphModule, convs: dict[str, tuple[list[str], nn.Module]
         seen: dict[str, list[tuple[tuple, tuple]]] = {n: [] for n in missing}
         handles = [m.register_forward_hook(lambda mod, a, o, n=n: seen[n].append((tuple(a[0].shape), tuple(o.shape))))
                    for n, m in missing.items()]
-        modes = {n: m.training for n, m in gm.named_modules()}
         try:
-            gm.eval()
-            with torch.no_grad():
+            with eval_modes(gm), torch.no_grad():
                 gm(*inputs)
         finally:
             for h in handles:
                 h.remove()
-            for n, m in gm.named_modules():
-                m.training = modes.get(n, m.training)
         for n, calls in seen.items():
             if not calls:
                 raise SurgeryError(f"separable: conv '{n}' was not called on the example inputs; its MACs are unknown")
@@ -424,41 +421,35 @@ def model_macs(gm: nn.Module, inputs: tuple) -> tuple[float, str]:
 
     Falls back to counting Conv/Linear multiply-adds with hooks if fvcore cannot trace the model.
     """
-    modes = {n: m.training for n, m in gm.named_modules()}
-    try:
-        gm.eval()
-        with torch.no_grad():
+    with eval_modes(gm), torch.no_grad():
+        try:
+            import warnings
+
+            from fvcore.nn import FlopCountAnalysis
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fca = FlopCountAnalysis(gm, inputs)
+                fca.unsupported_ops_warnings(False)
+                fca.uncalled_modules_warnings(False)
+                fca.tracer_warnings("none")
+                return float(fca.total()), "fvcore"
+        except Exception:  # fvcore's jit trace fails on some models: count the convs and linears
+            total = [0.0]
+
+            def hook(mod, a, out):
+                if isinstance(mod, nn.Conv2d):
+                    total[0] += out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+                elif isinstance(mod, nn.Linear):
+                    total[0] += out.numel() * mod.in_features
+
+            handles = [m.register_forward_hook(hook) for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             try:
-                import warnings
-
-                from fvcore.nn import FlopCountAnalysis
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fca = FlopCountAnalysis(gm, inputs)
-                    fca.unsupported_ops_warnings(False)
-                    fca.uncalled_modules_warnings(False)
-                    fca.tracer_warnings("none")
-                    return float(fca.total()), "fvcore"
-            except Exception:  # fvcore's jit trace fails on some models: count the convs and linears
-                total = [0.0]
-
-                def hook(mod, a, out):
-                    if isinstance(mod, nn.Conv2d):
-                        total[0] += out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-                    elif isinstance(mod, nn.Linear):
-                        total[0] += out.numel() * mod.in_features
-
-                handles = [m.register_forward_hook(hook) for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-                try:
-                    gm(*inputs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                return total[0], "conv+linear hooks"
-    finally:
-        for n, m in gm.named_modules():
-            m.training = modes.get(n, m.training)
+                gm(*inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            return total[0], "conv+linear hooks"
 
 
 @dataclass

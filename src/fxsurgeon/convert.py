@@ -5,8 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,6 +18,8 @@ from .bench import ieee_fp32
 from .errors import SurgeryError
 from .graph import describe, propagate_shapes
 from .io import describe_tracing, infer_source, normalize_source
+from .modes import modes as _modes
+from .modes import restore_modes as _restore_modes
 from .passes import Skip, get_pass, list_passes
 from .record import RECORD_ATTR, Conversion, Verification
 from .tracing import absent_args, hooked_modules, lost_hooks, trace
@@ -66,29 +67,6 @@ def _to_device(inputs: tuple, device: torch.device | None) -> tuple:
     if device is None or device.type == "meta":
         return inputs
     return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
-def _modes(model: nn.Module) -> dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
-
-
-@contextmanager
-def _eval_modes(*models: nn.Module) -> Iterator[None]:
-    """Run the block with ``models`` in eval mode; every submodule's train/eval flag is put back after."""
-    saved = [(m, _modes(m)) for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for model, modes in saved:
-            for name, m in model.named_modules():
-                m.training = modes.get(name, m.training)
-
-
-def _restore_modes(model: nn.Module, modes: dict[str, bool], default: bool) -> None:
-    for name, m in model.named_modules():
-        m.training = modes.get(name, m.training if name.rsplit(".", 1)[0] in modes else default)
 
 
 def _run(model: nn.Module, inputs: tuple, what: str) -> Any:

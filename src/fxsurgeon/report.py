@@ -28,8 +28,6 @@ from torch.utils._pytree import tree_flatten
 
 from .convert import (
     _device_of,
-    _modes,
-    _restore_modes,
     _run,
     _to_device,
     compare_outputs,
@@ -37,6 +35,8 @@ from .convert import (
     normalize_inputs,
 )
 from .errors import SurgeryError
+from .modes import modes as _modes
+from .modes import restore_modes as _restore_modes
 from .record import find_record
 from .report_attrib import attribute_rewrites
 from .report_count import Counts, count_model, cross_check

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _modes, _restore_modes
 from .errors import SurgeryError
+from .modes import modes as _modes
+from .modes import restore_modes as _restore_modes
 from .report_scope import ScopedGraph, scoped
 
 __all__ = ["REASONS", "Counts", "count_model", "cross_check", "inclusive_torch_flops", "op_category"]

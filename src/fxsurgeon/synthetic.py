@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _device_of, _eval_modes
+from .convert import _device_of
 from .errors import SurgeryError
+from .modes import eval_modes as _eval_modes
 
 __all__ = ["SyntheticData", "synthesize"]
 

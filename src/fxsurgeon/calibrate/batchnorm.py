@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _device_of, _eval_modes, _to_device
+from ..convert import _device_of, _to_device
+from ..modes import eval_modes as _eval_modes
 from .data import as_batches
 from .refit import _bn_frontier, _bn_streaming
 

@@ -10,8 +10,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _device_of, _eval_modes, _to_device
+from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
+from ..modes import eval_modes as _eval_modes
 from .batchnorm import _downstream_batchnorms
 from .data import _forward, _rel_error, as_batches
 from .refit import _bn_frontier, _bn_streaming, _refit_frontier, _refit_streaming

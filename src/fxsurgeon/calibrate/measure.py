@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _device_of, _eval_modes, _to_device
+from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
+from ..modes import eval_modes as _eval_modes
 from .data import _forward, as_batches
 from .separable_stats import _SeparableAccumulator
 from .solve import DEFAULT_RIDGE, residual, ridge_refit

@@ -42,6 +42,7 @@ from ..fusion_math import (
     unstack_consumer_weights,
 )
 from ..graph import called_modules, describe, module_aliases, replace_module
+from ..modes import eval_modes
 from ..modules import depthwise_conv_class
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
@@ -582,34 +583,28 @@ def second_moments(gm: fx.GraphModule, nodes: Iterable[fx.Node], calibration: An
     nodes = list(nodes)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     device = next((t.device for t in (*gm.parameters(), *gm.buffers())), None)
-    modes = {name: m.training for name, m in gm.named_modules()}
     collector = _MomentCollector(gm, nodes)
     seen = 0
-    try:
-        gm.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(_batches(calibration)):
-                if len(batch) > len(placeholders):
-                    raise SurgeryError(
-                        f"concat_fusion: calibration batch {i} has {len(batch)} elements but the model takes "
-                        f"{len(placeholders)} input(s); pass the inputs only (e.g. `(x for x, _ in loader)`)"
-                    )
-                if device is not None and device.type != "meta":
-                    batch = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch)
-                try:
-                    collector.run(*batch)
-                except SurgeryError:
-                    raise
-                except Exception as exc:
-                    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
-                    raise SurgeryError(
-                        f"concat_fusion: running calibration batch {i} (shapes {shapes}) failed: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                seen += 1
-    finally:
-        for name, m in gm.named_modules():
-            m.training = modes.get(name, m.training)
+    with eval_modes(gm), torch.no_grad():
+        for i, batch in enumerate(_batches(calibration)):
+            if len(batch) > len(placeholders):
+                raise SurgeryError(
+                    f"concat_fusion: calibration batch {i} has {len(batch)} elements but the model takes "
+                    f"{len(placeholders)} input(s); pass the inputs only (e.g. `(x for x, _ in loader)`)"
+                )
+            if device is not None and device.type != "meta":
+                batch = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch)
+            try:
+                collector.run(*batch)
+            except SurgeryError:
+                raise
+            except Exception as exc:
+                shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
+                raise SurgeryError(
+                    f"concat_fusion: running calibration batch {i} (shapes {shapes}) failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            seen += 1
     if seen == 0:
         raise SurgeryError("concat_fusion: calibration is empty: give at least one batch of inputs")
     return {n: (collector.sums[n] / collector.counts[n], collector.counts[n]) for n in nodes if n in collector.sums}

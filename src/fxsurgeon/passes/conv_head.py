@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..graph import called_modules, describe, module_aliases, propagate_shapes, replace_module
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
+from ..modes import eval_modes
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
 
@@ -1119,18 +1120,14 @@ def _derive_shapes(gm: fx.GraphModule) -> tuple[str | None, str | None]:
     gen = torch.Generator().manual_seed(0)
     # batch 2: a batch of 1 would hide what a bare squeeze() does to the batch dimension
     x = torch.randn(2, *size, generator=gen).to(device=device, dtype=ref.dtype if ref is not None else None)
-    modes = {name: m.training for name, m in gm.named_modules()}
-    gm.eval()
     try:
-        propagate_shapes(gm, x)
+        with eval_modes(gm):
+            propagate_shapes(gm, x)
     except Exception as exc:  # the model may not accept that size: fall back to structural matching
         for n in gm.graph.nodes:
             n.meta.pop("tensor_meta", None)
         return None, (f"no example_inputs, and running it at pretrained_cfg input_size {list(size)} failed: "
                       f"{type(exc).__name__}: {exc}")
-    finally:
-        for name, m in gm.named_modules():
-            m.training = modes.get(name, m.training)
     return f"derived: ShapeProp at pretrained_cfg input_size {list(size)} (no example_inputs)", None
 
 
