@@ -60,6 +60,29 @@ def _fill(acc: Any, cs: _Stepper, node: fx.Node, layer: nn.Module, ys_all: list[
     return acc
 
 
+def _relu_rounds(cs: _Stepper, rs: _Stepper, node: fx.Node, s: RefitSpec, layer: nn.Module, plain: Any,
+                 ys_all: list[list[Any]], relu_at: tuple, before: _ReluTargets, saved: dict[str, torch.Tensor],
+                 info: LayerRefit, ridge: float, samples: int) -> None:
+    """After the plain fit, refit :data:`RELU_ROUNDS` times to targets relaxed where the original's ReLU outputs
+    zero, each around the current output (alternating minimisation; the inputs, so the Gram matrix of the plain
+    fit ``plain``, stay the same). ``info`` then reports the errors as the ReLU sees them, from ``before`` (the
+    data-free weights) to the final ones; ``saved`` weights come back when that error did not fall."""
+    for _ in range(RELU_ROUNDS):
+        nxt = _accumulator(s, layer, samples)
+        nxt.reuse_gram(plain)
+        _fill(nxt, cs, node, layer, ys_all, _ReluTargets(rs, *relu_at), relax=True).finish(ridge)
+    after = _outputs(cs, node, ys_all, _ReluTargets(rs, *relu_at)).error
+    if after is None:
+        return
+    if after >= before.error:
+        layer.load_state_dict(saved)
+        after = before.error
+    info.error_before, info.error_after = before.error, after
+    info.relu_relaxed = before.dead / max(before.total, 1)
+    info.refit = after < before.error
+    info.reason = "" if info.refit else "the refit did not lower the error; weights kept"
+
+
 def _refit_frontier(
     converted: fx.GraphModule, reference: fx.GraphModule, batches: Sequence[tuple], specs: Sequence[RefitSpec],
     ridge: float, block: bool = False, relu: bool = False,
@@ -124,21 +147,8 @@ def _refit_frontier(
                 info = acc.finish(ridge)
                 info.target_kind = "block" if block_kind else "layer"
                 if before is not None and before.error is not None and info.error_before is not None:
-                    # targets relaxed where the original's ReLU outputs zero, around the plain fit and then each
-                    # refit (alternating minimisation); the inputs, so the Gram matrix, stay the same
-                    for _ in range(RELU_ROUNDS):
-                        nxt = _accumulator(s, layer, _samples(batches))
-                        nxt.reuse_gram(acc)
-                        _fill(nxt, cs, node, layer, ys_all, _ReluTargets(rs, *relu_at), relax=True).finish(ridge)
-                    after = _outputs(cs, node, ys_all, _ReluTargets(rs, *relu_at)).error
-                    if after is not None:
-                        if after >= before.error:
-                            layer.load_state_dict(saved)
-                            after = before.error
-                        info.error_before, info.error_after = before.error, after
-                        info.relu_relaxed = before.dead / max(before.total, 1)
-                        info.refit = after < before.error
-                        info.reason = "" if info.refit else "the refit did not lower the error; weights kept"
+                    _relu_rounds(cs, rs, node, s, layer, acc, ys_all, relu_at, before, saved, info, ridge,
+                                 _samples(batches))
                 results.append(info)
             cs.step()
         ref_out = rs.run_to_end()

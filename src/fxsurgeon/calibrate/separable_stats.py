@@ -10,7 +10,7 @@ from torch import nn
 
 from .solve import _cg, residual, ridge_cg, ridge_refit
 from .specs import LayerRefit, RefitSpec, _conv_padding
-from .stats import _ADD_MAX_ELEMENTS, _rows, _Statistics
+from .stats import _ADD_MAX_ELEMENTS, _rows, _Statistics, _write_back
 
 __all__ = ["DEPTHWISE_MAX_UNKNOWNS", "REFIT_REDUCE", "SEPARABLE_ITERATIONS"]
 
@@ -202,9 +202,6 @@ class _SeparableAccumulator(_Statistics):
             dw.weight.copy_(d.reshape(dw.weight.shape).to(dw.weight.dtype))
             if t is not None:
                 self.red.weight.copy_(t.reshape(self.red.weight.shape).to(self.red.weight.dtype))
-            core = w[:-1] if self.has_bias else w
-            pw.weight.copy_(core.T.reshape(pw.weight.shape).to(pw.weight.dtype))
-            if self.has_bias:
-                pw.bias.copy_(w[-1].to(pw.bias.dtype))
+        _write_back(pw, w, self.has_bias)
         info.refit = True
         return info

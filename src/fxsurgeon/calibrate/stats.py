@@ -77,6 +77,15 @@ class _Sampler:
         return x[idx], y[idx]
 
 
+def _write_back(layer: nn.Module, w: torch.Tensor, has_bias: bool) -> None:
+    """Copy a solution ``w`` (d × c: input columns, then the bias row when ``has_bias``) into a conv or Linear."""
+    with torch.no_grad():
+        core = w[:-1] if has_bias else w
+        layer.weight.copy_(core.T.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if has_bias:
+            layer.bias.copy_(w[-1].to(layer.bias.dtype))
+
+
 class _Statistics:
     """ZᵀZ, ZᵀY and ||Y||² of one refit, fed batch by batch (rows of Z: the unknowns' inputs, plus a constant
     column when there is a bias), and what the refit reports."""
@@ -168,12 +177,7 @@ class _Accumulator(_Statistics):
             info.reason = "the refit did not lower the error; weights kept"
             return info
         info.error_after = math.sqrt(after / self.yy)
-        layer = self.layer
-        with torch.no_grad():
-            core = w[:-1] if self.has_bias else w
-            layer.weight.copy_(core.T.reshape(layer.weight.shape).to(layer.weight.dtype))
-            if self.has_bias:
-                layer.bias.copy_(w[-1].to(layer.bias.dtype))
+        _write_back(self.layer, w, self.has_bias)
         info.refit = True
         return info
 
