@@ -518,3 +518,22 @@ def test_calibrate_rejects_a_non_boolean_relu():
     small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
     with pytest.raises(SurgeryError, match="relu"):
         calibrate(small, net, torch.randn(2, 3, 16, 16), relu="yes")
+
+
+def test_the_row_subset_does_not_depend_on_how_the_data_is_batched(monkeypatch):
+    import fxsurgeon.calibrate.stats as S  # the module that reads the cap
+
+    monkeypatch.setattr(S, "rows_cap", lambda columns: 3000)  # keeps about a tenth of the images here
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    states, reports = [], []
+    for size in (48, 16, 5):
+        m = copy.deepcopy(small)
+        reports.append(calibrate(m, net, [x[i:i + size] for i in range(0, 48, size)], bn=False))
+        states.append(m.state_dict())
+    samples = [[r.samples for r in rep.layers] for rep in reports]
+    assert samples[0] == samples[1] == samples[2] and min(samples[0]) < 48 * 16 * 16 / 2  # a subset, the same
+    for st in states[1:]:
+        for k, v in states[0].items():
+            torch.testing.assert_close(st[k], v, rtol=1e-3, atol=1e-4, msg=k)

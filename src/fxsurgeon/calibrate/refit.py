@@ -129,7 +129,8 @@ def _refit_frontier(
             targets[s.layer] = [[] for _ in batches]
 
             def hook(mod, args, out, key=s.layer):
-                targets[key][rs.batch].append(out.detach() if isinstance(out, torch.Tensor) else out)
+                if rs.stepping:  # not when a later layer's targets recompute this module's node
+                    targets[key][rs.batch].append(out.detach() if isinstance(out, torch.Tensor) else out)
 
             handles.append(reference.get_submodule(s.reference).register_forward_hook(hook))
     try:

@@ -49,7 +49,7 @@ class _SeparableAccumulator(_Statistics):
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         x, y = self.sample(x, y, y[0].numel() // max(y.shape[1], 1) if y.dim() > 1 else 1)
-        return self._add(x, y)
+        return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         dw = self.dw

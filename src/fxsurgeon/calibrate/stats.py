@@ -55,8 +55,9 @@ class _Sampler:
     """Keeps a seeded uniform random subset of the samples (images), sized so the rows fit :func:`rows_cap`.
 
     The fraction is decided on the first batch from its rows per sample and the total number of samples.
-    Whole samples are dropped before any unfolding, so a high-resolution layer costs no more than a small
-    one.
+    Each sample is kept or dropped by its own seeded draw, indexed by its position in the whole calibration
+    data, so the subset does not depend on how the data is split into batches. Whole samples are dropped
+    before any unfolding, so a high-resolution layer costs no more than a small one.
     """
 
     def __init__(self, samples: int | None, columns: int) -> None:
@@ -64,6 +65,8 @@ class _Sampler:
         self.columns = columns
         self.fraction: float | None = None if samples else 1.0
         self.gen = torch.Generator().manual_seed(0)
+        self.draws = torch.empty(0)
+        self.seen = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dim() < 2 or y.shape[0] != x.shape[0]:
@@ -72,8 +75,15 @@ class _Sampler:
             self.fraction = min(1.0, rows_cap(self.columns) / max(rows_per_sample * self.samples, 1.0))
         if self.fraction >= 1.0:
             return x, y
-        k = max(1, round(x.shape[0] * self.fraction))
-        idx = torch.randperm(x.shape[0], generator=self.gen)[:k].to(x.device)
+        n = x.shape[0]
+        # one draw per sample, in data order (more than the data holds if a layer runs several times a batch)
+        while self.draws.numel() < self.seen + n:
+            more = torch.rand(max(self.samples or 0, n), generator=self.gen, dtype=torch.float64)
+            self.draws = torch.cat([self.draws.double(), more])
+            self.draws[0] = 0.0  # the first sample is always kept: never an empty fit
+        keep = self.draws[self.seen:self.seen + n] < self.fraction
+        self.seen += n
+        idx = keep.nonzero().squeeze(1).to(x.device)  # may be empty: the batch adds nothing
         return x[idx], y[idx]
 
 
@@ -145,7 +155,7 @@ class _Accumulator(_Statistics):
         """Add one call's layer input ``x`` and target ``y``; False (with the reason) when they do not fit."""
         channels = y.shape[-1] if self.linear else (y.shape[1] if y.dim() > 1 else 1)
         x, y = self.sample(x, y, y[0].numel() // max(channels, 1) if y.dim() > 1 else 1)
-        return self._add(x, y)
+        return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         # k×k convs unfold into C·k² columns per position: go through the batch in slices to bound memory

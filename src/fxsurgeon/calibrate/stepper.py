@@ -78,6 +78,7 @@ class _Stepper:
         self.nodes = list(gm.graph.nodes)
         self.pos = 0
         self.batch = 0
+        self.stepping = False  # True while step() runs a node (not while value() recomputes one)
         self.interps = []
         for b in batches:
             it = fx.Interpreter(gm, garbage_collect_values=True)
@@ -89,11 +90,14 @@ class _Stepper:
         node = self.nodes[self.pos]
         for i, it in enumerate(self.interps):
             self.batch = i
+            self.stepping = True
             try:
                 val = it.run_node(node)
             except Exception as exc:
                 raise SurgeryError(f"calibration: running graph node '{node.name}' failed: {type(exc).__name__}: "
                                    f"{exc}") from exc
+            finally:
+                self.stepping = False
             if node.op == "output":
                 self.outputs[i] = val
             else:
