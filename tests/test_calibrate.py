@@ -85,6 +85,9 @@ def test_calibration_beats_data_free_on_a_trained_model(snapshot):
         # depthwise and pointwise refit together: the record names the whole block
         assert c["refit"] and c["layer"] == r.target and c["error_after"] < c["error_before"]
     assert "calibrate" in rec.seconds
+    # with real data the classifier after them is refit too (an exact conv head, against the original Linear)
+    assert report["options"]["downstream"] is True
+    assert [x["layer"] for x in report["layers"] if x["downstream"]] == ["11"]
     check()
 
 
@@ -518,6 +521,75 @@ def test_calibrate_rejects_a_non_boolean_relu():
     small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
     with pytest.raises(SurgeryError, match="relu"):
         calibrate(small, net, torch.randn(2, 3, 16, 16), relu="yes")
+
+
+# ------------------------------------------------------------------------------- downstream layers
+
+
+def test_downstream_layers_compensate_the_error_reaching_them():
+    net = _residual_net()
+    g = torch.Generator().manual_seed(4)
+    calib = [torch.randn(16, 3, 16, 16, generator=g) for _ in range(3)]
+    x = torch.cat(calib)
+    # only the first block is rewritten: the second block's convs and its 1×1 shortcut are downstream
+    small = fxsurgeon.convert(net, separable=dict(form="dw-pw", multiplier=1, exclude=["b1", "b2"]),
+                              conv_head=False)
+    runs = {}
+    for downstream in (False, True):
+        m = copy.deepcopy(small)
+        rep = calibrate(m, net, calib, bn=False, downstream=downstream)
+        runs[downstream] = (m, {r.layer: r for r in rep.layers}, rep)
+    (m0, plain, _), (m1, comp, rep1) = runs[False], runs[True]
+    assert set(plain) == {"a1", "a2"} and not any(r.downstream for r in plain.values())
+    torch.testing.assert_close(m0.get_submodule("down.0").weight, net.get_submodule("down.0").weight)
+    # the stem runs before every rewrite: nothing reaches it; the shortcut conv is traced after b2 and b2's
+    # ReLU-aware targets recompute it: its own targets must still pair one to one with its inputs
+    assert set(comp) == {"a1", "a2", "b1", "b2", "down.0"}
+    for n in ("b1", "b2", "down.0"):
+        r = comp[n]
+        assert r.downstream and r.target == n and r.refit and r.error_after < r.error_before, (n, r)
+    assert comp["b2"].target_kind == comp["down.0"].target_kind == "block"
+    assert rep1.options["downstream"] is True
+    # the first block's refits are the same; the output is closer to the original's
+    torch.testing.assert_close(m0.get_submodule("a2").pointwise.weight, m1.get_submodule("a2").pointwise.weight)
+    with torch.no_grad():
+        ref = net(x)
+        assert rel_err(m1(x), ref) < 0.97 * rel_err(m0(x), ref)
+
+
+def test_downstream_refits_a_conv_head_against_the_original_linear():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=True)
+    head = [rw for rw in fxsurgeon.get_record(small).rewrites if rw.exact]
+    assert head and isinstance(small.get_submodule(head[0].target), nn.Conv2d)  # the exact GAP + 1×1 conv head
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.randn(32, 3, 10, 10, generator=g) for _ in range(2)]
+    rep = calibrate(small, net, calib, bn=False)
+    r = {x.layer: x for x in rep.layers}[head[0].target]
+    assert r.downstream and r.refit and r.error_after < r.error_before and r.samples == 64
+    # the record's head rewrite says what calibration did to it
+    assert head[0].details["calibration"]["layer"] == head[0].target and head[0].details["calibration"]["refit"]
+
+
+def test_streaming_refits_the_same_downstream_layers():
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(form="dw-pw", multiplier=1, exclude=["b1", "b2"]),
+                              conv_head=False)
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    layers = {}
+    for mode in ("frontier", "streaming"):
+        rep = calibrate(copy.deepcopy(small), net, calib, bn=False, mode=mode)
+        layers[mode] = [r.layer for r in rep.layers if r.downstream]
+    assert sorted(layers["frontier"]) == sorted(layers["streaming"]) == ["b1", "b2", "down.0"]
+
+
+def test_calibrate_rejects_a_non_boolean_downstream():
+    net = _residual_net()
+    small = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False)
+    with pytest.raises(SurgeryError, match="downstream"):
+        calibrate(small, net, torch.randn(2, 3, 16, 16), downstream="all")
 
 
 def test_the_row_subset_does_not_depend_on_how_the_data_is_batched(monkeypatch):

@@ -79,6 +79,9 @@ def test_convert_calibrates_on_synthetic_images_without_data():
     info = rec.extras["synthetic_calibration"]
     assert info["images"] == 512 and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
     assert rec.extras["calibration"]["output_error_after"] < rec.extras["calibration"]["output_error_before"]
+    # only the rewritten layers: refit to synthetic images, the layers after them would learn the images' quirks
+    assert rec.extras["calibration"]["options"]["downstream"] is False
+    assert not any(layer["downstream"] for layer in rec.extras["calibration"]["layers"])
     # closer to the original on data like the BatchNorms remember than the data-free conversion
     g = torch.Generator().manual_seed(9)
     real = 2.0 * nn.functional.interpolate(torch.randn(64, 3, 4, 4, generator=g), size=(12, 12), mode="bilinear")

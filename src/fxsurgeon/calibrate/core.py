@@ -17,8 +17,8 @@ from .batchnorm import _downstream_batchnorms
 from .data import _forward, _rel_error, as_batches
 from .refit import _bn_frontier, _bn_streaming, _refit_frontier, _refit_streaming
 from .solve import DEFAULT_RIDGE
-from .specs import CalibrationReport, refit_specs
-from .stepper import _call_order, _peak_bytes
+from .specs import CalibrationReport, RefitSpec, downstream_candidates, refit_specs
+from .stepper import _call_order, _containing_nodes, _peak_bytes
 
 __all__ = ["annotate_record", "calibrate"]
 
@@ -52,6 +52,33 @@ def _choose_mode(
     return "frontier", ref_gm
 
 
+def _downstream_specs(converted: nn.Module, reference: nn.Module, ref_gm: fx.GraphModule | None, batch: tuple,
+                      specs: Sequence[RefitSpec], rewrites: Sequence[Any]) -> list[RefitSpec]:
+    """Refit specs for the layers no rewrite replaced that the rewritten layers' outputs reach.
+
+    On an fx graph (frontier mode) "reach" is a path in the graph from a refit layer's node, and a layer must
+    be called from one node in each model; otherwise it is "called after the first refit layer".
+    """
+    names = downstream_candidates(converted, reference, rewrites, specs)
+    if not names or not specs:
+        return []
+    if ref_gm is not None and isinstance(converted, fx.GraphModule):
+        reached: set[fx.Node] = set()
+        todo = [n for s in specs for n in _containing_nodes(converted, s.layer)]
+        while todo:
+            for user in todo.pop().users:
+                if user not in reached:
+                    reached.add(user)
+                    todo.append(user)
+        keep = [n for n in names if len(sites := _containing_nodes(converted, n)) == 1 and sites[0] in reached
+                and _containing_nodes(ref_gm, n)]
+    else:
+        order = _call_order(converted, batch, [s.layer for s in specs] + names)
+        first = min(order.index(s.layer) for s in specs)
+        keep = [n for n in order[first + 1:] if n in set(names)]
+    return [RefitSpec(n, n, n, downstream=True) for n in keep]
+
+
 def calibrate(
     converted: nn.Module,
     original: nn.Module,
@@ -63,6 +90,7 @@ def calibrate(
     mode: str = "auto",
     targets: str = "block",
     relu: bool = True,
+    downstream: bool = True,
 ) -> CalibrationReport:
     """Refit ``converted``'s rewritten layers, in network order, to reproduce ``original`` on real data.
 
@@ -94,7 +122,10 @@ def calibrate(
             (alternating minimisation; the Gram matrix is reused). Such a layer's ``relu_relaxed`` is the share
             of positions the original's ReLU zeroes, and its errors are measured as the ReLU sees them (a zeroed
             position counts only by how far the output would pass the ReLU). Frontier mode only.
-
+        downstream: also refit the plain layers the rewrites' outputs reach but no rewrite replaced (a kept
+            conv, a downsampling 1×1 conv, the classifier), each against its namesake in the original, so they
+            compensate the error passed down to them. Reported with ``downstream=True``; kept only where the
+            layer's error on the calibration data falls, like every refit.
 
     Returns:
         A :class:`CalibrationReport`; the converted model's record, when it has one, gets it at
@@ -115,6 +146,8 @@ def calibrate(
         raise SurgeryError(f"calibrate: targets must be 'layer' or 'block', got {targets!r}")
     if not isinstance(relu, bool):
         raise SurgeryError(f"calibrate: relu must be True or False, got {relu!r}")
+    if not isinstance(downstream, bool):
+        raise SurgeryError(f"calibrate: downstream must be True or False, got {downstream!r}")
     if bn not in (True, False, "auto"):
         raise SurgeryError(f"calibrate: bn must be True, False or 'auto', got {bn!r}")
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
@@ -128,7 +161,7 @@ def calibrate(
         rewrites = record.rewrites
     rewrites = list(rewrites)
     report = CalibrationReport(batches=len(batches), options={"ridge": ridge, "bn": bn, "targets": targets,
-                                                                  "relu": relu})
+                                                                  "relu": relu, "downstream": downstream})
     report.samples = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor) and b[0].dim())
     if not rewrites:
         report.seconds = time.perf_counter() - t0
@@ -138,6 +171,11 @@ def calibrate(
     with _eval_modes(converted, original), torch.no_grad():
         report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
         specs, skipped = refit_specs(converted, original, rewrites)
+        if downstream:
+            more = _downstream_specs(converted, original, ref_gm, batches[0], specs, rewrites)
+            specs += more
+            # an exact rewrite's module refit downstream (a conv head) is no longer "nothing to refit"
+            skipped = [x for x in skipped if x.target not in {s.layer for s in more}]
         order = _call_order(converted, batches[0], [s.layer for s in specs])
         by_layer = {s.layer: s for s in specs}
         specs = [by_layer[n] for n in order]

@@ -9,7 +9,15 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SEPARABLE_MAX_COLUMNS", "CalibrationReport", "LayerRefit", "RefitSpec", "refit_specs", "separable_refittable"]
+__all__ = [
+    "SEPARABLE_MAX_COLUMNS",
+    "CalibrationReport",
+    "LayerRefit",
+    "RefitSpec",
+    "downstream_candidates",
+    "refit_specs",
+    "separable_refittable",
+]
 
 
 @dataclass(frozen=True)
@@ -23,12 +31,15 @@ class RefitSpec:
             depthwise and last pointwise weights are refit together).
         reference: qualified name of the module in the original model whose output ``layer`` reproduces.
         kind: ``"linear"`` or ``"separable"``.
+        downstream: a layer no rewrite replaced, refit to compensate the error the rewrites before it pass down
+            (``calibrate(downstream=True)``); ``target`` is then its own name.
     """
 
     target: str
     layer: str
     reference: str
     kind: str = "linear"
+    downstream: bool = False
 
 
 @dataclass
@@ -36,7 +47,8 @@ class LayerRefit:
     """What calibration did to one layer (errors are relative L2 on the calibration data).
 
     ``relu_relaxed`` (ReLU-aware targets): the share of output positions the original's ReLU zeroes; the
-    errors are then measured as the ReLU sees them. None: the layer had plain targets.
+    errors are then measured as the ReLU sees them. None: the layer had plain targets. ``downstream``: a layer
+    no rewrite replaced, refit to compensate the error reaching it (``target`` is then its own name).
     """
 
     target: str
@@ -49,6 +61,7 @@ class LayerRefit:
     reason: str = ""
     target_kind: str = "layer"
     relu_relaxed: float | None = None
+    downstream: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +186,46 @@ def refit_specs(converted: nn.Module, reference: nn.Module, rewrites: Iterable[A
             else:
                 specs.append(RefitSpec(target, layer, ref))
     return specs, skipped
+
+
+def downstream_candidates(converted: nn.Module, reference: nn.Module, rewrites: Iterable[Any],
+                          specs: Iterable[RefitSpec]) -> list[str]:
+    """Layers of ``converted`` no rewrite replaced that can be refit against the same-named original module.
+
+    A candidate is a refittable layer (a plain groups=1 conv or a Linear, :func:`_is_refittable`) that is
+    neither a refit layer already nor inside a non-exact rewrite's replacement, and whose original namesake
+    is refittable with the same weights' size and outputs (a 1×1 conv may stand for a Linear: an exact conv
+    head). Whether it lies downstream of a rewrite is decided by the caller, which knows the graph or the
+    call order. Exact rewrites replace a module by an equivalent one: their module itself is a candidate,
+    its children are not.
+    """
+    taken = {sp.layer for sp in specs}
+    inside: list[str] = []
+    for rw in rewrites:
+        target = str(getattr(rw, "target", ""))
+        if target and not getattr(rw, "exact", False):
+            taken.add(target)
+            inside.append(target + ".")
+        elif target:
+            inside.append(target + ".")
+    out = []
+    for name, mod in converted.named_modules():
+        if not name or name in taken or any(name.startswith(p) for p in inside) or not _is_refittable(mod):
+            continue
+        if not _has_module(reference, name):
+            continue
+        ref = reference.get_submodule(name)
+        if not _is_refittable(ref) or ref.weight.numel() != mod.weight.numel() \
+                or ref.weight.shape[0] != mod.weight.shape[0] or (ref.bias is None) != (mod.bias is None):
+            continue
+        if isinstance(ref, nn.Conv2d) and (not isinstance(mod, nn.Conv2d) or ref.weight.shape != mod.weight.shape
+                                           or ref.stride != mod.stride or ref.dilation != mod.dilation
+                                           or _conv_padding(ref) != _conv_padding(mod)):
+            continue
+        if isinstance(ref, nn.Linear) and isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1):
+            continue
+        out.append(name)
+    return out
 
 
 #: largest im2col width (C_in·k², e.g. 128 channels at 3×3) the joint separable refit handles: its Gram

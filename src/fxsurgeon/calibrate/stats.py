@@ -109,7 +109,7 @@ class _Statistics:
         self.yy = 0.0
         self.n = 0
         self.sample = _Sampler(samples, d)
-        self.info = LayerRefit(spec.target, spec.layer, spec.reference)
+        self.info = LayerRefit(spec.target, spec.layer, spec.reference, downstream=spec.downstream)
         self.gram_given = False
 
     def reuse_gram(self, other: _Statistics) -> None:
@@ -153,6 +153,8 @@ class _Accumulator(_Statistics):
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Add one call's layer input ``x`` and target ``y``; False (with the reason) when they do not fit."""
+        if not self.linear and y.dim() == 2 and x.dim() == 4 and x.shape[-2:] == (1, 1):
+            y = y[:, :, None, None]  # a 1×1 conv on pooled features standing for the original's Linear
         channels = y.shape[-1] if self.linear else (y.shape[1] if y.dim() > 1 else 1)
         x, y = self.sample(x, y, y[0].numel() // max(channels, 1) if y.dim() > 1 else 1)
         return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
