@@ -75,7 +75,8 @@ def _downstream_specs(converted: nn.Module, reference: nn.Module, ref_gm: fx.Gra
     else:
         order = _call_order(converted, batch, [s.layer for s in specs] + names)
         first = min(order.index(s.layer) for s in specs)
-        keep = [n for n in order[first + 1:] if n in set(names)]
+        wanted = set(names)
+        keep = [n for n in order[first + 1:] if n in wanted]
     return [RefitSpec(n, n, n, downstream=True) for n in keep]
 
 

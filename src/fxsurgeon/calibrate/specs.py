@@ -203,11 +203,10 @@ def downstream_candidates(converted: nn.Module, reference: nn.Module, rewrites: 
     inside: list[str] = []
     for rw in rewrites:
         target = str(getattr(rw, "target", ""))
-        if target and not getattr(rw, "exact", False):
-            taken.add(target)
+        if target:
             inside.append(target + ".")
-        elif target:
-            inside.append(target + ".")
+            if not getattr(rw, "exact", False):
+                taken.add(target)
     out = []
     for name, mod in converted.named_modules():
         if not name or name in taken or any(name.startswith(p) for p in inside) or not _is_refittable(mod):
