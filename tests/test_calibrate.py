@@ -565,10 +565,15 @@ def test_downstream_refits_a_conv_head_against_the_original_linear():
     head = [rw for rw in fxsurgeon.get_record(small).rewrites if rw.exact]
     assert head and isinstance(small.get_submodule(head[0].target), nn.Conv2d)  # the exact GAP + 1×1 conv head
     g = torch.Generator().manual_seed(5)
-    calib = [torch.randn(32, 3, 10, 10, generator=g) for _ in range(2)]
+    calib = [torch.randn(100, 3, 10, 10, generator=g) for _ in range(2)]
+    # one row per image for 17 unknowns per output: 64 images are too few to change a layer that was right
+    few = copy.deepcopy(small)
+    r = {x.layer: x for x in calibrate(few, net, [c[:32] for c in calib], bn=False).layers}[head[0].target]
+    assert r.downstream and not r.refit and "too few samples" in r.reason and "170" in r.reason
+    torch.testing.assert_close(few.get_submodule(head[0].target).weight, small.get_submodule(head[0].target).weight)
     rep = calibrate(small, net, calib, bn=False)
     r = {x.layer: x for x in rep.layers}[head[0].target]
-    assert r.downstream and r.refit and r.error_after < r.error_before and r.samples == 64
+    assert r.downstream and r.refit and r.error_after < r.error_before and r.samples == 200
     # the record's head rewrite says what calibration did to it
     assert head[0].details["calibration"]["layer"] == head[0].target and head[0].details["calibration"]["refit"]
 

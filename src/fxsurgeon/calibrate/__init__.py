@@ -64,11 +64,12 @@ from .specs import (
     refit_specs,
     separable_refittable,
 )
-from .stats import rows_cap
+from .stats import DOWNSTREAM_ROWS_PER_UNKNOWN, rows_cap
 
 __all__ = [
     "DEFAULT_RIDGE",
     "DEPTHWISE_MAX_UNKNOWNS",
+    "DOWNSTREAM_ROWS_PER_UNKNOWN",
     "FRONTIER_MAX_BYTES",
     "MEASURE_MAX_ELEMENTS",
     "REFIT_REDUCE",

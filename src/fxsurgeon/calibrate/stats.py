@@ -11,7 +11,7 @@ from torch import nn
 from .solve import residual, ridge_refit
 from .specs import LayerRefit, RefitSpec, _conv_padding
 
-__all__ = ["rows_cap"]
+__all__ = ["DOWNSTREAM_ROWS_PER_UNKNOWN", "rows_cap"]
 
 
 def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
@@ -32,6 +32,10 @@ def _input_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
                                       padding=_conv_padding(layer), stride=layer.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+
+#: rows of calibration data per unknown (per output) a downstream layer needs before it is refit (a classifier
+#: sees one row per image: timm's resnet50 head, 2,049 unknowns, needs 20,490 images)
+DOWNSTREAM_ROWS_PER_UNKNOWN = 10
 
 #: rows × columns handled at once when accumulating (bounds the memory of unfolded k×k inputs)
 _ADD_MAX_ELEMENTS = 2**25
@@ -180,6 +184,13 @@ class _Accumulator(_Statistics):
         if stop is not None:
             return stop
         info = self.info
+        need = DOWNSTREAM_ROWS_PER_UNKNOWN * self.w0.shape[0]
+        if self.spec.downstream and self.n < need:
+            # a layer whose weights were right for the original's inputs is only worth changing on data that
+            # pins the change down; with fewer rows than unknowns it would fit the calibration data exactly
+            info.reason = (f"too few samples to refit: {self.n} rows for {self.w0.shape[0]} unknowns per output "
+                           f"(a downstream layer needs {DOWNSTREAM_ROWS_PER_UNKNOWN} per unknown, {need})")
+            return info
         before = residual(self.gram, self.cross, self.yy, self.w0)
         w = ridge_refit(self.gram, self.cross, self.w0, ridge)
         after = residual(self.gram, self.cross, self.yy, w)
