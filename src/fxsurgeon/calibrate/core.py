@@ -126,7 +126,9 @@ def calibrate(
         downstream: also refit the plain layers the rewrites' outputs reach but no rewrite replaced (a kept
             conv, a downsampling 1×1 conv, the classifier), each against its namesake in the original, so they
             compensate the error passed down to them. Reported with ``downstream=True``; kept only where the
-            layer's error on the calibration data falls, like every refit.
+            layer's error on the calibration data falls, like every refit, and only with at least
+            :data:`~fxsurgeon.calibrate.stats.DOWNSTREAM_ROWS_PER_UNKNOWN` rows of data per unknown. In
+            streaming mode each costs one more pass over the data.
 
     Returns:
         A :class:`CalibrationReport`; the converted model's record, when it has one, gets it at
