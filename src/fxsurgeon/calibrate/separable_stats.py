@@ -48,8 +48,7 @@ class _SeparableAccumulator(_Statistics):
                          samples)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        x, y = self.sample(x, y, y[0].numel() // max(y.shape[1], 1) if y.dim() > 1 else 1)
-        return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
+        return self._sampled_add(x, y, y[0].numel() // max(y.shape[1], 1) if y.dim() > 1 else 1)
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         dw = self.dw

@@ -69,7 +69,7 @@ class _Sampler:
         self.columns = columns
         self.fraction: float | None = None if samples else 1.0
         self.gen = torch.Generator().manual_seed(0)
-        self.draws = torch.empty(0)
+        self.draws = torch.empty(0, dtype=torch.float64)
         self.seen = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rows_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +83,9 @@ class _Sampler:
         # one draw per sample, in data order (more than the data holds if a layer runs several times a batch)
         while self.draws.numel() < self.seen + n:
             more = torch.rand(max(self.samples or 0, n), generator=self.gen, dtype=torch.float64)
-            self.draws = torch.cat([self.draws.double(), more])
-            self.draws[0] = 0.0  # the first sample is always kept: never an empty fit
+            if not self.draws.numel():
+                more[0] = 0.0  # the first sample is always kept: never an empty fit
+            self.draws = torch.cat([self.draws, more])
         keep = self.draws[self.seen:self.seen + n] < self.fraction
         self.seen += n
         idx = keep.nonzero().squeeze(1).to(x.device)  # may be empty: the batch adds nothing
@@ -119,6 +120,14 @@ class _Statistics:
     def reuse_gram(self, other: _Statistics) -> None:
         """Take ``other``'s ZᵀZ (the same inputs, seeded subset and layer): only ZᵀY and ||Y||² are gathered."""
         self.gram, self.gram_given = other.gram, True
+
+    def _sampled_add(self, x: torch.Tensor, y: torch.Tensor, rows_per_sample: int) -> bool:
+        """Add one call's input and target on the seeded subset of its samples (nothing when none is kept)."""
+        x, y = self.sample(x, y, rows_per_sample)
+        return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        raise NotImplementedError
 
     def _accumulate(self, z: torch.Tensor, t: torch.Tensor) -> bool:
         if self.has_bias:
@@ -160,8 +169,7 @@ class _Accumulator(_Statistics):
         if not self.linear and y.dim() == 2 and x.dim() == 4 and x.shape[-2:] == (1, 1):
             y = y[:, :, None, None]  # a 1×1 conv on pooled features standing for the original's Linear
         channels = y.shape[-1] if self.linear else (y.shape[1] if y.dim() > 1 else 1)
-        x, y = self.sample(x, y, y[0].numel() // max(channels, 1) if y.dim() > 1 else 1)
-        return True if x.dim() > 1 and x.shape[0] == 0 else self._add(x, y)
+        return self._sampled_add(x, y, y[0].numel() // max(channels, 1) if y.dim() > 1 else 1)
 
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         # k×k convs unfold into C·k² columns per position: go through the batch in slices to bound memory
