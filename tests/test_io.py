@@ -54,6 +54,11 @@ def shared_net() -> nn.Module:
 SMALL = f"{__name__}:small_net"
 
 
+def load(path, **kwargs):
+    """fxsurgeon.load trusting this module's factories (saved files name them; load refuses unknown ones)."""
+    return fxsurgeon.load(path, trust_factories=[f"{__name__}:*"], **kwargs)
+
+
 def test_source_forms():
     assert normalize_source("resnet18") == {"timm": "resnet18", "kwargs": {}}
     assert normalize_source(small_net) == {"factory": SMALL, "kwargs": {}}
@@ -85,7 +90,7 @@ def test_timm_round_trip_replays_per_layer_ranks(tmp_path, snapshot):
     fxsurgeon.save(small, path)
     check()
 
-    again = fxsurgeon.load(path)
+    again = load(path)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
     assert again.state_dict().keys() == small.state_dict().keys()
     assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
@@ -125,7 +130,7 @@ def test_load_never_unpickles_or_runs_svd(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr("fxsurgeon.modules.separable_factors", refuse)
-    again = fxsurgeon.load(path)
+    again = load(path)
     x = torch.randn(1, 3, 16, 16)
     small.eval(), again.eval()
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
@@ -139,7 +144,7 @@ def test_plain_module_needs_a_source(tmp_path):
         fxsurgeon.save(small, path)
     assert not path.exists()
     fxsurgeon.save(small, path, source={"factory": SMALL, "kwargs": {}})
-    assert fxsurgeon.load(path).get_submodule("3").depthwise.kernel_size == (3, 3)
+    assert load(path).get_submodule("3").depthwise.kernel_size == (3, 3)
 
 
 def test_factory_kwargs_and_trained_state(tmp_path):
@@ -156,7 +161,7 @@ def test_factory_kwargs_and_trained_state(tmp_path):
     small.get_submodule("4").train()(torch.randn(4, 8, 4, 4, dtype=torch.float64))  # BN stats move
     path = tmp_path / "m.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     assert all(t.dtype == torch.float64 for t in again.state_dict().values() if t.is_floating_point())
     assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
     assert {n: m.training for n, m in again.named_modules()} == {n: m.training for n, m in small.named_modules()}
@@ -173,7 +178,7 @@ def test_half_and_channels_last(tmp_path):
     small.to(memory_format=torch.channels_last)
     path = tmp_path / "m.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     w = again.get_submodule("3").depthwise.weight
     assert w.dtype == torch.float16 and w.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
@@ -189,7 +194,7 @@ def test_shared_modules_and_tied_weights_stay_shared(tmp_path):
     fxsurgeon.save(small, path)
     meta = read_metadata(path)
     assert meta["tied"] == {"b.weight": "a.weight"}
-    again = fxsurgeon.load(path)
+    again = load(path)
     assert again.get_submodule("a").weight is again.get_submodule("b").weight
     x = torch.randn(1, 8, 8, 8)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
@@ -200,14 +205,14 @@ def test_wrong_source_is_refused_with_the_difference(tmp_path):
     path = tmp_path / "m.safetensors"
     fxsurgeon.save(small, path)
     with pytest.raises(SurgeryError, match=r"does not match the saved weights.*shape mismatches"):
-        fxsurgeon.load(path, source={"factory": SMALL, "kwargs": {"width": 8}})
+        load(path, source={"factory": SMALL, "kwargs": {"width": 8}})
     # same weights, different stride: only the structure check can tell
     with pytest.raises(SurgeryError, match=r"differs from the saved architecture(.|\n)*stride=\(2, 2\)"):
-        fxsurgeon.load(path, source={"factory": SMALL, "kwargs": {"stride": 2}})
-    again = fxsurgeon.load(path, source={"factory": SMALL, "kwargs": {"stride": 2}}, check_structure=False)
+        load(path, source={"factory": SMALL, "kwargs": {"stride": 2}})
+    again = load(path, source={"factory": SMALL, "kwargs": {"stride": 2}}, check_structure=False)
     assert again.get_submodule("3").depthwise.stride == (2, 2)
     with pytest.raises(SurgeryError, match="cannot import model factory"):
-        fxsurgeon.load(path, source="no_such_pkg.mod:fn")
+        load(path, source="no_such_pkg.mod:fn")
 
 
 def test_save_refuses_a_model_changed_after_convert(tmp_path):
@@ -219,7 +224,7 @@ def test_save_refuses_a_model_changed_after_convert(tmp_path):
     assert not path.exists()
     fxsurgeon.save(small, path, check=False)  # written, but load refuses it with the same message
     with pytest.raises(SurgeryError, match=r"0\.weight saved \[16, 3, 5, 5\] vs rebuilt \[16, 3, 3, 3\]"):
-        fxsurgeon.load(path)
+        load(path)
 
 
 def test_failed_save_leaves_existing_file_intact(tmp_path):
@@ -236,21 +241,21 @@ def test_failed_save_leaves_existing_file_intact(tmp_path):
 
 def test_bad_files(tmp_path):
     with pytest.raises(SurgeryError, match="no such file"):
-        fxsurgeon.load(tmp_path / "nope.safetensors")
+        load(tmp_path / "nope.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(SurgeryError, match="not a readable safetensors file"):
-        fxsurgeon.load(junk)
+        load(junk)
     from safetensors.torch import save_file
 
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(SurgeryError, match=r"not written by fxsurgeon\.save"):
-        fxsurgeon.load(plain)
+        load(plain)
     newer = tmp_path / "newer.safetensors"
     save_file({"w": torch.zeros(2)}, str(newer), metadata={"fxsurgeon": json.dumps({"format_version": 99})})
     with pytest.raises(SurgeryError, match="newer than this fxsurgeon"):
-        fxsurgeon.load(newer)
+        load(newer)
 
 
 def test_unknown_pass_in_file_is_refused(tmp_path, monkeypatch):
@@ -263,7 +268,7 @@ def test_unknown_pass_in_file_is_refused(tmp_path, monkeypatch):
 
     save_file(load_file(str(path)), str(path), metadata={"fxsurgeon": json.dumps(meta)})
     with pytest.raises(SurgeryError, match=r"pass\(es\) \['warp_drive'\]"):
-        fxsurgeon.load(path)
+        load(path)
 
 
 def test_save_refuses_meta_weights_and_non_json_recipes(tmp_path):
@@ -287,7 +292,7 @@ def test_leaf_modules_are_recorded_and_replayed(tmp_path):
     assert [r.target for r in rec.rewrites] == ["conv", "gate.inner"]  # reached inside the leaf
     path = tmp_path / "g.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
     assert isinstance(again.get_submodule("gate.inner"), SeparableConv2d)
 
@@ -366,7 +371,7 @@ def test_trained_resnet20_round_trip(tmp_path):
     small = fxsurgeon.convert(model, source=resnet20, example_inputs=x, separable=dict(energy=0.9))
     path = tmp_path / "r20.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
 
 
@@ -419,12 +424,12 @@ def test_replay_runs_on_meta_and_restores_non_persistent_buffers(tmp_path, monke
     devices = []
     real = fio._replay
 
-    def spy(record, source, model):
+    def spy(record, source, model, *args):
         devices.append(next(model.parameters()).device.type)
-        return real(record, source, model)
+        return real(record, source, model, *args)
 
     monkeypatch.setattr(fio, "_replay", spy)
-    again = fxsurgeon.load(path)
+    again = load(path)
     assert devices == ["meta"]  # shapes not needed: no forward, the fast path holds
     assert torch.equal(again.get_submodule("shuffle").perm, small.get_submodule("shuffle").perm)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
@@ -434,7 +439,7 @@ def test_replay_runs_on_meta_and_restores_non_persistent_buffers(tmp_path, monke
                               example_inputs=x)
     fxsurgeon.save(small, path)
     devices.clear()
-    again = fxsurgeon.load(path)
+    again = load(path)
     assert devices == ["meta", "cpu"]
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
 
@@ -474,7 +479,7 @@ def test_every_pass_round_trips_including_data_driven_concat_reduction(tmp_path)
     fxsurgeon.save(small, path)
     opts = read_metadata(path)["record"]["options"]["concat_fusion"]
     assert "calibration" not in opts and "2 batch(es) not stored" in opts["calibration_omitted"]
-    again = fxsurgeon.load(path)
+    again = load(path)
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
 
 
@@ -493,7 +498,7 @@ def test_cp_form_and_calibrated_weights_round_trip(tmp_path):
     calibrate(small, model, [x[:4], x[4:]])  # refits weights in place after convert
     path = tmp_path / "cp.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     small.eval()
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
     assert "calibration" in fxsurgeon.get_record(again).extras
@@ -509,6 +514,6 @@ def test_budget_allocated_ranks_round_trip(tmp_path):
     assert any(r.pass_name == "separable" for r in fxsurgeon.get_record(small).rewrites)
     path = tmp_path / "b.safetensors"
     fxsurgeon.save(small, path)
-    again = fxsurgeon.load(path)
+    again = load(path)
     small.eval()
     torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)

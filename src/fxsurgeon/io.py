@@ -23,8 +23,8 @@ against the file, and loads the weights strictly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -38,9 +38,19 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError
+from .filecheck import (
+    EXAMPLE_DTYPES,
+    MAX_METADATA_CHARS,
+    AllocationGuard,
+    check_example_shape,
+    json_depth,
+    validate_metadata,
+)
+from .sources import TRUST_ALL, check_timm_name, check_trust_patterns, resolve_factory, resolve_symbol
 
 __all__ = [
     "FORMAT_VERSION",
+    "atomic_write",
     "build_original",
     "describe_tracing",
     "infer_source",
@@ -61,20 +71,6 @@ _META_KEY = "fxsurgeon"
 def _qualified(obj: Any) -> str:
     """``"package.module:Qual.name"`` for an importable function or class."""
     return f"{obj.__module__}:{obj.__qualname__}"
-
-
-def _resolve(spec: str, what: str) -> Any:
-    """Import ``"package.module:attr.path"`` and return the object; SurgeryError saying why otherwise."""
-    mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise SurgeryError(f"{what} {spec!r} is not of the form 'package.module:name'")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise SurgeryError(f"cannot import {what} {spec!r}: {type(exc).__name__}: {exc}") from exc
-    return obj
 
 
 def _json_path_error(value: Any, where: str) -> str | None:
@@ -159,31 +155,56 @@ def infer_source(model: nn.Module) -> dict[str, Any] | None:
     return {"timm": str(cfg["architecture"]), "kwargs": kwargs}
 
 
-def build_original(source: dict[str, Any]) -> nn.Module:
-    """Instantiate the original (unconverted) architecture from a normalised source, without pretrained weights."""
-    source = normalize_source(source)
+def build_original(source: dict[str, Any], *, trust_factories: Iterable[str] | None = None) -> nn.Module:
+    """Instantiate the original (unconverted) architecture from a source, without pretrained weights.
+
+    The source is treated like one read from a file: a factory is imported only when the allow-list of
+    :mod:`fxsurgeon.sources` or ``trust_factories`` (``"package.module:function"`` / ``"package.module:*"``)
+    covers it.
+
+    >>> type(build_original({"factory": "fxsurgeon.models:resnet20", "kwargs": {}})).__name__
+    'CifarResNet'
+    """
+    return _maker(normalize_source(source), check_trust_patterns(trust_factories))()
+
+
+def _maker(source: dict[str, Any], trust: Iterable[str] | str, model: nn.Module | None = None) -> Callable[[], nn.Module]:
+    """A function building the original model; the factory is resolved (and checked) now, nothing is built yet.
+
+    ``trust`` is :data:`~fxsurgeon.sources.TRUST_ALL` for a source the caller gave, else the caller's patterns.
+    """
+    if model is not None:
+        return lambda: copy.deepcopy(model)
     kwargs = dict(source["kwargs"])
     if "timm" in source:
+        name = source["timm"] if trust == TRUST_ALL else check_timm_name(source["timm"])
         try:
             import timm
         except ImportError as exc:
-            raise SurgeryError(f"rebuilding timm model {source['timm']!r} needs timm installed") from exc
+            raise SurgeryError(f"rebuilding timm model {name!r} needs timm installed") from exc
         kwargs.setdefault("pretrained", False)
-        if kwargs["pretrained"]:
+        if kwargs["pretrained"] is not False:
             raise SurgeryError("source kwargs must not ask for pretrained=True: the weights come from the file")
-        what = f"timm.create_model({source['timm']!r}, **{kwargs})"
-        build: Callable[[], Any] = lambda: timm.create_model(source["timm"], **kwargs)  # noqa: E731
+        what = f"timm.create_model({name!r}, **{kwargs})"
+        build: Callable[[], Any] = lambda: timm.create_model(name, **kwargs)  # noqa: E731
     else:
-        factory = _resolve(source["factory"], "model factory")
+        factory = resolve_factory(source["factory"], trust)
         what = f"{source['factory']}(**{kwargs})"
         build = lambda: factory(**kwargs)  # noqa: E731
-    try:
-        model = build()
-    except Exception as exc:
-        raise SurgeryError(f"rebuilding the original model with {what} failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"{what} returned {type(model).__name__}, not an nn.Module")
-    return model
+
+    def make() -> nn.Module:
+        try:
+            model = build()
+        except SurgeryError:
+            raise
+        except Exception as exc:
+            raise SurgeryError(f"rebuilding the original model with {what:.200} failed: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}") from exc
+        if not isinstance(model, nn.Module):
+            raise SurgeryError(f"{what:.200} returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    return make
 
 
 # ----------------------------------------------------------------------------------------------- tracing
@@ -280,11 +301,16 @@ def _replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.M
     (``energy=``, budgets) are therefore not recomputed, and ``init="random"`` skips the SVDs.
     """
     layers: dict[str, dict[str, Any]] = {}
-    for r in rewrites:
+    for i, r in enumerate(rewrites):
         d = r.get("details", {})
-        if "rank" not in d:
-            raise SurgeryError(f"separable rewrite of '{r['target']}' records no rank; it cannot be replayed")
-        layers[r["target"]] = {"form": d.get("form", options.get("form", "dw-pw")), "rank": int(d["rank"])}
+        rank, form = d.get("rank"), d.get("form", options.get("form", "dw-pw"))
+        if type(rank) is not int or rank < 1:
+            raise SurgeryError(f"separable rewrite of '{r['target']}' records no positive integer rank (field "
+                               f"'record'['rewrites'][{i}]['details']['rank'] is {rank!r:.40}); it cannot be replayed")
+        if not isinstance(form, str):
+            raise SurgeryError(f"separable rewrite of '{r['target']}': field 'record'['rewrites'][{i}]['details']"
+                               f"['form'] must be a string, got {form!r:.40}")
+        layers[r["target"]] = {"form": form, "rank": rank}
     groups: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.modules.conv._ConvNd):
@@ -302,12 +328,19 @@ REPLAYERS: dict[str, Callable[[dict[str, Any], list[dict], nn.Module], dict[str,
 
 
 def _example_inputs(specs: list[dict[str, Any]], model: nn.Module) -> tuple:
+    """Zero tensors shaped like the recorded example inputs, on the model's device (meta during a meta replay)."""
+    first = next(iter(model.parameters()), None)
     float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = first.device if first is not None else torch.device("cpu")
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         if "shape" in spec:
-            dtype = getattr(torch, spec["dtype"])
-            out.append(torch.zeros(spec["shape"], dtype=float_dtype if dtype.is_floating_point else dtype))
+            shape = check_example_shape(spec["shape"], f"recorded example input {i}")
+            dtype = EXAMPLE_DTYPES.get(spec.get("dtype"))
+            if dtype is None:
+                raise SurgeryError(f"recorded example input {i} has dtype {spec.get('dtype')!r:.40}, not one of "
+                                   f"{sorted(EXAMPLE_DTYPES)}")
+            out.append(torch.zeros(shape, dtype=float_dtype if dtype.is_floating_point else dtype, device=device))
         elif "value" in spec:
             out.append(spec["value"])
         else:
@@ -315,42 +348,121 @@ def _example_inputs(specs: list[dict[str, Any]], model: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _rebuild(meta: dict[str, Any], source: dict[str, Any] | None = None, *, materialize: bool = True) -> fx.GraphModule:
-    """Build the original from its source and replay the recorded conversion (random init, no verification).
+#: bytes a rebuild may allocate beyond what the file's size explains (index tables, masks, temporaries)
+REBUILD_SLACK_BYTES = 512 * 2**20
+#: how many times the file's size the original (unconverted) model may take: conversions rarely shrink more
+REBUILD_SIZE_RATIO = 16
 
-    The replay runs on the meta device, so shape propagation and the passes cost no arithmetic; with
-    ``materialize`` the result then gets (uninitialised) CPU storage for the caller to fill with a strict
-    state-dict load, and the non-persistent buffers of the freshly built model (index tables, masks, which
-    no file holds) are put back. When any of that fails (a module that needs real values to run, a buffer
-    that cannot be traced back), the replay is redone on CPU with real tensors.
+
+def _budget(file_bytes: int) -> int:
+    return REBUILD_SIZE_RATIO * int(file_bytes) + REBUILD_SLACK_BYTES
+
+
+def _nbytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _rebuild(
+    meta: dict[str, Any],
+    source: dict[str, Any] | None = None,
+    *,
+    trust: Iterable[str] | str = (),
+    model: nn.Module | None = None,
+    shapes: dict[str, list[int]],
+    check_structure: bool = True,
+    materialize: bool = True,
+    file_bytes: int = 0,
+) -> fx.GraphModule:
+    """Build the original and replay the recorded conversion (random init, no verification), checked against
+    ``shapes`` (the file's tensors) before any real storage is allocated.
+
+    The original is built on the meta device and the conversion replayed there, so shape propagation and the
+    passes cost no memory and no arithmetic; the state-dict keys and shapes, rewrites and structure are then
+    compared with the file. Only a model that matches gets (uninitialised) CPU storage, for the caller to fill
+    with a strict state-dict load; non-persistent buffers (index tables, masks, which no file holds) come from
+    a real build of the original. When a model cannot be built or replayed on meta (a module that needs real
+    values), the replay is redone on CPU, under an :class:`~fxsurgeon.filecheck.AllocationGuard` whose budget
+    follows from the file's size. ``source`` and ``model`` are the caller's (trusted); otherwise the recorded
+    source is checked against the allow-list and ``trust``.
     """
+    if source is not None or model is not None:
+        trust = TRUST_ALL
     source = normalize_source(source) if source is not None else meta["source"]
     record = meta["record"]
     tracing = record.get("tracing", {})
     if "concrete_args_repr" in tracing:
-        raise SurgeryError(f"the conversion used concrete_args {tracing['concrete_args_repr']} that are not "
+        raise SurgeryError(f"the conversion used concrete_args {tracing['concrete_args_repr']!r:.200} that are not "
                            "plain JSON: it cannot be replayed")
     from .passes import list_passes
 
     known = list_passes()
     missing = [p for p in record["options"] if p not in known]
     if missing:
-        raise SurgeryError(f"the model was converted with pass(es) {missing} that this fxsurgeon "
-                           f"({meta.get('versions', {}).get('fxsurgeon', '?')} saved it) does not have; known: {known}")
-    model = build_original(source)
+        raise SurgeryError(f"the model was converted with pass(es) {missing!r:.200} that this fxsurgeon "
+                           f"({meta.get('versions', {}).get('fxsurgeon', '?')!r:.40} saved it) does not have; "
+                           f"known: {known}")
+    make = _maker(source, trust, model)  # the factory is checked here, before anything is built
+    budget = _budget(file_bytes)
+    what = f"rebuilding {_source_text(source)}"
+    max_tensors = 64 * len(shapes) + 100_000
+
+    def guard(limit: int = budget) -> AllocationGuard:
+        return AllocationGuard(limit, max_tensors, what)
+
+    original: nn.Module | None = None
     try:
-        kept = _non_persistent_buffers(model)
-        model.to("meta")
-        gm = _replay(record, source, model)
-        if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
-            raise ValueError("a pass decided differently on meta tensors")  # e.g. one that needs weight values
-        if materialize:
-            gm.to_empty(device="cpu")
-            _restore_buffers(gm, kept)
-        return gm
-    except Exception:  # fall back to the plain replay below, whose errors are the ones to report
+        with guard(), torch.device("meta"):
+            original = make()
+    except SurgeryError as exc:
+        if "rebuilding the original model with" not in str(exc):
+            raise  # a refusal (budget, trust), not a factory that cannot run on meta
+    except Exception:
         pass
-    return _replay(record, source, build_original(source))
+    if original is not None:
+        size = _nbytes(original)
+        if size > budget and model is None:
+            raise SurgeryError(
+                f"{what} would take {size / 2**20:,.0f} MiB, more than the {budget / 2**20:,.0f} MiB a file of "
+                f"{file_bytes / 2**20:,.1f} MiB allows; the recorded source or its keyword arguments do not fit "
+                "the file. Rebuild from a source you name: load(path, source=...) or model=...")
+        budget = max(budget, 2 * size + REBUILD_SLACK_BYTES)
+        gm: fx.GraphModule | None = None
+        try:
+            original.to("meta")
+            with guard(budget):
+                gm = _replay(record, source, original, trust)
+            if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
+                gm = None  # a pass decided differently on meta tensors (one that needs weight values)
+        except SurgeryError as exc:
+            if trust != TRUST_ALL and "in the file" in str(exc):
+                raise  # a refused name from the file, not a meta limitation
+            gm = None
+        except Exception:  # fall back to the CPU replay below, whose errors are the ones to report
+            gm = None
+        if gm is not None:
+            _check_rebuilt(gm, meta, shapes, check_structure=check_structure)
+            if not materialize:
+                return gm
+            try:
+                with guard(budget):
+                    gm.to_empty(device="cpu")
+                    if any(m._non_persistent_buffers_set for m in gm.modules()):
+                        _restore_buffers(gm, _non_persistent_buffers(make()))
+                return gm
+            except SurgeryError:
+                raise
+            except Exception:
+                pass
+    with guard(budget):
+        gm = _replay(record, source, make(), trust)
+    _check_rebuilt(gm, meta, shapes, check_structure=check_structure)
+    return gm
 
 
 def _rewrites(record: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -376,7 +488,8 @@ def _restore_buffers(gm: nn.Module, kept: dict[str, torch.Tensor]) -> None:
                 mod._buffers[b] = kept[key]
 
 
-def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module) -> fx.GraphModule:
+def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
+            trust: Iterable[str] | str) -> fx.GraphModule:
     from .convert import convert
     from .passes import get_pass, list_passes
 
@@ -386,14 +499,17 @@ def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module) ->
     for name, opts in record["options"].items():
         done = [r for r in record["rewrites"] if r.get("pass_name") == name]
         replay = REPLAYERS.get(name)
-        opts = {k: v for k, v in opts.items() if k != "calibration_omitted"}
+        # data-driven options are not replayed: their effect is in the saved weights
+        opts = {k: v for k, v in opts.items() if k not in ("calibration_omitted", "calibration")}
         passes[name] = replay(opts, done, model) if replay else dict(opts)
         needs_shapes |= get_pass(name).needs_shapes
     inputs = _example_inputs(tracing.get("example_inputs", []), model) if needs_shapes else ()
     return convert(
         model, example_inputs=inputs or None, verify=False, inplace=True, source=source,
-        leaf_modules=[_resolve(s, "leaf module type") for s in tracing.get("leaf_modules", [])] or None,
-        autowrap_functions=[_resolve(s, "autowrapped function") for s in tracing.get("autowrap_functions", [])] or None,
+        leaf_modules=[resolve_symbol(s, trust, "leaf module type", nn.Module)
+                      for s in tracing.get("leaf_modules", [])] or None,
+        autowrap_functions=[resolve_symbol(s, trust, "autowrapped function")
+                            for s in tracing.get("autowrap_functions", [])] or None,
         concrete_args=tracing.get("concrete_args"),
         **passes,
     )
@@ -574,22 +690,70 @@ def save(converted: nn.Module, path: str | os.PathLike, *, source: Any = None, c
     path = Path(path)
     if not path.parent.is_dir():
         raise SurgeryError(f"cannot save to {path}: directory {path.parent} does not exist")
+    try:  # never write a file that load() would refuse (e.g. an example input beyond the cap)
+        validate_metadata(json.loads(text), "the file to save", FORMAT_VERSION)
+    except SurgeryError as exc:
+        raise SurgeryError(f"fxsurgeon.save refuses to write {path}: {exc}") from exc
     if check:
         shapes = {k: list(t.shape) for k, t in tensors.items()} | {k: list(tensors[v].shape) for k, v in tied.items()}
-        _check_rebuilt(_rebuild(json.loads(text), materialize=False), meta, shapes, check_structure=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        _rebuild(json.loads(text), trust=TRUST_ALL, shapes=shapes, check_structure=True, materialize=False,
+                 file_bytes=nbytes)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: text})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: text}))
     except Exception as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise SurgeryError(f"could not write {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set-and-return)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Write a file whole or not at all: ``write(tmp)`` fills a temporary file next to ``path``, renamed over it.
+
+    The result has the permissions ``open(path, "w")`` would give it: those of the file it replaces, else
+    ``0o666`` less the umask (a bare ``tempfile.mkstemp`` would leave ``0o600``). On any failure the temporary
+    file is removed and the exception re-raised; an existing ``path`` is then left untouched.
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
+    >>> atomic_write(path, lambda tmp: open(tmp, "w").write("hello"))
+    >>> open(path).read()
+    'hello'
+    """
+    import stat
+
+    target = Path(path)
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The fxsurgeon metadata of a file written by :func:`save` (source, record, structure, ...), no tensors read."""
+    """The fxsurgeon metadata of a file written by :func:`save` (source, record, structure, ...), no tensors read.
+
+    Every field :func:`load` uses is checked for its type first (see :mod:`fxsurgeon.filecheck`); a corrupt or
+    foreign file is refused with a one-line SurgeryError naming the field.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -602,20 +766,32 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise SurgeryError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
     if _META_KEY not in header:
         raise SurgeryError(f"{path} was not written by fxsurgeon.save: its header has no '{_META_KEY}' metadata")
+    text = header[_META_KEY]
+    if len(text) > MAX_METADATA_CHARS:
+        raise SurgeryError(f"{path}: the fxsurgeon metadata has {len(text):,} characters, beyond the cap of "
+                           f"{MAX_METADATA_CHARS:,}")
     try:
-        meta = json.loads(header[_META_KEY])
-    except ValueError as exc:
-        raise SurgeryError(f"{path}: the fxsurgeon metadata is not valid JSON: {exc}") from exc
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not isinstance(version, int):
-        raise SurgeryError(f"{path}: the fxsurgeon metadata has no format_version")
-    if version > FORMAT_VERSION:
-        raise SurgeryError(f"{path} uses fxsurgeon file format {version}, newer than this fxsurgeon's "
-                           f"{FORMAT_VERSION} (saved with {_versions_text(meta)}): upgrade fxsurgeon")
-    for key in ("source", "record", "structure"):
-        if key not in meta:
-            raise SurgeryError(f"{path}: the fxsurgeon metadata lacks '{key}'")
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SurgeryError(f"{path}: the fxsurgeon metadata is not valid JSON (or nested too deeply): "
+                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    from .filecheck import MAX_JSON_DEPTH
+
+    if json_depth(meta) > MAX_JSON_DEPTH:
+        raise SurgeryError(f"{path}: the fxsurgeon metadata is nested more than {MAX_JSON_DEPTH} levels deep")
+    validate_metadata(meta, path, FORMAT_VERSION)
     return meta
+
+
+def _header_shapes(path: Path) -> dict[str, list[int]]:
+    """Shapes of the tensors in a safetensors file, read from its header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise SurgeryError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
 
 
 def load(
@@ -623,66 +799,111 @@ def load(
     *,
     device: str | torch.device | None = None,
     source: Any = None,
+    model: nn.Module | None = None,
+    trust_factories: Iterable[str] | None = None,
     check_structure: bool = True,
 ) -> fx.GraphModule:
     """Rebuild a model written by :func:`save` and load its weights strictly; no code is unpickled.
 
-    The original architecture comes from the recorded source (``timm.create_model(name, pretrained=False,
-    **kwargs)`` or the factory, which is imported by name); the recorded conversion is replayed on it with
-    random initialisation, then the saved weights, dtypes, ``requires_grad`` flags, channels_last layouts and
-    train/eval modes are restored, with the saved record at ``meta["fxsurgeon"]``.
+    The original architecture comes from the recorded source: ``timm.create_model(name, pretrained=False,
+    **kwargs)`` for a name in timm's registry, or a factory the file names, which is imported only when it is
+    allowed: ``fxsurgeon.models:*``, ``fxsurgeon.fuzz:FuzzNet``, torchvision model builders, or a pattern in
+    ``trust_factories``. Every metadata field is type-checked, the model is built and the conversion replayed on
+    the meta device and compared with the tensor shapes in the file's header before any weight is allocated
+    or read; then the saved weights, dtypes, ``requires_grad`` flags, channels_last layouts and train/eval modes
+    are restored, with the saved record at ``meta["fxsurgeon"]``.
 
     Args:
         path: a file written by :func:`save`.
         device: where to put the model (default: CPU).
-        source: rebuild from this source instead of the recorded one (e.g. a factory that moved).
+        source: rebuild from this source instead of the recorded one (a timm name, ``"package.module:function"``,
+            a function, or a dict with kwargs); the caller's choice, so it is not checked against the allow-list.
+        model: rebuild from a copy of this unconverted model instead (its architecture, not its weights, is
+            used; it is not modified).
+        trust_factories: factories the file may name beyond the allow-list: ``"package.module:function"``
+            or ``"package.module:*"`` patterns.
         check_structure: refuse a rebuild whose module hyper-parameters or generated code differ from the
             saved ones (default). Keys and shapes of the state dict are always checked.
 
     Raises:
-        SurgeryError: not an fxsurgeon file, an unknown source or pass, or a rebuild that does not match the
-            saved weights or structure (the message shows the difference and both sets of versions).
+        SurgeryError: not an fxsurgeon file, a corrupt field, a factory that is not allowed, an unknown pass, or
+            a rebuild that does not match the saved weights or structure (the message shows the difference).
+
+    >>> import os, tempfile, fxsurgeon
+    >>> from fxsurgeon.models import resnet20
+    >>> path = os.path.join(tempfile.mkdtemp(), "small.safetensors")
+    >>> fxsurgeon.save(fxsurgeon.convert(resnet20(), source=resnet20), path)
+    >>> type(fxsurgeon.load(path)).__name__
+    'GraphModule'
     """
     from safetensors.torch import load_file
 
     from .record import RECORD_ATTR, Conversion
 
+    trust = check_trust_patterns(trust_factories)
+    if not isinstance(check_structure, bool):
+        raise SurgeryError(f"check_structure must be True or False, got {check_structure!r:.40}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise SurgeryError(f"model= must be an nn.Module (the unconverted architecture), got {type(model).__name__}")
+    if model is not None and source is not None:
+        raise SurgeryError("give load() source= or model=, not both")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise SurgeryError(f"device={device!r:.40} is not a torch device: {exc}") from exc
+    path = Path(path)
     meta = read_metadata(path)
-    tensors = load_file(str(path))
+    shapes = _header_shapes(path)
     tied = meta.get("tied", {})
-    missing = sorted(v for v in tied.values() if v not in tensors)
-    if missing:
-        raise SurgeryError(f"{path}: tied tensors point at keys missing from the file: {missing[:3]}")
-    state = dict(tensors) | {alias: tensors[key] for alias, key in tied.items()}
+    missing = sorted(v for v in tied.values() if v not in shapes)
+    clash = sorted(k for k in tied if k in shapes)
+    if missing or clash:
+        raise SurgeryError(f"{path}: metadata field 'tied' names keys missing from the file ({missing[:3]}) or "
+                           f"aliases that are stored tensors themselves ({clash[:3]})")
+    shapes = shapes | {alias: shapes[key] for alias, key in tied.items()}
     if source is not None:
         meta = dict(meta, source=normalize_source(source))
-    gm = _rebuild(meta, meta["source"])
-    _check_rebuilt(gm, meta, {k: list(t.shape) for k, t in state.items()}, check_structure=check_structure)
+    gm = _rebuild(meta, meta["source"] if source is not None else None, trust=trust, model=model, shapes=shapes,
+                  check_structure=check_structure, file_bytes=path.stat().st_size)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise SurgeryError(f"{path}: cannot read the tensors: {type(exc).__name__}: {exc}") from exc
+    state = dict(tensors) | {alias: tensors[key] for alias, key in tied.items()}
     _retie(gm, tied)
 
     # the rebuild is in the factory's dtype (usually float32): give every tensor the saved dtype and layout
     # in place (keeping Parameter objects, hence ties), then copy values in with a strict load
     channels_last = set(meta.get("channels_last", []))
     seen: set[int] = set()
-    for key, t in gm.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        saved = state[key]
-        fmt = torch.channels_last if key in channels_last else torch.contiguous_format
-        if t.dtype != saved.dtype or key in channels_last:
-            t.data = t.data.to(dtype=saved.dtype, memory_format=fmt)
-    gm.load_state_dict(state, strict=True)
+    try:
+        for key, t in gm.state_dict(keep_vars=True).items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            saved = state[key]
+            channels = key in channels_last and saved.dim() == 4
+            fmt = torch.channels_last if channels else torch.contiguous_format
+            if t.dtype != saved.dtype or channels:
+                t.data = t.data.to(dtype=saved.dtype, memory_format=fmt)
+        gm.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise SurgeryError(f"{path}: the saved tensors do not load into the rebuilt model: "
+                           f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     frozen = set(meta.get("frozen", []))
     for name, p in gm.named_parameters(remove_duplicate=False):
-        p.requires_grad_(name not in frozen)
+        p.requires_grad_(name not in frozen and (p.is_floating_point() or p.is_complex()))
     modes = meta.get("modes", {"root": False, "others": []})
     flip = set(modes.get("others", []))
     for name, m in gm.named_modules():
         m.training = (not modes["root"]) if name in flip else bool(modes["root"])
     if device is not None:
         gm.to(device)
-    record = Conversion.from_dict(meta["record"])
+    try:
+        record = Conversion.from_dict(meta["record"])
+    except (KeyError, TypeError, ValueError) as exc:  # validate_metadata checked the fields; belt and braces
+        raise SurgeryError(f"{path}: metadata field 'record' is corrupt: {type(exc).__name__}: {exc}") from exc
     record.source = meta["source"]
     record.extras = dict(record.extras, loaded_from=str(path))
     gm.meta["fxsurgeon"] = record
