@@ -54,6 +54,9 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="input size (default: the model's pretrained_cfg, else 3 224 224)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
+    from .cli import add_trust_factory_argument
+
+    add_trust_factory_argument(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cuDNN's algorithm search off (it is on by default, as in deployment)")
     p.add_argument("--out", action="append", default=[], metavar="FILE",
@@ -81,7 +84,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from .recipes import load_recipe
 
         recipe = load_recipe(args.recipe)
-    model = load_model(args.model, weights=args.weights)
+    model = load_model(args.model, weights=args.weights, trust_factories=args.trust_factory)
     if isinstance(getattr(model, "meta", None), dict) and "fxsurgeon" in model.meta:
         raise SurgeryError(f"{args.model} is already converted; bench takes the original model and a recipe")
     x = _example_input(model, args.input_size, 1, args.seed)

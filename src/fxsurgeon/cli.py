@@ -22,13 +22,21 @@ import torch
 
 from .errors import SurgeryError
 
-__all__ = ["build_parser", "load_model", "main", "parse_bytes", "parse_count"]
+__all__ = ["add_trust_factory_argument", "build_parser", "load_model", "main", "parse_bytes", "parse_count"]
 
 #: suffixes taken as saved models: a pickled nn.Module (torch.save) or an fxsurgeon.save file
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".safetensors")
 
 
-def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None, **kwargs: Any) -> torch.nn.Module:
+def add_trust_factory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-factory PATTERN`` (repeatable): factories a saved ``.safetensors`` file may name."""
+    parser.add_argument("--trust-factory", action="append", default=[], metavar="PATTERN",
+                        help="a model factory a saved .safetensors file may name beyond timm, fxsurgeon.models and "
+                             "torchvision: 'package.module:function' or 'package.module:*' (repeatable)")
+
+
+def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None,
+               trust_factories: Sequence[str] | None = None, **kwargs: Any) -> torch.nn.Module:
     """A model in eval mode from a timm name, ``package.module:factory`` or a saved model file.
 
     Args:
@@ -37,6 +45,7 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
             ``torch.save``-d ``nn.Module`` (``.pt`` / ``.pth``; unpickling runs code: trusted files only).
         pretrained: timm pretrained weights (needs the hub).
         weights: a state dict (``.safetensors``, or ``.pt`` / ``.pth`` holding tensors) loaded strictly.
+        trust_factories: factories a saved ``.safetensors`` file may name (see :func:`fxsurgeon.load`).
         **kwargs: passed to ``timm.create_model`` or the factory (e.g. ``img_size=64``).
 
     >>> model = load_model("fxsurgeon.models:resnet20")
@@ -46,7 +55,7 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
     if os.path.isfile(spec) or spec.endswith(MODEL_FILE_SUFFIXES):
         if kwargs or pretrained:
             raise SurgeryError(f"{spec} is a saved model: --pretrained and build options do not apply to it")
-        model = _load_saved(spec)
+        model = _load_saved(spec, trust_factories)
     elif ":" in spec:
         import importlib
 
@@ -77,13 +86,13 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
     return model.eval()
 
 
-def _load_saved(path: str) -> torch.nn.Module:
+def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torch.nn.Module:
     if not os.path.isfile(path):
         raise SurgeryError(f"model file {path!r} does not exist")
     if path.endswith(".safetensors"):
         from .io import load
 
-        return load(path)
+        return load(path, trust_factories=list(trust_factories or []))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -100,15 +109,22 @@ def _load_saved(path: str) -> torch.nn.Module:
 def _load_weights(model: torch.nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise SurgeryError(f"weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:  # a file that is no checkpoint (e.g. /etc/passwd) is a bad input, not a crash
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+    except Exception as exc:
+        raise SurgeryError(f"--weights {path!r} is not a readable checkpoint (.safetensors, or .pt/.pth holding "
+                           f"tensors): {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise SurgeryError(f"--weights {path!r} holds a {type(state).__name__}, not a state dict of tensors")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -192,26 +208,16 @@ def _save_model(converted: torch.nn.Module, path: str, spec: str) -> None:
         source = spec if (":" in spec or not os.path.isfile(spec)) else None
         save(converted, path, **({"source": source} if source else {}))
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
-    os.close(fd)
-    try:  # write then rename: an existing file is replaced whole or not at all
-        torch.save(converted, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .io import atomic_write
+
+    atomic_write(target, lambda tmp: torch.save(converted, tmp))  # whole or not at all; honours the umask
 
 
 def _write_text(path: str, text: str) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text if text.endswith("\n") else text + "\n",
+                                                        encoding="utf-8"))
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -226,7 +232,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
         recipe = load_recipe(args.recipe)
     torch.manual_seed(args.seed)  # random-init models come out the same on every run
-    model = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
+    model = load_model(args.model, pretrained=args.pretrained, weights=args.weights,
+                       trust_factories=args.trust_factory)
     x = _example_input(model, args.input_size, args.batch_size, args.seed)
     if args.synthetic_calibration:
         recipe = {**recipe, "calibration": "synthetic"}
@@ -297,6 +304,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (downloads them)")
     p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
+    add_trust_factory_argument(p)
     p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
     p.add_argument("--synthetic-calibration", action="store_true",
                    help="calibrate without data: on images made to match the model's BatchNorm statistics "

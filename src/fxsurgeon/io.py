@@ -506,9 +506,9 @@ def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
     inputs = _example_inputs(tracing.get("example_inputs", []), model) if needs_shapes else ()
     return convert(
         model, example_inputs=inputs or None, verify=False, inplace=True, source=source,
-        leaf_modules=[resolve_symbol(s, trust, "leaf module type", nn.Module)
+        leaf_modules=[resolve_symbol(s, trust, "leaf module type", nn.Module, model)
                       for s in tracing.get("leaf_modules", [])] or None,
-        autowrap_functions=[resolve_symbol(s, trust, "autowrapped function")
+        autowrap_functions=[resolve_symbol(s, trust, "autowrapped function", None, model)
                             for s in tracing.get("autowrap_functions", [])] or None,
         concrete_args=tracing.get("concrete_args"),
         **passes,

@@ -79,6 +79,9 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="also write the per-stage chart (.png, .svg or .pdf); repeat for several")
     p.add_argument("--min-mac-savings", type=parse_fraction, metavar="PCT", help="e.g. 30%% or 0.3")
     p.add_argument("--min-param-savings", type=parse_fraction, metavar="PCT", help="e.g. 30%% or 0.3")
+    from .cli import add_trust_factory_argument
+
+    add_trust_factory_argument(p)
     p.add_argument("--max-rel-error", type=_nonneg_float, metavar="X", help="relative L2 output error, e.g. 1e-3")
     p.set_defaults(func=run_report)
     return p
@@ -89,7 +92,7 @@ def _is_saved_model(spec: str) -> bool:
     return path.suffix.lower() in (*_PICKLE_SUFFIXES, ".safetensors") or path.is_file()
 
 
-def _load_saved(spec: str) -> nn.Module:
+def _load_saved(spec: str, trust: list[str] | None = None) -> nn.Module:
     """A converted model from a torch.save'd ``.pt`` / ``.pth`` file or a file written by ``fxsurgeon.save``."""
     path = Path(spec)
     if not path.is_file():
@@ -105,7 +108,7 @@ def _load_saved(spec: str) -> nn.Module:
 
         if not hasattr(fxio, "load"):
             raise SurgeryError(f"{spec}: not a .pt/.pth file, and this fxsurgeon cannot read other formats")
-        model = fxio.load(path)
+        model = fxio.load(path, trust_factories=trust or [])
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"{spec} holds a {type(model).__name__}, not a model (save the whole model, not a state_dict)")
     return model.eval()
@@ -124,11 +127,11 @@ def _original_spec(args: argparse.Namespace) -> nn.Module:
     from .cli import load_model
 
     if _is_saved_model(args.original):
-        return _load_saved(args.original)
+        return _load_saved(args.original, args.trust_factory)
     return load_model(args.original, pretrained=args.pretrained)
 
 
-def _rebuilt_original(converted: nn.Module, spec: str) -> nn.Module:
+def _rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = None) -> nn.Module:
     """The original architecture of a saved converted model, from its record (weights random: MACs only)."""
     rec = _record(converted)
     if rec is None:
@@ -137,7 +140,7 @@ def _rebuilt_original(converted: nn.Module, spec: str) -> nn.Module:
     if source:
         from .io import build_original
 
-        return build_original(source).eval()
+        return build_original(source, trust_factories=trust or []).eval()
     import timm
 
     if timm.is_model(rec.model):
@@ -186,15 +189,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _write(path: str, text: str) -> None:
     """Write atomically: a failed run never leaves a half-written report where the old one was."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # honours the umask
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -208,9 +205,9 @@ def run_report(args: argparse.Namespace) -> int:
     if saved:
         if args.recipe:
             raise SurgeryError("--recipe applies to an original MODEL; this one is already converted")
-        converted = _load_saved(args.model)
+        converted = _load_saved(args.model, args.trust_factory)
         measured = args.original is not None
-        original = _original_spec(args) if measured else _rebuilt_original(converted, args.model)
+        original = _original_spec(args) if measured else _rebuilt_original(converted, args.model, args.trust_factory)
         size = _input_size(args, converted, original)
     else:
         if args.original:

@@ -165,39 +165,45 @@ def resolve_factory(spec: Any, trust: Iterable[str] | str) -> Any:
     return obj
 
 
-def resolve_symbol(spec: Any, trust: Iterable[str] | str, what: str, want_type: type | None = None) -> Any:
+def resolve_symbol(spec: Any, trust: Iterable[str] | str, what: str, want_type: type | None = None,
+                   model: Any = None) -> Any:
     """A leaf-module type or autowrapped function named in a file's tracing record.
 
-    Such a name is looked up only in modules already imported (building the original model imported the modules
-    its layers come from), or imported when the caller trusts it; the object must be a ``want_type`` subclass
-    (leaf modules) or a function (autowrapped functions). Nothing of it is called here.
+    Without the caller's trust, a leaf-module type must be the class (or a base class) of a module in the rebuilt
+    ``model``, found by walking the model rather than by looking the name up; an autowrapped function must be a
+    function of a module one of the model's classes comes from (where its ``forward`` can call it). Nothing is
+    imported for either, and nothing is called.
     """
     if trust == TRUST_ALL:
-        obj = _import_attr(spec, what) if isinstance(spec, str) and ":" in spec else None
-        if obj is None:
+        if not isinstance(spec, str) or ":" not in spec:
             raise SurgeryError(f"{what} {spec!r} is not of the form 'package.module:name'")
-        return obj
+        return _import_attr(spec, what)
     spec = _check_spec(spec, what)
     mod, _, attr = spec.partition(":")
-    if mod in sys.modules:
-        obj: Any = sys.modules[mod]
-        try:
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise SurgeryError(f"{what} {spec!r} in the file does not exist: {exc}") from exc
-    elif _matches(spec, DEFAULT_TRUSTED_FACTORIES) or _matches(spec, trust):
-        obj = _import_attr(spec, what)
+    classes = {cls for m in (model.modules() if model is not None else ()) for cls in type(m).__mro__}
+    if _matches(spec, DEFAULT_TRUSTED_FACTORIES) or _matches(spec, trust):
+        obj: Any = _import_attr(spec, what)
+    elif want_type is not None:
+        found = [c for c in classes if f"{c.__module__}:{c.__qualname__}" == spec]
+        if not found:
+            raise SurgeryError(f"{what} {spec!r} in the file is not the class of any module of the rebuilt model, "
+                               "and not trusted; " + HOW_TO_TRUST.format(mod=mod, attr=attr))
+        obj = found[0]
+    elif mod in {c.__module__ for c in classes} and "." not in attr and mod in sys.modules:
+        obj = getattr(sys.modules[mod], attr, None)
+        if obj is None:
+            raise SurgeryError(f"{what} {spec!r} in the file does not exist")
     else:
-        raise SurgeryError(f"{what} {spec!r} in the file comes from module {mod!r}, which is not imported and "
-                           "not trusted; " + HOW_TO_TRUST.format(mod=mod, attr=attr))
+        raise SurgeryError(f"{what} {spec!r} in the file is not from a module the rebuilt model's layers come "
+                           "from, and not trusted; " + HOW_TO_TRUST.format(mod=mod, attr=attr))
     if want_type is not None:
         ok = isinstance(obj, type) and issubclass(obj, want_type)
     else:
         import types
 
-        ok = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType))
+        ok = isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)) and \
+            getattr(obj, "__module__", None) not in ("builtins", "os", "posix", "subprocess", "shutil", "sys")
     if not ok:
-        kind = f"a {want_type.__name__} subclass" if want_type is not None else "a function"
+        kind = f"a {want_type.__name__} subclass" if want_type is not None else "a Python function"
         raise SurgeryError(f"{what} {spec!r} in the file is {type(obj).__name__} {obj!r:.60}, not {kind}; refused")
     return obj
