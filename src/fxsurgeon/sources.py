@@ -63,7 +63,7 @@ def check_trust_patterns(patterns: Any, option: str = "trust_factories") -> tupl
         raise SurgeryError(f"{option} must be a list of 'package.module:function' or 'package.module:*' "
                            f"patterns, got {type(patterns).__name__}: {patterns!r:.80}")
     for p in patterns:
-        if not isinstance(p, str) or not _PATTERN_RE.match(p):
+        if not isinstance(p, str) or not _PATTERN_RE.fullmatch(p):
             raise SurgeryError(f"{option} entry {p!r:.80} is not 'package.module:function' or 'package.module:*' "
                                "(dotted identifiers only)")
     return tuple(patterns)
@@ -84,7 +84,7 @@ def _matches(spec: str, patterns: Iterable[str]) -> bool:
 
 
 def _check_spec(spec: Any, what: str) -> str:
-    if not isinstance(spec, str) or len(spec) > 300 or not _SPEC_RE.match(spec):
+    if not isinstance(spec, str) or len(spec) > 300 or not _SPEC_RE.fullmatch(spec):
         raise SurgeryError(f"{what} {spec!r:.100} in the file is not of the form 'package.module:name' "
                            "(dotted identifiers only); refused")
     if any(part.startswith("__") for part in re.split(r"[.:]", spec)):
