@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,15 @@ HOOKS = textwrap.dedent('''
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def spawner():
+        """Starts a process of its own that would outlive the model (a data loader worker, say)."""
+        import subprocess
+
+        child = subprocess.Popen(["sleep", "300"])
+        with open(os.path.join(os.path.dirname(__file__), "spawned.pid"), "w") as f:
+            f.write(str(child.pid))
+        return ok()
 
     def hog():
         import torch
@@ -187,6 +197,80 @@ def test_isolated_failures_are_recorded(hooks):
     assert hog["status"] == "error" and hog["error"].startswith("out of memory") and hog["cause"] == "out of memory"
     ok = run_isolated(Job("batchhooks:ok", recipe=EXACT))  # the fork server survives all of that
     assert ok["status"] == "ok"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("launcher", ["fork", "subprocess"])
+def test_processes_a_model_started_die_with_it(hooks, launcher):
+    pidfile = hooks / "spawned.pid"
+    res = run_isolated(Job("batchhooks:spawner", recipe=EXACT), launcher=launcher)
+    assert res["status"] == "ok", res
+    pid = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "a process the model started outlived it"
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_dead_fork_server_is_detected_at_once(hooks):
+    import threading
+
+    from fxsurgeon import batch
+
+    assert run_isolated(Job("batchhooks:ok", recipe=EXACT), launcher="fork")["status"] == "ok"
+    server = batch._fork_server().proc
+
+    def kill_server():
+        time.sleep(2)  # the hanging model is running by then
+        server.kill()
+
+    threading.Thread(target=kill_server, daemon=True).start()
+    t = time.monotonic()
+    res = run_isolated(Job("batchhooks:hang", timeout=90), launcher="fork")
+    assert time.monotonic() - t < 20, "waited for the timeout instead of noticing the dead server"
+    assert res["status"] == "error" and "fork server died" in res["error"], res
+    assert run_isolated(Job("batchhooks:ok", recipe=EXACT), launcher="fork")["status"] == "ok"  # a new server
+
+
+def test_work_directory_of_a_sigkilled_run_is_removed_by_the_next(hooks, tmp_path, monkeypatch):
+    import tempfile
+
+    from fxsurgeon import batch
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp),
+           "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "fxsurgeon.cli", "batch", "batchhooks:hang", "--out",
+                             str(tmp_path / "r.jsonl"), "--no-progress", "--no-macs", "--timeout", "300"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(tmp.glob("fxsurgeon-batch-*/phase")):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = list(tmp.glob("fxsurgeon-batch-*"))
+    assert len(left) == 1  # what the kill left behind
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(batch, "_SWEPT", False)
+    keep = tmp / "fxsurgeon-batch-unrelated"  # not named after a run: not ours to remove
+    keep.mkdir()
+    res = run_batch(["batchhooks:ok"], out=tmp_path / "r2.jsonl", recipe=EXACT, progress=False)
+    assert res.ran[0]["status"] == "ok"
+    assert not left[0].exists()
+    assert sorted(p.name for p in tmp.glob("fxsurgeon-batch-*")) == ["fxsurgeon-batch-unrelated"]
 
 
 # ------------------------------------------------------------------------------------------ results file

@@ -558,17 +558,88 @@ def _fork_server_main() -> None:
             time.sleep(0.05)
         while children:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                if hasattr(os, "waitid"):
+                    pid = _exited_child(-1)
+                    if pid is None:
+                        break
+                    # whatever the model started dies with it; the unreaped leader keeps the group id from reuse
+                    _kill_group(pid)
+                    pid, status = os.waitpid(pid, 0)
+                else:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    if pid == 0:
+                        break
+                    _kill_group(pid)
             except ChildProcessError:
                 children.clear()
-                break
-            if pid == 0:
                 break
             workdir = children.pop(pid, None)
             if workdir is not None:
                 with contextlib.suppress(OSError):
                     _write_atomic(os.path.join(workdir, "exit"), str(os.waitstatus_to_exitcode(status)).encode())
     os._exit(0)
+
+
+def _exited_child(pid: int) -> int | None:
+    """The pid of an exited, not yet reaped child (``pid`` or, with -1, any), without reaping it."""
+    if not hasattr(os, "waitid"):
+        return None
+    idtype, ident = (os.P_ALL, 0) if pid == -1 else (os.P_PID, pid)
+    info = os.waitid(idtype, ident, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info.si_pid if info is not None and info.si_pid else None
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of a process (clock ticks since boot), or None when it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_WORKDIR_PREFIX = "fxsurgeon-batch-"
+_WORKDIR_RE = re.compile(rf"^{_WORKDIR_PREFIX}(\d+)-(\d+)-")
+
+
+def remove_stale_workdirs(tmpdir: str | None = None) -> list[str]:
+    """Remove the work directories of batch runs whose process is gone (killed with SIGKILL, say).
+
+    A work directory is named after the process that made it (pid and kernel start time), so one whose owner
+    no longer runs is left over and removed here; directories of live runs, other users' and unrelated ones
+    are kept. Returns the removed paths.
+    """
+    tmpdir = tmpdir or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(tmpdir))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _WORKDIR_RE.match(entry.name)
+        if not m:
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid, started = int(m.group(1)), int(m.group(2))
+        if pid == os.getpid() or (_start_time(pid) == started and started):
+            continue
+        if not started and _start_time(pid) is not None:
+            continue  # no start time known where it was made: keep while that pid lives
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+_SWEPT = False
 
 
 class _ForkServer:
@@ -596,13 +667,19 @@ class _ForkServer:
 
     def fork(self, workdir: str) -> int:
         with self.lock:
-            self._ensure()
-            self.proc.stdin.write(f"{workdir}\n".encode())
-            line = self.proc.stdout.readline()
-            if not line.strip().isdigit():
+            for _attempt in range(2):  # a server that died since the last model is replaced once
+                self._ensure()
+                try:
+                    self.proc.stdin.write(f"{workdir}\n".encode())
+                    line = self.proc.stdout.readline()
+                except OSError:  # a broken pipe: the server is gone
+                    line = b""
+                if line.strip().isdigit():
+                    return int(line)
                 self.proc.kill()
-                raise SurgeryError("fxsurgeon batch: the fork server died")
-            return int(line)
+                self.proc.wait()
+            raise SurgeryError("fxsurgeon batch: the fork server died twice in a row; rerun, or use "
+                               "launcher='subprocess'")
 
 
 _SERVER: _ForkServer | None = None
@@ -645,8 +722,15 @@ class _Isolated:
             raise SurgeryError(f"launcher must be 'auto', 'fork' or 'subprocess', got {launcher!r}")
         self.job = job
         self.launcher = launcher
-        self.workdir = tempfile.mkdtemp(prefix="fxsurgeon-batch-")
+        global _SWEPT
+        if not _SWEPT:  # once per process: what a SIGKILLed earlier run left behind
+            _SWEPT = True
+            remove_stale_workdirs()
+        owner = f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
+        self.workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{owner}-")
         self.proc: Any = None
+        self.server: Any = None
+        self.server_died: int | None = None
         self.pid = -1
         self.started = 0.0
         self.timed_out = False
@@ -657,7 +741,9 @@ class _Isolated:
         with open(os.path.join(self.workdir, "sys_path.json"), "w") as f:
             json.dump([p for p in sys.path if isinstance(p, str)], f)
         if self.launcher == "fork":
-            self.pid = _fork_server().fork(self.workdir)
+            server = _fork_server()
+            self.pid = server.fork(self.workdir)
+            self.server = server.proc  # the server that reaps this model and reports its exit code
         else:
             import subprocess
 
@@ -670,13 +756,31 @@ class _Isolated:
 
     def exitcode(self) -> int | None:
         if self.launcher == "subprocess":
+            if self.proc.returncode is None:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    if _exited_child(self.proc.pid) is not None:
+                        _kill_group(self.proc.pid)  # before reaping: the group id cannot be reused yet
             return self.proc.poll()
         text = _read_text(os.path.join(self.workdir, "exit"))
-        return int(text) if text else None
+        if text:
+            return int(text)
+        if self.server_died is not None:
+            return -int(signal.SIGKILL)
+        return None
+
+    def _server_gone(self) -> bool:
+        """The fork server that would report this model's exit has died: nobody will, so stop waiting."""
+        if self.server is None or self.server.poll() is None:
+            return False
+        if _read_text(os.path.join(self.workdir, "exit")):
+            return False
+        self.server_died = self.server.returncode
+        _kill_group(self.pid)  # its children die with it (PR_SET_PDEATHSIG); the group's stragglers too
+        return True
 
     def poll(self) -> bool:
         """True once the process has ended (killing it first when past the timeout)."""
-        if self.exitcode() is not None:
+        if self.exitcode() is not None or self._server_gone():
             return True
         if self.job.timeout is not None and time.monotonic() - self.started > self.job.timeout:
             self.timed_out = True
@@ -706,7 +810,10 @@ class _Isolated:
                 res = None
         if res is None:
             res = _empty_result(self.job.model)
-            if self.timed_out:
+            if self.server_died is not None and not self.timed_out:
+                res.update(status="error", error=f"the fork server died (exit code {self.server_died}) while this "
+                           f"model ran (during {phase}): its result is lost; the next model gets a new server")
+            elif self.timed_out:
                 res.update(status="timeout", error=f"timed out after {self.job.timeout:g} s (during {phase})")
             else:
                 code = self.exitcode()
@@ -727,6 +834,7 @@ class _Isolated:
         return res
 
     def cleanup(self) -> None:
+        _kill_group(self.pid)  # anything the model started that outlived it (normally gone already)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
