@@ -14,6 +14,16 @@ a record, or a SurgeryError that is not a self-reported bug; the caller's model 
 Prints counts, how often each pass rewrote something, refusals grouped by reason, and every distinct failure
 with its smallest failing seed and spec (rebuild it with ``FuzzNet(spec)``); ``--json`` writes it all.
 Exit code 1 when any property failed.
+
+Saved-file mode (``fxsurgeon.testing_load_fuzz``): mutate real saved conversions (ResNet-20, two FuzzNets,
+timm's test_resnet) — factory names, tracing names, kwargs, example shapes, format_version, JSON nesting,
+any JSON value, tensors in the header, tied keys, the raw text — and load each with ``fxsurgeon.load``:
+
+    .venv/bin/python benchmarks/fuzz.py --saved-files 5000 --saved-json benchmarks/results/load_fuzz.json
+
+Properties: every file loads or is refused with a SurgeryError (no other exception), no canary factory ran
+(the canary folder stays empty), and the peak RSS (``resource.getrusage``) stays bounded: it is reported
+after building the base files and at the end. Exit code 1 when any property failed.
 """
 
 from __future__ import annotations
@@ -61,6 +71,79 @@ def run_one(seed: int, max_ops: int, round_trip: bool) -> list[tuple[str, str, d
     return out
 
 
+def run_saved_files(n: int, start: int, json_path: str | None) -> int:
+    """The saved-file fuzzer: ``n`` mutated files from seed ``start``; returns the exit code."""
+    import contextlib
+    import io
+    import resource
+    import tempfile
+    from pathlib import Path
+
+    from fxsurgeon.testing_load_fuzz import LoadFuzzer, make_base_files
+
+    def rss_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    outcomes: collections.Counter = collections.Counter()
+    mutations: collections.Counter = collections.Counter()
+    refusals: collections.Counter = collections.Counter()
+    crashes: dict[str, dict] = {}
+    multiline = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        bases = make_base_files(work)
+        fuzzer = LoadFuzzer(bases, work)
+        rss_setup = rss_mib()
+        t1 = time.perf_counter()
+        worst = {"seconds": 0.0}
+        for i, seed in enumerate(range(start, start + n)):
+            if i and i % 500 == 0:
+                print(f"  … {i} files, {sum(outcomes.values()) - outcomes['refused'] - outcomes['loaded']} "
+                      f"crashes, peak RSS {rss_mib():.0f} MiB, {time.perf_counter() - t1:.0f} s", file=sys.stderr,
+                      flush=True)
+            t = time.perf_counter()
+            with contextlib.redirect_stderr(io.StringIO()):  # torch's ShapeProp prints tracebacks it re-raises
+                res = fuzzer.run_one(random.Random(seed), work / "mutated.safetensors")
+            dt = time.perf_counter() - t
+            if dt > worst["seconds"]:
+                worst = {"seconds": dt, "seed": seed, "mutations": res["mutations"], "outcome": res["outcome"]}
+            outcomes[res["outcome"]] += 1
+            for m in res["mutations"]:
+                mutations[m.split(":")[0]] += 1
+            if res["outcome"] == "refused":
+                refusals[_key(Exception(res["message"]))] += 1
+                multiline += res["multiline"]
+            elif res["outcome"] == "CRASH":
+                crashes.setdefault(res["error"][:120], {"seed": seed, **res, "count": 0})["count"] += 1
+        canaries = fuzzer.canaries()
+        seconds = time.perf_counter() - t1
+    rss_end = rss_mib()
+    summary = {
+        "files": n, "start": start, "bases": [b.name for b in bases], "seconds": round(seconds, 1),
+        "setup_seconds": round(t1 - t0, 1), "ms_per_file": round(seconds / max(n, 1) * 1000, 1),
+        "outcomes": dict(outcomes), "crashes": sum(c["count"] for c in crashes.values()),
+        "canaries_triggered": canaries, "peak_rss_mib_after_setup": round(rss_setup), "peak_rss_mib_end":
+        round(rss_end), "peak_rss_growth_mib": round(rss_end - rss_setup), "slowest_file": worst,
+        "multiline_refusals": multiline, "mutations": dict(mutations),
+        "top_refusals": dict(refusals.most_common(25)), "crash_examples": list(crashes.values())[:20],
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(f"fuzzed {n} mutated saved files (seeds {start}..{start + n - 1}) in {seconds:.0f} s "
+          f"({summary['ms_per_file']} ms per file) from {len(bases)} base files")
+    print(f"  outcomes: {dict(outcomes)}; crashes (non-SurgeryError): {summary['crashes']}; canaries: {canaries}")
+    print(f"  peak RSS {rss_setup:.0f} MiB after setup, {rss_end:.0f} MiB at the end "
+          f"(+{rss_end - rss_setup:.0f} MiB); slowest file {worst['seconds']:.2f} s")
+    for key, c in crashes.items():
+        print(f"  CRASH {c['count']}× seed {c['seed']}: {key}\n    {c['mutations']}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(json_path, "w") as fh:
+            json.dump(summary, fh, indent=1, default=str)
+            fh.write("\n")
+    return 1 if crashes or canaries else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3000)
@@ -69,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-trip-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny convs: 1 is fastest)")
     parser.add_argument("--json", help="write the full results here")
+    parser.add_argument("--saved-files", type=int, default=0, metavar="N",
+                        help="instead: fuzz fxsurgeon.load with N mutated saved files (seeds from --start)")
+    parser.add_argument("--saved-json", help="write the saved-file fuzzer's summary here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # padding='same' copies, torch.ao deprecations: not findings
+    if args.saved_files:
+        return run_saved_files(args.saved_files, args.start, args.saved_json)
 
     counts: collections.Counter = collections.Counter()
     passes: collections.Counter = collections.Counter()

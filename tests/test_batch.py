@@ -264,7 +264,7 @@ def test_work_directory_of_a_sigkilled_run_is_removed_by_the_next(hooks, tmp_pat
     left = list(tmp.glob("fxsurgeon-batch-*"))
     assert len(left) == 1  # what the kill left behind
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    monkeypatch.setattr(batch, "_SWEPT", False)
+    monkeypatch.setattr(batch, "_SWEPT", False, raising=False)
     keep = tmp / "fxsurgeon-batch-unrelated"  # not named after a run: not ours to remove
     keep.mkdir()
     res = run_batch(["batchhooks:ok"], out=tmp_path / "r2.jsonl", recipe=EXACT, progress=False)

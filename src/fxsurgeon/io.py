@@ -349,7 +349,7 @@ def _example_inputs(specs: list[dict[str, Any]], model: nn.Module) -> tuple:
 
 
 #: bytes a rebuild may allocate beyond what the file's size explains (index tables, masks, temporaries)
-REBUILD_SLACK_BYTES = 512 * 2**20
+REBUILD_SLACK_BYTES = 64 * 2**20
 #: how many times the file's size the original (unconverted) model may take: conversions rarely shrink more
 REBUILD_SIZE_RATIO = 16
 
@@ -412,8 +412,9 @@ def _rebuild(
     what = f"rebuilding {_source_text(source)}"
     max_tensors = 64 * len(shapes) + 100_000
 
-    def guard(limit: int = budget) -> AllocationGuard:
-        return AllocationGuard(limit, max_tensors, what)
+    def guard(limit: int = budget) -> Any:
+        # the caller's own source or model is built as the caller would build it; a file's is held to a budget
+        return contextlib.nullcontext() if trust == TRUST_ALL else AllocationGuard(limit, max_tensors, what)
 
     original: nn.Module | None = None
     try:
@@ -426,7 +427,7 @@ def _rebuild(
         pass
     if original is not None:
         size = _nbytes(original)
-        if size > budget and model is None:
+        if size > budget and trust != TRUST_ALL:
             raise SurgeryError(
                 f"{what} would take {size / 2**20:,.0f} MiB, more than the {budget / 2**20:,.0f} MiB a file of "
                 f"{file_bytes / 2**20:,.1f} MiB allows; the recorded source or its keyword arguments do not fit "
@@ -459,8 +460,14 @@ def _rebuild(
                 raise
             except Exception:
                 pass
-    with guard(budget):
-        gm = _replay(record, source, make(), trust)
+    try:
+        with guard(budget):
+            gm = _replay(record, source, make(), trust)
+    except SurgeryError:
+        raise
+    except Exception as exc:  # e.g. a recorded example input that does not fit the model
+        raise SurgeryError(f"replaying the recorded conversion on {_source_text(source)} failed: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
     _check_rebuilt(gm, meta, shapes, check_structure=check_structure)
     return gm
 
