@@ -390,3 +390,28 @@ def test_written_files_honour_the_umask(tmp_path, umask, mode):
     os.chmod(tmp_path / "a.safetensors", 0o640)
     fxsurgeon.save(small, tmp_path / "a.safetensors")
     assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o640
+
+
+# ------------------------------------------------------------------------------------- 6. fuzz slice
+
+
+def test_saved_file_fuzz_slice(tmp_path):
+    """100 seeded mutated files (the benchmark runs thousands): SurgeryError or a clean load, no canary ran."""
+    import contextlib
+    import io
+    import random
+    import resource
+
+    from fxsurgeon.testing_load_fuzz import LoadFuzzer, make_base_files
+
+    fuzzer = LoadFuzzer(make_base_files(tmp_path, kinds=("resnet20", "fuzznet")), tmp_path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcomes = []
+    for seed in range(100):
+        with contextlib.redirect_stderr(io.StringIO()):
+            outcomes.append(fuzzer.run_one(random.Random(seed), tmp_path / "m.safetensors"))
+    crashes = [o for o in outcomes if o["outcome"] == "CRASH"]
+    assert crashes == [], crashes[:3]
+    assert fuzzer.canaries() == []
+    assert {o["outcome"] for o in outcomes} == {"refused", "loaded"}
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024  # KiB
