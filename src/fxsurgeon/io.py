@@ -268,11 +268,11 @@ def structure(gm: nn.Module) -> list[str]:
 def _structure_diff(saved: list[str], rebuilt: list[str], limit: int = 6) -> str:
     import difflib
 
-    diff = [d for d in difflib.unified_diff(saved, rebuilt, "saved", "rebuilt", n=0, lineterm="")
+    diff = [d.replace("\n", "\\n") for d in difflib.unified_diff(saved, rebuilt, "saved", "rebuilt", n=0, lineterm="")
             if d[:1] in "+-" and not d.startswith(("+++", "---"))]
-    shown = "\n    ".join(diff[:limit])
-    more = f"\n    … {len(diff) - limit} more" if len(diff) > limit else ""
-    return f"\n    {shown}{more}"
+    shown = " | ".join(diff[:limit])  # one line: the CLI prints errors as one line
+    more = f" | … {len(diff) - limit} more" if len(diff) > limit else ""
+    return f" {shown}{more}."
 
 
 # ----------------------------------------------------------------------------------------------- replay
@@ -564,7 +564,7 @@ def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, l
     if rebuilt != meta["structure"]:
         raise SurgeryError(
             f"the model rebuilt from {_source_text(meta['source'])} differs from the saved architecture:"
-            + _structure_diff(meta["structure"], rebuilt) + "\n" + hint
+            + _structure_diff(meta["structure"], rebuilt) + " " + hint
             + " load(..., check_structure=False) accepts a rebuild whose weights still match."
         )
     replayed = _rewrites(gm.meta["fxsurgeon"].to_dict())
