@@ -414,4 +414,5 @@ def test_saved_file_fuzz_slice(tmp_path):
     assert crashes == [], crashes[:3]
     assert fuzzer.canaries() == []
     assert {o["outcome"] for o in outcomes} == {"refused", "loaded"}
+    assert [o for o in outcomes if o.get("multiline")] == []  # the CLI prints errors as one line
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024  # KiB
