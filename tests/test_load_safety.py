@@ -416,3 +416,11 @@ def test_saved_file_fuzz_slice(tmp_path):
     assert {o["outcome"] for o in outcomes} == {"refused", "loaded"}
     assert [o for o in outcomes if o.get("multiline")] == []  # the CLI prints errors as one line
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024  # KiB
+
+
+def test_fields_the_replay_reads_are_required(saved, tmp_path):
+    """Found by the fuzzer: optional-looking fields the replay reads must be present or defaulted."""
+    msg = refused(craft(saved, tmp_path / "p.safetensors", lambda m: m["record"]["rewrites"][1].pop("pass_name")))
+    assert "'record'['rewrites'][1]['pass_name']" in msg
+    small = fxsurgeon.load(craft(saved, tmp_path / "k.safetensors", lambda m: m["source"].pop("kwargs")))
+    assert fxsurgeon.get_record(small).source == {"factory": "fxsurgeon.models.cifar_resnet:resnet20", "kwargs": {}}

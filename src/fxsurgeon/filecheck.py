@@ -222,7 +222,7 @@ def validate_metadata(meta: Any, path: Any, format_version: int) -> None:
     for name, opts in record["options"].items():
         c.typed(opts, dict, f"'record'['options'][{name!r}]")
     for i, r in enumerate(record.get("rewrites", [])):
-        c.fields(r, _REWRITE_FIELDS, f"'record'['rewrites'][{i}]", ("target", "before", "after", "exact"))
+        c.fields(r, _REWRITE_FIELDS, f"'record'['rewrites'][{i}]", ("target", "before", "after", "exact", "pass_name"))
     for i, s in enumerate(record.get("skipped", [])):
         c.fields(s, _SKIP_FIELDS, f"'record'['skipped'][{i}]", ("target", "reason"))
     v = record.get("verification")

@@ -175,7 +175,7 @@ def _maker(source: dict[str, Any], trust: Iterable[str] | str, model: nn.Module 
     """
     if model is not None:
         return lambda: copy.deepcopy(model)
-    kwargs = dict(source["kwargs"])
+    kwargs = dict(source.get("kwargs") or {})
     if "timm" in source:
         name = source["timm"] if trust == TRUST_ALL else check_timm_name(source["timm"])
         try:
@@ -393,7 +393,7 @@ def _rebuild(
     """
     if source is not None or model is not None:
         trust = TRUST_ALL
-    source = normalize_source(source) if source is not None else meta["source"]
+    source = normalize_source(source if source is not None else meta["source"])
     record = meta["record"]
     tracing = record.get("tracing", {})
     if "concrete_args_repr" in tracing:
@@ -911,7 +911,7 @@ def load(
         record = Conversion.from_dict(meta["record"])
     except (KeyError, TypeError, ValueError) as exc:  # validate_metadata checked the fields; belt and braces
         raise SurgeryError(f"{path}: metadata field 'record' is corrupt: {type(exc).__name__}: {exc}") from exc
-    record.source = meta["source"]
+    record.source = normalize_source(meta["source"])
     record.extras = dict(record.extras, loaded_from=str(path))
     gm.meta["fxsurgeon"] = record
     setattr(gm, RECORD_ATTR, record)
