@@ -277,6 +277,7 @@ CORRUPT = {
     "record.options": (lambda m: m["record"].update(options=[1]), "'record'['options']"),
     "record.options.pass": (lambda m: m["record"]["options"].update(separable=5), "'record'['options']['separable']"),
     "rewrites": (lambda m: m["record"].update(rewrites={"a": 1}), "'record'['rewrites']"),
+    "rewrites.missing": (lambda m: m["record"].pop("rewrites"), "'record'['rewrites']"),
     "rewrite.target": (lambda m: m["record"]["rewrites"][0].update(target=7), "'record'['rewrites'][0]['target']"),
     "rewrite.missing": (lambda m: m["record"]["rewrites"][0].pop("after"), "'record'['rewrites'][0]['after']"),
     "rewrite.extra": (lambda m: m["record"]["rewrites"][0].update(evil=1), "'record'['rewrites'][0]['evil']"),

@@ -218,7 +218,7 @@ def validate_metadata(meta: Any, path: Any, format_version: int) -> None:
 
     record = meta["record"]
     c.fields(record, {**_RECORD_TYPES, "verification": (dict, type(None)), "source": (dict, type(None))},
-             "'record'", ("model", "options"))
+             "'record'", ("model", "options", "rewrites"))
     for name, opts in record["options"].items():
         c.typed(opts, dict, f"'record'['options'][{name!r}]")
     for i, r in enumerate(record.get("rewrites", [])):
