@@ -881,7 +881,7 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     if not parent.is_dir():
         raise SurgeryError(f"cannot write {what} {str(p)!r}: directory {str(parent)!r} does not exist")
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides, as for open()
         os.close(fd)
     except OSError as exc:
         raise SurgeryError(f"cannot write {what} {str(p)!r}: {exc.strerror or exc}") from exc
@@ -939,7 +939,7 @@ class ResultsFile:
     def append(self, result: dict[str, Any]) -> None:
         """Append one result as one line: a single ``os.write`` on an ``O_APPEND`` descriptor, then fsync."""
         data = (json.dumps(_finite(result), default=str, allow_nan=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
         try:
             size = os.fstat(fd).st_size
             written = os.write(fd, data)
