@@ -276,16 +276,17 @@ def test_work_directory_of_a_sigkilled_run_is_removed_by_the_next(hooks, tmp_pat
 # ------------------------------------------------------------------------------------------ results file
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_batch_outputs_honour_the_umask(hooks, tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        run_batch(["batchhooks:ok"], out=tmp_path / "r.jsonl", summary=tmp_path / "s.md", recipe=EXACT,
-                  progress=False)
-    finally:
-        os.umask(old)
-    for name in ("r.jsonl", "s.md"):
-        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+def test_batch_outputs_honour_the_umask(hooks, tmp_path):
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        out = tmp_path / oct(umask)
+        out.mkdir()
+        old = os.umask(umask)
+        try:
+            run_batch(["batchhooks:ok"], out=out / "r.jsonl", summary=out / "s.md", recipe=EXACT, progress=False)
+        finally:
+            os.umask(old)
+        for name in ("r.jsonl", "s.md"):
+            assert os.stat(out / name).st_mode & 0o777 == mode, (oct(umask), name)
 
 
 def test_results_file_append_read_and_torn_line(tmp_path):

@@ -371,26 +371,29 @@ def test_cli_trust_factory_flag(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- 3. file modes
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_written_files_honour_the_umask(tmp_path, umask, mode):
+def test_written_files_honour_the_umask(tmp_path):
     small = fxsurgeon.convert(resnet20(), source=resnet20)
-    old = os.umask(umask)
-    try:
-        fxsurgeon.save(small, tmp_path / "a.safetensors")
-        assert main(["convert", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32", "--no-savings",
-                     "--out", str(tmp_path / "b.safetensors"), "--report", str(tmp_path / "b.md")]) == 0
-        assert main(["convert", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32", "--no-savings",
-                     "--out", str(tmp_path / "c.pt")]) == 0
-        assert main(["report", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32",
-                     "--out", str(tmp_path / "r.json"), "--format", "json"]) == 0
-    finally:
-        os.umask(old)
-    for name in ("a.safetensors", "b.safetensors", "b.md", "c.pt", "r.json"):
-        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        d = tmp_path / oct(umask)
+        d.mkdir()
+        old = os.umask(umask)
+        try:
+            fxsurgeon.save(small, d / "a.safetensors")
+            assert main(["convert", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32", "--no-savings",
+                         "--out", str(d / "b.safetensors"), "--report", str(d / "b.md")]) == 0
+            assert main(["convert", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32", "--no-savings",
+                         "--out", str(d / "c.pt")]) == 0
+            assert main(["report", "fxsurgeon.models:resnet20", "--input-size", "3", "32", "32",
+                         "--out", str(d / "r.json"), "--format", "json"]) == 0
+        finally:
+            os.umask(old)
+        for name in ("a.safetensors", "b.safetensors", "b.md", "c.pt", "r.json"):
+            assert stat.S_IMODE(os.stat(d / name).st_mode) == mode, (oct(umask), name)
     # replacing a file keeps the permissions it had
-    os.chmod(tmp_path / "a.safetensors", 0o640)
-    fxsurgeon.save(small, tmp_path / "a.safetensors")
-    assert stat.S_IMODE(os.stat(tmp_path / "a.safetensors").st_mode) == 0o640
+    kept = tmp_path / oct(0o002) / "a.safetensors"
+    os.chmod(kept, 0o640)
+    fxsurgeon.save(small, kept)
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o640
 
 
 # ------------------------------------------------------------------------------------- 6. fuzz slice
