@@ -23,7 +23,12 @@ any JSON value, tensors in the header, tied keys, the raw text — and load each
 
 Properties: every file loads or is refused with a SurgeryError (no other exception), no canary factory ran
 (the canary folder stays empty), and the peak RSS (``resource.getrusage``) stays bounded: it is reported
-after building the base files and at the end. Exit code 1 when any property failed.
+after building the base files and at the end. Exit code 1 when any property failed. On a busy machine, run
+seed ranges in parallel and merge their summaries:
+
+    .venv/bin/python benchmarks/fuzz.py --saved-files 1667 --start 0 --saved-json /tmp/a.json   # and 1667, 3334
+    .venv/bin/python benchmarks/fuzz.py --merge-saved /tmp/a.json /tmp/b.json /tmp/c.json \
+        --saved-json benchmarks/results/load_fuzz.json
 """
 
 from __future__ import annotations
@@ -144,6 +149,35 @@ def run_saved_files(n: int, start: int, json_path: str | None) -> int:
     return 1 if crashes or canaries else 0
 
 
+def merge_saved(paths: list[str], json_path: str | None) -> int:
+    """One summary from the summaries of several seed ranges (counts added, peaks and slowest file maximal)."""
+    parts = [json.load(open(p)) for p in paths]
+    total: dict = {"files": sum(p["files"] for p in parts), "shards": [
+        {k: p[k] for k in ("start", "files", "seconds", "ms_per_file", "peak_rss_mib_end")} for p in parts]}
+    for key in ("outcomes", "mutations", "top_refusals"):
+        c: collections.Counter = collections.Counter()
+        for p in parts:
+            c.update(p[key])
+        total[key] = dict(c.most_common(25) if key == "top_refusals" else c)
+    for key in ("crashes", "multiline_refusals"):
+        total[key] = sum(p[key] for p in parts)
+    total["canaries_triggered"] = sorted({c for p in parts for c in p["canaries_triggered"]})
+    for key in ("peak_rss_mib_after_setup", "peak_rss_mib_end", "peak_rss_growth_mib"):
+        total[key] = max(p[key] for p in parts)
+    total["slowest_file"] = max((p["slowest_file"] for p in parts), key=lambda w: w["seconds"])
+    total["crash_examples"] = [c for p in parts for c in p["crash_examples"]][:20]
+    total["bases"] = parts[0]["bases"]
+    total["seeds"] = f"{min(p['start'] for p in parts)}..{max(p['start'] + p['files'] for p in parts) - 1}"
+    print(f"merged {len(parts)} runs: {total['files']} files, outcomes {total['outcomes']}, crashes "
+          f"{total['crashes']}, canaries {total['canaries_triggered']}, peak RSS ≤ {total['peak_rss_mib_end']} MiB "
+          f"per process (+{total['peak_rss_growth_mib']} MiB after setup)")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(total, fh, indent=1, default=str)
+            fh.write("\n")
+    return 1 if total["crashes"] or total["canaries_triggered"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3000)
@@ -155,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saved-files", type=int, default=0, metavar="N",
                         help="instead: fuzz fxsurgeon.load with N mutated saved files (seeds from --start)")
     parser.add_argument("--saved-json", help="write the saved-file fuzzer's summary here")
+    parser.add_argument("--merge-saved", nargs="+", metavar="JSON", help="instead: merge saved-file summaries")
     args = parser.parse_args(argv)
+    if args.merge_saved:
+        return merge_saved(args.merge_saved, args.saved_json)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # padding='same' copies, torch.ao deprecations: not findings
     if args.saved_files:
