@@ -151,7 +151,9 @@ def run_saved_files(n: int, start: int, json_path: str | None) -> int:
 
 def merge_saved(paths: list[str], json_path: str | None) -> int:
     """One summary from the summaries of several seed ranges (counts added, peaks and slowest file maximal)."""
-    parts = [json.load(open(p)) for p in paths]
+    from pathlib import Path
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
     total: dict = {"files": sum(p["files"] for p in parts), "shards": [
         {k: p[k] for k in ("start", "files", "seconds", "ms_per_file", "peak_rss_mib_end")} for p in parts]}
     for key in ("outcomes", "mutations", "top_refusals"):
