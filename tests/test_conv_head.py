@@ -606,3 +606,129 @@ def test_converted_timm_model_head_api_survives_deepcopy_and_pickle(built, tmp_p
         with pytest.raises(SurgeryError, match="global_pool"):
             twin.reset_classifier(10, global_pool="max")
     assert out.get_classifier().weight.shape == (1000, 512, 1, 1)  # the twins were independent
+
+
+# ------------------------------------------------------------------ in-place ops around the head (issue 17.4)
+
+
+class _InplaceHead(nn.Module):
+    """conv → pool → flatten → ``body(p)``: ``body`` returns the output from the pooled (N, C) tensor ``p``."""
+
+    def __init__(self, body, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, classes)
+        self.act = nn.ReLU(inplace=True)
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self, self.pool(self.conv(x)).flatten(1))
+
+
+def _relu_inplace_then_read(m, p):  # the issue's first net: rel. error 1.35 before
+    g = F.relu(p, inplace=True)
+    h = p.sum(1, keepdim=True)
+    return m.fc(g) + h
+
+
+def _mul_after_elementwise(m, p):  # the issue's second net: rel. error 0.07 before
+    g = torch.sigmoid(p)
+    p.mul_(2)
+    return m.fc(g) + p[:, :4]
+
+
+def _relu_positional_inplace(m, p):
+    g = F.relu(p, True)
+    return m.fc(g) - p[:, :4]
+
+
+def _module_inplace_then_read(m, p):
+    g = m.act(p)
+    return m.fc(g) * p.mean(1, keepdim=True)
+
+
+def _method_inplace_on_view(m, p):
+    g = torch.tanh(p)
+    p.view(-1).add_(1.0)
+    return m.fc(g) + p[:, :4]
+
+
+def _fill_after_elementwise(m, p):
+    g = torch.sigmoid(p)
+    p.narrow(1, 0, 1).fill_(5.0)
+    return m.fc(g) + p[:, :4]
+
+
+def _out_kwarg_after_elementwise(m, p):
+    g = torch.sigmoid(p)
+    torch.mul(p, 3.0, out=p)
+    return m.fc(g) + p[:, :4]
+
+
+@pytest.mark.parametrize("body", [_relu_inplace_then_read, _mul_after_elementwise, _relu_positional_inplace,
+                                  _module_inplace_then_read, _method_inplace_on_view, _fill_after_elementwise,
+                                  _out_kwarg_after_elementwise],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_head_with_inplace_op_on_a_moved_tensor_is_skipped(body):
+    torch.manual_seed(0)
+    model = _InplaceHead(body, classes=1 if body is _relu_inplace_then_read else 4).eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    out = convert(model)  # no example_inputs: nothing would catch a wrong rewrite
+    rw, sk = records(out)
+    assert not rw
+    assert len(sk) == 1 and "in place" in sk[0].reason and sk[0].target == "fc", sk
+    assert "out of place" in sk[0].reason
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), ref, rtol=0, atol=0)
+
+
+def test_inplace_op_inside_the_head_with_no_other_reader_is_still_converted():
+    class Net(nn.Module):  # torchvision MobileNetV3's classifier: Linear, Hardswish(inplace), Dropout(inplace)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Sequential(nn.Linear(8, 6), nn.Hardswish(inplace=True), nn.Dropout(0.2, inplace=True),
+                                      nn.Linear(6, 4))
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool(self.conv(x)), 1))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    out = convert(model, x)
+    rw, sk = records(out)
+    assert {r.target for r in rw} == {"head.0", "head.3"} and not sk
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_convolutional_refused_when_the_map_is_written_after_the_pool():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            f = self.conv(x)
+            p = self.pool(f).flatten(1)
+            f.mul_(2)  # after the pool: moving the classifier before the pool would see the doubled map
+            return self.fc(p) + f.mean((2, 3))[:, :4]
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    out = convert(model, x, fully_convolutional=True)
+    rw, sk = records(out)
+    assert len(rw) == 1 and rw[0].details["fully_convolutional"] is False
+    assert len(sk) == 1 and "fully_convolutional refused" in sk[0].reason and "in place" in sk[0].reason
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-6)
