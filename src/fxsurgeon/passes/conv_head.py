@@ -34,8 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..graph import (alias_classes, called_modules, describe, module_aliases, mutated_inputs, propagate_shapes,
-                     reads_values, replace_module)
+from ..graph import (
+    alias_classes,
+    called_modules,
+    describe,
+    module_aliases,
+    mutated_inputs,
+    propagate_shapes,
+    reads_values,
+    replace_module,
+)
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
 from . import register_pass
