@@ -558,6 +558,12 @@ def _check_trace_report(model: nn.Module, report: TraceReport, mode: str | None)
     if autocast:
         raise SurgeryError(dropped_contexts_message(autocast, "converted model") + " (an autocast block changes "
                            "the numbers, so fxsurgeon refuses to convert it as traced)")
+    if report.written_buffers:
+        warnings.warn(
+            f"tracing {model_name(model)} changed buffer(s) {', '.join(repr(b) for b in report.written_buffers[:4])}"
+            ": forward writes them in Python, which torch.fx runs once while tracing and leaves out of the graph, "
+            "so the converted model will not update them (they were put back). Make the module that writes them "
+            "a leaf (leaf_modules=[...]) to keep the update.", stacklevel=3)
     grads = [c for c in report.context_changes if not c["state"].startswith("autocast")]
     if grads:
         warnings.warn(dropped_contexts_message(grads, "converted model")
@@ -582,14 +588,18 @@ def _traced_differs(model: nn.Module, err: float, tol: float, hooked: dict[str, 
     hooks = _lost_forward_hooks(hooked, gm)
     if hooks:
         causes.append(f"forward hooks on {hooks} do not run in the traced graph (torch.fx inlines those forwards)")
+    if report.written_buffers:
+        causes.append(f"forward writes buffer(s) {', '.join(repr(b) for b in report.written_buffers[:4])} in "
+                      "Python, which torch.fx ran once while tracing and left out of the graph")
     if report.context_changes:
         causes.append("the forward's grad-mode blocks are dropped")
     why = "; ".join(causes) or ("torch.fx fixed something while tracing that differs when the model runs "
                                 "(Python side effects, values read outside the graph)")
+    fix = "remove or re-register those hooks, " if hooks else ""
     return (f"torch.fx's trace of {model_name(model)} already differs from the model itself on example_inputs, "
             f"before any rewrite (relative L2 error {err:.3g} > tolerance {tol:g}): {why}. This comes from the "
-            "model, not from a rewrite: remove or re-register those hooks, make the modules involved "
-            "leaf_modules, or pass verify=False to convert what the trace computes.")
+            f"model, not from a rewrite: {fix}make the modules involved leaf_modules (their forward then runs as "
+            "written), or pass verify=False to convert what the trace computes.")
 
 
 def _nonfinite_cause(record: Conversion) -> str:

@@ -67,6 +67,7 @@ class SurgeryTracer(fx.Tracer):
         #: grad / autocast modes forward switched while operations were recorded: fx keeps the operations only
         self.context_changes: list[dict[str, str]] = []
         self._outer: dict[str, Any] = {}
+        self._inlined: list[str] = []  # the inlined forwards being traced, innermost last
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._outer = _context_state()
@@ -80,7 +81,7 @@ class SurgeryTracer(fx.Tracer):
         if kind not in ("placeholder", "output", "get_attr") and self._outer:
             now = _context_state()
             if now != self._outer:
-                where = self.surgery_stack[-1] if self.surgery_stack else ""
+                where = self._inlined[-1] if self._inlined else ""
                 for key, value in now.items():
                     seen = {(c["state"], c["module"]) for c in self.context_changes}
                     if value != self._outer[key] and (key, where) not in seen:
@@ -101,9 +102,13 @@ class SurgeryTracer(fx.Tracer):
         except NameError:  # a module built inside forward(): not registered in the root
             path = f"<unregistered {type(m).__name__}>"
         self.surgery_stack.append(path)
-        if not self.is_leaf_module(m, path):
+        inlined = not self.is_leaf_module(m, path)
+        if inlined:
             self.traced_through.setdefault(path, m)
+            self._inlined.append(path)
         out = super().call_module(m, forward, args, kwargs)
+        if inlined:
+            self._inlined.pop()
         # popped only on success, so after a failure the stack still says where tracing broke
         self.surgery_stack.pop()
         return out
@@ -286,11 +291,14 @@ class TraceReport:
             the operations and drops the ``with`` block): one dict per (state, module) with ``state`` (``grad``,
             ``inference_mode``, ``autocast_cpu``, ``autocast_cuda``), ``value`` inside, ``outside``, ``module``,
             ``node`` and the source line ``at``.
+        written_buffers: buffers the trace itself changed (and were put back): forward writes them in Python
+            (``self.count += 1``), which torch.fx runs once while tracing and leaves out of the graph.
     """
 
     mode: str
     reads_training: dict[str, str] = field(default_factory=dict)
     context_changes: list[dict[str, str]] = field(default_factory=list)
+    written_buffers: list[str] = field(default_factory=list)
 
 
 _MODES = ("eval", "train")
@@ -393,6 +401,10 @@ def trace_with_report(
         wraps += timm_functions
     root = private_copy(model) if copy_model else model
     saved = {name: m.training for name, m in root.named_modules()}
+    # tracing runs Python on real buffers (``self.count += 1`` on a buffer is executed, not recorded): put them back
+    buffers = [(n, b, b.detach().clone()) for n, b in root.named_buffers()
+               if not b.is_inference() and b.device.type != "meta"]
+    written: list[str] = []
     if mode is not None:
         root.train(mode == "train")
     tracer = SurgeryTracer(leaves, wraps)
@@ -415,10 +427,17 @@ def trace_with_report(
     finally:
         for name, m in root.named_modules():
             m.training = saved.get(name, m.training)
+        with torch.no_grad():
+            for n, b, v in buffers:
+                if b.shape != v.shape or not torch.equal(b, v):
+                    written.append(n)
+                if b.shape == v.shape:
+                    b.copy_(v)
     name = type(root).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = root.training
-    report = TraceReport(mode or "as given", reads_training(tracer.traced_through), list(tracer.context_changes))
+    report = TraceReport(mode or "as given", reads_training(tracer.traced_through), list(tracer.context_changes),
+                         written)
     return gm, report
 
 
