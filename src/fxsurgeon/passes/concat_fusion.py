@@ -686,8 +686,10 @@ def _describe_concat(concat: Concat) -> str:
 
 
 def _check_options(mode: str, out_channels: Any, ratio: Any, force: bool) -> None:
-    if mode not in ("identity", "reduce"):
+    if not isinstance(mode, str) or mode not in ("identity", "reduce"):
         raise SurgeryError(f"concat_fusion: mode must be 'identity' or 'reduce', got {mode!r}")
+    if not isinstance(force, bool):
+        raise SurgeryError(f"concat_fusion: force must be True or False, got {force!r}")
     if mode == "identity":
         given = [k for k, v in (("out_channels", out_channels), ("ratio", ratio)) if v is not None]
         if given or force:
@@ -762,6 +764,11 @@ def concat_fusion(
         exclude = [exclude]
     if exclude is not None and not isinstance(exclude, Iterable):
         raise SurgeryError(f"concat_fusion: exclude must be a list of fnmatch patterns, got {exclude!r}")
+    exclude = list(exclude or ())
+    for i, pattern in enumerate(exclude):
+        if not isinstance(pattern, str):
+            raise SurgeryError(f"concat_fusion: exclude[{i}] must be a string (an fnmatch pattern of qualified "
+                               f"names), got {type(pattern).__name__}: {pattern!r}")
     concats, skipped = find_concats(gm, exclude=exclude or ())
     if mode == "identity":
         return _identity(gm, concats, skipped)
