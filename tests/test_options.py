@@ -40,6 +40,9 @@ BAD = {
     "concat_force_no": (dict(concat_fusion=dict(mode="reduce", ratio=0.5, force="no")),
                         r"^concat_fusion: force must be True or False"),
     "concat_mode_list": (dict(concat_fusion=dict(mode=["identity"])), r"^concat_fusion: mode must be"),
+    "pass_flag_str": (dict(separable=dict(include_stem="no")), r"^separable: include_stem must be True or False"),
+    "pass_flag_int": (dict(conv_head=dict(fully_convolutional=1)),
+                      r"^conv_head: fully_convolutional must be True or False, got int: 1"),
     # 10: escaped as other exceptions before
     "exclude_none": (dict(separable=dict(exclude=[None])), r"^separable: exclude\[0\] must be a string"),
     "concat_exclude_none": (dict(concat_fusion=dict(exclude=[None])), r"^concat_fusion: exclude\[0\] must be"),
