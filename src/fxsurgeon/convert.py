@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import time
 import warnings
@@ -37,8 +39,8 @@ from .tracing import (
     trace_with_report,
 )
 
-__all__ = ["DEFAULT_TOLERANCE", "compare_outputs", "convert", "forward_written_buffers", "kept_state", "model_name",
-           "nonfinite_count", "nonfinite_mismatch", "normalize_inputs"]
+__all__ = ["DEFAULT_TOLERANCE", "PROBE_SIZE", "compare_outputs", "convert", "derived_example", "forward_written_buffers",
+           "kept_state", "model_name", "nonfinite_count", "nonfinite_mismatch", "normalize_inputs"]
 
 #: relative L2 error allowed for rewrites that claim to be exact, by output dtype
 DEFAULT_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -413,6 +415,14 @@ def convert(
         _check_calibration(calib_batches)
         original = copy.deepcopy(gm)  # the targets of the refit: the traced model before any pass
 
+    shape_inputs, shapes_note = inputs, None
+    if not inputs and any(get_pass(n).needs_shapes for n, _ in plan):
+        shape_inputs, shapes_note = derived_example(gm, calib_batches)
+        if shapes_note.get("source") == "probe":
+            _refuse_spatial_options(plan, shapes_note)
+        if shape_inputs:
+            tracing["example_inputs"] = describe_tracing(None, None, None, shape_inputs)["example_inputs"]
+
     traced_error = None
     if verify:
         # what tracing alone changed: the traced copy, before any pass, against the caller's model
@@ -427,16 +437,32 @@ def convert(
         record.extras["mode"] = {"baked": baked, "reads_training": sorted(report.reads_training)}
     if synthetic is not None:
         record.extras["synthetic_calibration"] = synthetic
+    if shapes_note is not None:
+        record.extras["shapes"] = shapes_note
     record.skipped += _dropped_by_trace(model, gm)
     record.skipped += _unsupported_modules(gm)
     shapes_stale = True  # ShapeProp's node.meta["tensor_meta"] stay valid until a pass rewrites something
     for name, opts in plan:
         info = get_pass(name)
         t = time.perf_counter()
-        if info.needs_shapes and inputs and shapes_stale:
+        if info.needs_shapes and shape_inputs and shapes_stale:
             with kept_state(gm):
                 gm.eval()
-                propagate_shapes(gm, *inputs)
+                try:
+                    if inputs:
+                        propagate_shapes(gm, *shape_inputs)
+                    else:  # ShapeProp prints the traceback of a failed node; a derived example may fail quietly
+                        with contextlib.redirect_stderr(io.StringIO()):
+                            propagate_shapes(gm, *shape_inputs)
+                except Exception as exc:
+                    if inputs:  # the caller's own example: its failure is theirs to see
+                        raise
+                    for n in gm.graph.nodes:  # a derived example the model does not take: no shapes
+                        n.meta.pop("tensor_meta", None)
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    shapes_note["failed"] = f"{type(exc).__name__}: {first[:200]}"
+                    tracing.pop("example_inputs", None)
+                    shape_inputs = ()
             shapes_stale = False
         call_opts = opts
         if calib_batches is not None and "calibration" in info.options() and "calibration" not in opts:
@@ -455,6 +481,11 @@ def convert(
         record.extras.update(gm.meta.pop("fxsurgeon_extras", None) or {})  # pass-level figures (e.g. budgets)
         seconds[name] = time.perf_counter() - t
 
+    if shapes_note is not None and shapes_note.get("source") == "probe" and shape_inputs:
+        for r in record.rewrites:
+            if any(k.endswith("macs") for k in r.details):
+                r.details["macs_at"] = (f"the nominal probe input {shapes_note['input_shapes'][0]}, not the model's "
+                                        "input size: pass example_inputs= for true counts")
     if calib_batches is not None:
         from .calibrate import annotate_record, calibrate
 
@@ -500,6 +531,69 @@ def convert(
     gm.meta[_PRESERVED_KEY] = {a: gm.__dict__[a] for a in (RECORD_ATTR, *_CARRIED_ATTRS) if a in gm.__dict__}
     _warn_lost_hooks(hooked, gm)
     return gm
+
+
+#: the spatial size of a probe input when nothing says what the model takes: ranks and channels do not depend on it
+PROBE_SIZE = 224
+
+
+def derived_example(gm: fx.GraphModule, calibration: list[tuple] | None) -> tuple[tuple, dict[str, Any]]:
+    """An example for shape propagation when ``convert()`` has no ``example_inputs``: (inputs, how), in order
+
+    1. the first calibration batch (its first two rows): the model's true input;
+    2. a timm model's ``pretrained_cfg["input_size"]``: the true input size;
+    3. a probe on the meta device (no compute): a batch of 2 with the first layer's input channels (or features)
+       at a nominal ``PROBE_SIZE``×``PROBE_SIZE``. Ranks and channel counts do not depend on H×W, so the passes'
+       questions about them (which head form, which concat axis) are answered; spatial sizes (MACs, latency) are
+       not the model's, which the record says (``how["spatial"]``).
+
+    ``how`` is ``{"source": "calibration" | "pretrained_cfg" | "probe" | None, "input_shapes": ..., "spatial":
+    "true" | "nominal", "why": ...}``; inputs are empty when none could be made.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if calibration:
+        ex = tuple(x[:2] if isinstance(x, torch.Tensor) and x.dim() else x for x in calibration[0])
+        return ex, _how("calibration", ex, "true")
+    if len(placeholders) != 1:
+        return (), {"source": None, "why": f"no example_inputs, and the model takes {len(placeholders)} inputs"}
+    ref = next((t for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    cfg = getattr(gm, "pretrained_cfg", None) or getattr(gm, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, *size, generator=gen, dtype=torch.float32).to(
+            device=device if device.type != "meta" else "meta", dtype=dtype)
+        return (x,), _how("pretrained_cfg", (x,), "true")
+    for n in gm.graph.nodes:
+        mod = gm.get_submodule(str(n.target)) if n.op == "call_module" else None
+        if isinstance(mod, nn.Conv2d):
+            x = torch.empty(2, mod.in_channels, PROBE_SIZE, PROBE_SIZE, device="meta", dtype=dtype)
+        elif isinstance(mod, nn.Linear):
+            x = torch.empty(2, mod.in_features, device="meta", dtype=dtype)
+        else:
+            continue
+        return (x,), _how("probe", (x,), "nominal", first_layer=str(n.target))
+    return (), {"source": None, "why": "no example_inputs, and no Conv2d or Linear to build a probe input from"}
+
+
+def _how(source: str, inputs: tuple, spatial: str, **extra: Any) -> dict[str, Any]:
+    return {"source": source, "input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+            "spatial": spatial, **extra}
+
+
+def _refuse_spatial_options(plan: list[tuple[str, dict[str, Any]]], how: dict[str, Any]) -> None:
+    """MAC budgets and latency need the true input size, which a probe does not have."""
+    for name, opts in plan:
+        needs = [k for k in ("target_macs", "latency_aware") if opts.get(k) not in (None, False)]
+        if needs:
+            raise SurgeryError(
+                f"{name}: {needs[0]}= needs the model's true input size (MACs and timings depend on H×W), and "
+                f"convert() has none: no example_inputs, no calibration batches, no timm pretrained_cfg "
+                f"input_size (a probe at a nominal {how['input_shapes'][0]} gives channels only). "
+                "Pass example_inputs= (or calibration=)."
+            )
 
 
 def _check_flag(option: str, value: Any) -> None:
