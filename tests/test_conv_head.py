@@ -285,17 +285,30 @@ def test_fully_convolutional_dropout_is_channel_dropout_with_the_same_distributi
 def test_structural_match_without_shapes_and_what_needs_them():
     x = torch.randn(2, 3, 8, 8)
     net = Net(GAP_FORMS["adaptive_avg_pool2d+view(size0,-1)"]()).eval()
-    out = convert(net)  # no example_inputs, not a timm model: nothing to derive shapes from
-    rw, _ = records(out)
+    gm = trace(net)  # the pass alone, on a graph without shapes: only the structural forms match
+    rw = conv_head(gm).rewrites
     assert len(rw) == 1 and rw[0].details["shapes"].startswith("none: matched structurally")
-    torch.testing.assert_close(out(x), net(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-6)
 
     for form in ("mean((2,3))", "avg_pool2d(x,x.size(3))+view", "AvgPool2d(8)+squeeze(-1)x2"):
-        out = convert(Net(GAP_FORMS[form]()).eval())
-        rw, sk = records(out)
-        assert not rw and len(sk) == 1 and "shapes are needed" in sk[0].reason, form
-        assert sk[0].details["shapes"].startswith("none")
-        assert type(out) is not ConvHeadGraphModule
+        gm = trace(Net(GAP_FORMS[form]()).eval())
+        res = conv_head(gm)
+        assert not res.rewrites and len(res.skipped) == 1 and "shapes are needed" in res.skipped[0].reason, form
+        assert "pass example_inputs" in res.skipped[0].reason
+        assert res.skipped[0].details["shapes"].startswith("none")
+        assert type(gm) is not ConvHeadGraphModule
+
+    # convert() without example_inputs probes channels and ranks on the meta device: a mean over (2, 3) is a
+    # global pool at any size; a window is global only at the true size, which a probe does not know
+    out = convert(Net(GAP_FORMS["mean((2,3))"]()).eval())
+    rw, sk = records(out)
+    assert len(rw) == 1 and not sk and out.meta["fxsurgeon"].extras["shapes"]["source"] == "probe"
+    torch.manual_seed(0)
+    mean_net = Net(GAP_FORMS["mean((2,3))"]()).eval()
+    torch.testing.assert_close(convert(mean_net)(x), mean_net(x), rtol=1e-5, atol=1e-6)
+    for form in ("avg_pool2d(x,x.size(3))+view", "AvgPool2d(8)+squeeze(-1)x2"):
+        rw, sk = records(convert(Net(GAP_FORMS[form]()).eval()))
+        assert not rw and len(sk) == 1 and "at the model's input size" in sk[0].reason, form
 
 
 def test_cifar_resnet20_head_form():
@@ -306,9 +319,10 @@ def test_cifar_resnet20_head_form():
     assert rw[0].target == "linear" and "avg_pool2d" in rw[0].details["pool"]
     torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
     assert class_map(out, x).shape == (2, 10, 8, 8)
-    # F.avg_pool2d(out, out.size(3)) needs shapes to be called global: without example_inputs it is skipped
+    # F.avg_pool2d(out, out.size(3)) needs the true shapes to be called global (on a non-square map it is not):
+    # without example_inputs a nominal probe cannot tell, so it is skipped, naming the remedy
     _, sk = records(convert(model))
-    assert "shapes are needed" in sk[0].reason
+    assert "shapes are needed" in sk[0].reason and "pass example_inputs" in sk[0].reason
 
 
 def test_trained_cifar_resnet20_predictions_unchanged():
@@ -516,9 +530,15 @@ def test_fully_convolutional_224_model_at_320(built):
 def test_timm_shapes_derived_only_when_they_decide(built):
     # ResNet's ClassifierHead, ConvNeXt's pool → permute → layer_norm → permute → flatten and MobileNetV3's
     # pool → 1×1 conv → act → flatten prove themselves: no shape pass over the model
+    # (the pass alone: convert() itself propagates shapes at pretrained_cfg's input size for every pass)
     for name in ("resnet18", "convnext_atto", "mobilenetv3_small_100"):
-        rw, _ = records(convert(built(name)))
+        gm = trace(built(name))
+        for attr in ("pretrained_cfg", "default_cfg"):
+            setattr(gm, attr, getattr(built(name), attr))
+        rw = conv_head(gm).rewrites
         assert rw[0].details["shapes"] == "none: matched structurally (the head's form needs none)", name
+    rec = convert(built("resnet18")).meta["fxsurgeon"]
+    assert rec.extras["shapes"] == {"source": "pretrained_cfg", "input_shapes": [[2, 3, 224, 224]], "spatial": "true"}
     # a bare squeeze() needs shapes: for a timm model they are derived from its pretrained_cfg
     class SqueezeHead(nn.Module):
         def __init__(self):
@@ -532,16 +552,26 @@ def test_timm_shapes_derived_only_when_they_decide(built):
     model = SqueezeHead().eval()
     out = convert(model)
     rw, _ = records(out)
-    assert rw[0].details["shapes"].startswith("derived: ShapeProp at pretrained_cfg input_size [3, 16, 16]")
+    assert rw[0].details["shapes"] == "shape_prop"  # convert() propagated them at pretrained_cfg's size
+    assert out.meta["fxsurgeon"].extras["shapes"]["input_shapes"] == [[2, 3, 16, 16]]
+
+    def alone(m):  # the pass alone derives them itself
+        gm = trace(m)
+        gm.pretrained_cfg = m.pretrained_cfg
+        return conv_head(gm).rewrites
+
+    assert alone(model)[0].details["shapes"].startswith("derived: ShapeProp at pretrained_cfg input_size [3, 16, 16]")
 
     class MeanHead(SqueezeHead):  # a mean is only a global pool by the shapes: matched after deriving them
         def forward(self, x):
             return self.fc(self.body(x).mean((2, 3)))
 
-    mean_rw, _ = records(convert(MeanHead().eval()))
+    mean_rw = alone(MeanHead().eval())
     assert len(mean_rw) == 1 and mean_rw[0].details["shapes"].startswith("derived: ShapeProp")
+    assert len(records(convert(MeanHead().eval()))[0]) == 1
     tv = convert(built("tv_resnet18"))
-    assert records(tv)[0][0].details["shapes"].startswith("none: matched structurally")
+    tv_alone = trace(built("tv_resnet18"))
+    assert conv_head(tv_alone).rewrites[0].details["shapes"].startswith("none: matched structurally")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)

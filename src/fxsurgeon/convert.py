@@ -25,6 +25,7 @@ from .io import describe_tracing, infer_source, normalize_source
 from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 from .passes import Skip, get_pass, list_passes
+from .passes.conv_head import NOMINAL_SHAPES_KEY
 from .record import RECORD_ATTR, Conversion, Verification
 from .tracing import (
     TraceReport,
@@ -420,6 +421,7 @@ def convert(
         shape_inputs, shapes_note = derived_example(gm, calib_batches)
         if shapes_note.get("source") == "probe":
             _refuse_spatial_options(plan, shapes_note)
+            gm.meta[NOMINAL_SHAPES_KEY] = True  # passes: spatial sizes are not the model's
         if shape_inputs:
             tracing["example_inputs"] = describe_tracing(None, None, None, shape_inputs)["example_inputs"]
 
@@ -481,6 +483,7 @@ def convert(
         record.extras.update(gm.meta.pop("fxsurgeon_extras", None) or {})  # pass-level figures (e.g. budgets)
         seconds[name] = time.perf_counter() - t
 
+    gm.meta.pop(NOMINAL_SHAPES_KEY, None)
     if shapes_note is not None and shapes_note.get("source") == "probe" and shape_inputs:
         for r in record.rewrites:
             if any(k.endswith("macs") for k in r.details):

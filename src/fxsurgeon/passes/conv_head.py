@@ -51,6 +51,9 @@ from .base import PassResult, Rewrite, Skip
 
 __all__ = ["Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
 
+#: ``gm.meta`` key convert() sets while the shapes come from a nominal-size probe (channels and ranks only)
+NOMINAL_SHAPES_KEY = "fxsurgeon_nominal_shapes"
+
 #: how many operations the search walks back from a classifier looking for its global pool
 _MAX_HEAD_DEPTH = 48
 
@@ -230,9 +233,12 @@ def _avg_window_gap(node: fx.Node, feature: fx.Node, desc: str, kernel: Any, str
                     divisor: Any, ceil_mode: Any) -> Gap | str:
     """An average pool with an explicit window: global when, by the shapes, the window is the whole map."""
     in_shape, out_shape = _shape(feature), _shape(node)
-    if in_shape is None or out_shape is None:
-        return (f"{desc}: average pool with an explicit window; shapes are needed to tell whether the window "
-                "covers the whole map (pass example_inputs to convert())")
+    owner = node.graph.owning_module
+    nominal = owner is not None and owner.meta.get(NOMINAL_SHAPES_KEY)
+    if in_shape is None or out_shape is None or nominal:
+        # a window is the whole map only at the model's true H×W: a nominal-size probe cannot tell
+        return (f"{desc}: average pool with an explicit window; shapes are needed (at the model's input size) "
+                "to tell whether the window covers the whole map (pass example_inputs to convert())")
     k = _pair(_static_value(kernel))
     pad = _pair(_static_value(padding))
     if len(in_shape) != 4:
