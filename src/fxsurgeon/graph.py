@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -13,13 +15,16 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = [
+    "alias_classes",
     "called_modules",
     "describe",
     "enclosing_called_module",
     "functional_calls",
     "module_aliases",
+    "mutated_inputs",
     "parent_name",
     "propagate_shapes",
+    "reads_values",
     "replace_module",
 ]
 
@@ -149,3 +154,119 @@ def propagate_shapes(gm: fx.GraphModule, *inputs: object) -> str:
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
         return "real"
+
+
+# ------------------------------------------------------------------------------- in-place ops and aliasing
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+# outputs that never share memory with an input (anything not listed is assumed to possibly be a view)
+_FRESH_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+                operator.matmul, operator.neg, operator.mod, torch.add, torch.sub, torch.mul, torch.div, torch.cat,
+                torch.stack, torch.sum, torch.mean, torch.matmul, torch.bmm, F.linear, F.conv1d, F.conv2d,
+                F.conv3d, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.softmax, F.layer_norm,
+                F.batch_norm, F.group_norm, torch.sigmoid, torch.tanh, torch.relu, F.relu, F.gelu, F.silu,
+                F.hardswish, F.sigmoid, F.tanh, F.relu6, F.leaky_relu, F.elu, F.mish, F.hardsigmoid}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "matmul", "sum", "mean", "amax", "softmax", "sigmoid", "tanh",
+                  "relu", "exp", "log", "pow", "clone", "neg", "abs", "sqrt", "norm"}
+_FRESH_MODULES = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
+                  nn.GroupNorm, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool2d, nn.MaxPool2d,
+                  nn.AdaptiveMaxPool2d)
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "stride", "is_contiguous", "get_device"}
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def _inplace_flag(fn: object, node: fx.Node) -> bool:
+    """``inplace=True`` given to ``fn`` by keyword or position (``F.relu(x, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" in params:
+        i = params.index("inplace")
+        return len(node.args) > i and node.args[i] is True
+    return False
+
+
+def mutated_inputs(gm: nn.Module, node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose tensors ``node`` writes in place: ``x.mul_(2)``, ``F.relu(x, inplace=True)``,
+    ``nn.ReLU(inplace=True)(x)``, ``x += y``, ``x[i] = v``, ``torch.add(a, b, out=c)``; empty for a pure op.
+
+    >>> import torch.fx as fx, torch.nn.functional as F
+    >>> gm = fx.symbolic_trace(lambda x: F.relu(x, inplace=True) + x.mul_(2))
+    >>> [(n.name, [i.name for i in mutated_inputs(gm, n)]) for n in gm.graph.nodes if mutated_inputs(gm, n)]
+    [('relu', ['x']), ('mul_', ['x'])]
+    """
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    out: list[fx.Node] = []
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.startswith("__") and first is not None:
+            out.append(first)
+    elif node.op == "call_function":
+        fn = node.target
+        name = getattr(fn, "__name__", "")
+        if first is not None and (fn in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
+                                  or _inplace_flag(fn, node)):
+            out.append(first)
+    elif node.op == "call_module":
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            mod = None
+        if getattr(mod, "inplace", False) is True and first is not None:
+            out.append(first)
+    written = node.kwargs.get("out")
+    for t in written if isinstance(written, (tuple, list)) else (written,):
+        if isinstance(t, fx.Node):
+            out.append(t)
+    return out
+
+
+def _fresh(gm: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node``'s output is certainly new memory, not a view or the same tensor as an input."""
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if mutated_inputs(gm, node):  # an in-place op returns the tensor it wrote
+        return False
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCS
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    if node.op == "call_module":
+        try:
+            mod = gm.get_submodule(str(node.target))
+        except AttributeError:
+            return False
+        return isinstance(mod, _FRESH_MODULES)
+    return False
+
+
+def alias_classes(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Node → representative of the nodes whose tensors may share memory with it (views, in-place results,
+    ops returning their input); conservative: an operation not known to allocate is assumed to alias."""
+    parent: dict[fx.Node, fx.Node] = {n: n for n in gm.graph.nodes}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in gm.graph.nodes:
+        if n.op == "output" or _fresh(gm, n):
+            continue
+        for i in n.all_input_nodes:
+            parent[find(i)] = find(n)
+    return {n: find(n) for n in gm.graph.nodes}
+
+
+def reads_values(node: fx.Node) -> bool:
+    """False for operations that read only a tensor's metadata (``x.size(0)``, ``x.shape``), True otherwise."""
+    if node.op == "call_method" and node.target in _METADATA_METHODS:
+        return False
+    return not (node.op == "call_function" and node.target is getattr and len(node.args) > 1
+                and node.args[1] in _METADATA_ATTRS)

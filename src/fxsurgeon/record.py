@@ -25,8 +25,9 @@ class Verification:
     """Numerical difference between the original and the converted model on the example inputs.
 
     ``max_abs_error`` is over every output element; ``rel_error`` is ||y' - y||₂ / ||y||₂ over all outputs
-    flattened together. ``exact_expected`` says whether every rewrite claimed to be exact, in which case
-    ``rel_error`` had to stay within ``tolerance``.
+    flattened together. ``exact_expected`` says whether every rewrite claimed to be exact (for finite
+    activations), in which case ``rel_error`` had to stay within ``tolerance``. ``reference`` says what was run
+    as the original; ``traced_rel_error`` is the traced copy's error before any rewrite (what torch.fx changed).
     """
 
     max_abs_error: float
@@ -36,6 +37,8 @@ class Verification:
     input_shapes: list[list[int]]
     device: str
     dtype: str
+    reference: str = "the original model"
+    traced_rel_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

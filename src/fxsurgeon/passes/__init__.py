@@ -46,12 +46,18 @@ class PassInfo:
         }
 
     def check_options(self, options: dict[str, Any]) -> None:
+        """Unknown keys, and flags (options annotated ``bool``) given anything but a bool (``"no"`` is truthy: it
+        must not act as True)."""
         allowed = self.options()
+        flags = {p.name for p in inspect.signature(self.fn).parameters.values() if p.annotation in ("bool", bool)}
         for key in options:
             if key not in allowed:
                 raise SurgeryError(
                     f"unknown option {key!r} for pass {self.name!r}; allowed: {', '.join(sorted(allowed))}"
                 )
+            if key in flags and not isinstance(options[key], bool):
+                raise SurgeryError(f"{self.name}: {key} must be True or False, got "
+                                   f"{type(options[key]).__name__}: {options[key]!r}")
 
 
 _PASSES: dict[str, PassInfo] = {}

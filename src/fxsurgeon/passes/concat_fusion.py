@@ -6,7 +6,8 @@ U-Net skip connections, DenseNet layers, Inception/GoogLeNet branches, CSP/DLA/V
 Every other concat is accounted for as a skip with its reason.
 
 * ``mode="identity"`` (default): ``Conv2d(C, C, 1, bias=False)`` initialised to the identity right after the
-  concat. Exact; it adds C² parameters and C²·H·W MACs per sample (in the record), a trainable mixing point.
+  concat. Exact for finite activations (an ±Inf channel turns every output channel NaN, 0·Inf; the record's
+  ``details["exact_for"]`` says so and verification flags it); it adds C² parameters and C²·H·W MACs per sample (in the record), a trainable mixing point.
 * ``mode="reduce"`` (``out_channels=`` or ``ratio=``): walks forward from the concat through ops that act on
   each channel alone (BatchNorm, activations, dropout, pooling, upsampling, spatial padding, reshapes of
   1×1 maps) to the first channel-mixing consumers (``Conv2d`` with ``groups=1``, ``Linear``), and puts a
@@ -685,8 +686,10 @@ def _describe_concat(concat: Concat) -> str:
 
 
 def _check_options(mode: str, out_channels: Any, ratio: Any, force: bool) -> None:
-    if mode not in ("identity", "reduce"):
+    if not isinstance(mode, str) or mode not in ("identity", "reduce"):
         raise SurgeryError(f"concat_fusion: mode must be 'identity' or 'reduce', got {mode!r}")
+    if not isinstance(force, bool):
+        raise SurgeryError(f"concat_fusion: force must be True or False, got {force!r}")
     if mode == "identity":
         given = [k for k, v in (("out_channels", out_channels), ("ratio", ratio)) if v is not None]
         if given or force:
@@ -761,6 +764,11 @@ def concat_fusion(
         exclude = [exclude]
     if exclude is not None and not isinstance(exclude, Iterable):
         raise SurgeryError(f"concat_fusion: exclude must be a list of fnmatch patterns, got {exclude!r}")
+    exclude = list(exclude or ())
+    for i, pattern in enumerate(exclude):
+        if not isinstance(pattern, str):
+            raise SurgeryError(f"concat_fusion: exclude[{i}] must be a string (an fnmatch pattern of qualified "
+                               f"names), got {type(pattern).__name__}: {pattern!r}")
     concats, skipped = find_concats(gm, exclude=exclude or ())
     if mode == "identity":
         return _identity(gm, concats, skipped)
@@ -787,7 +795,10 @@ def _identity(gm: fx.GraphModule, concats: list[Concat], skipped: list[Skip]) ->
             concat.target, _describe_concat(concat), f"{_describe_concat(concat)} → {describe(conv)} identity",
             True,
             details={"mode": "identity", "node": node.name, "module": name, "channels": c, "inputs": concat.inputs,
-                     "added_params": c * c, "added_macs": c * c * positions, "macs_per": "sample"},
+                     "added_params": c * c, "added_macs": c * c * positions, "macs_per": "sample",
+                     # the zeros of the identity multiply every channel: 0·Inf = NaN
+                     "exact_for": "finite activations: an ±Inf in any concatenated channel makes every output "
+                                  "channel NaN"},
         ))
     return PassResult(gm, rewrites, skipped, "concat_fusion")
 

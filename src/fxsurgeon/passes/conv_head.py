@@ -34,13 +34,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..graph import called_modules, describe, module_aliases, propagate_shapes, replace_module
+from ..graph import (
+    alias_classes,
+    called_modules,
+    describe,
+    module_aliases,
+    mutated_inputs,
+    propagate_shapes,
+    reads_values,
+    replace_module,
+)
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
 from . import register_pass
 from .base import PassResult, Rewrite, Skip
 
 __all__ = ["Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
+
+#: ``gm.meta`` key convert() sets while the shapes come from a nominal-size probe (channels and ranks only)
+NOMINAL_SHAPES_KEY = "fxsurgeon_nominal_shapes"
 
 #: how many operations the search walks back from a classifier looking for its global pool
 _MAX_HEAD_DEPTH = 48
@@ -221,9 +233,12 @@ def _avg_window_gap(node: fx.Node, feature: fx.Node, desc: str, kernel: Any, str
                     divisor: Any, ceil_mode: Any) -> Gap | str:
     """An average pool with an explicit window: global when, by the shapes, the window is the whole map."""
     in_shape, out_shape = _shape(feature), _shape(node)
-    if in_shape is None or out_shape is None:
-        return (f"{desc}: average pool with an explicit window; shapes are needed to tell whether the window "
-                "covers the whole map (pass example_inputs to convert())")
+    owner = node.graph.owning_module
+    nominal = owner is not None and owner.meta.get(NOMINAL_SHAPES_KEY)
+    if in_shape is None or out_shape is None or nominal:
+        # a window is the whole map only at the model's true H×W: a nominal-size probe cannot tell
+        return (f"{desc}: average pool with an explicit window; shapes are needed (at the model's input size) "
+                "to tell whether the window covers the whole map (pass example_inputs to convert())")
     k = _pair(_static_value(kernel))
     pad = _pair(_static_value(padding))
     if len(in_shape) != 4:
@@ -922,6 +937,37 @@ def _fc_refusal(ctx: _Context, match: HeadMatch) -> str | None:
     return None
 
 
+def _mutation_refusal(ctx: _Context, root: fx.Node, moved: list[fx.Node], linear: fx.Node) -> str | None:
+    """Why re-running ``moved`` on ``root`` at the classifier could change what some reader sees, or None.
+
+    The rewrite recomputes the nodes between pool and classifier where the classifier runs (after ``root``,
+    the pooled tensor or, fully convolutional, the map), so it is exact only when (a) nothing writes in place,
+    between ``root`` and the classifier, to a tensor those nodes read or produce (or a view of one), and (b) no
+    in-place op among them writes to a tensor (or a view of one) that any other node reads.
+    """
+    gm = ctx.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    classes = alias_classes(gm)
+    inside = set(moved) | {linear}
+    region = {classes[n] for n in (root, *moved)}
+    for n in gm.graph.nodes:
+        if not order[root] < order[n] < order[linear] or n in inside:
+            continue
+        hit = [t for t in mutated_inputs(gm, n) if classes[t] in region]
+        if hit:
+            return (f"{_desc(gm, n)} writes in place to '{hit[0].name}', which the head reads (or a view of it): "
+                    "moving the head's operations across it would change the result")
+    for n in moved:
+        for t in mutated_inputs(gm, n):
+            readers = [u for m, c in classes.items() if c is classes[t] for u in m.users
+                       if u not in inside and reads_values(u)]
+            if readers:
+                return (f"{_desc(gm, n)} in the head writes in place to '{t.name}', which "
+                        f"{_desc(gm, readers[0])} also reads (or a view of it): moving it would change what that "
+                        "reader sees")
+    return None
+
+
 def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[str]:
     """Erase those of ``nodes`` nothing uses any more, with the parameter reads and shape arithmetic only they
     used; returns the module targets of the erased ``call_module`` nodes."""
@@ -976,10 +1022,14 @@ def _rewrite(ctx: _Context, match: HeadMatch, fully_convolutional: bool,
         # matched without shapes: only C > 1 proves the pooled tensor was (N, C, 1, 1) and not an unbatched map
         return [], [Skip(classifier, "a 1-feature classifier matched without shapes is ambiguous: pass "
                                      "example_inputs to convert()", details={"pool": gap.form})], None
+    moving = _mutation_refusal(ctx, gap.node, match.chain, linear)
+    if moving:
+        return [], [Skip(classifier, f"cannot rewrite the classifier: {moving}; make that operation out of place "
+                                     "to convert the head", details={"pool": gap.form})], None
     refused = None
     squeeze_batch = False
     if fully_convolutional:
-        refused = _fc_refusal(ctx, match)
+        refused = _fc_refusal(ctx, match) or _mutation_refusal(ctx, gap.feature, [gap.node, *match.chain], linear)
         if refused is None:
             why, squeeze_batch = _check_ranks(ctx, gap.node, _rank(ctx, gap.node, gap), match.chain, linear)
             if why:

@@ -13,6 +13,7 @@ the discarded energy in the record. Every other conv is accounted for as a skip 
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import operator
 from collections.abc import Iterable
@@ -190,6 +191,34 @@ def _check_options(multiplier, energy, init, kernel_sizes) -> None:
         raise SurgeryError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}")
 
 
+_LAYER_KEYS = {"form", "rank"}
+
+
+def _check_names(gm: fx.GraphModule, kernel_sizes: Any, exclude: Any, layers: Any, allocation: Any) -> None:
+    """The options that name things: an empty kernel list, a non-string pattern, a layer that is not there or an
+    entry key that is not read, an unknown allocation — each refused, naming the option."""
+    if kernel_sizes != "all" and not kernel_sizes:
+        raise SurgeryError("separable: kernel_sizes=[] matches no conv; give sizes such as [3] or 'all'")
+    for i, pattern in enumerate(exclude or ()):
+        if not isinstance(pattern, str):
+            raise SurgeryError(f"separable: exclude[{i}] must be a string (an fnmatch pattern of qualified names), "
+                               f"got {type(pattern).__name__}: {pattern!r}")
+    if not (isinstance(allocation, str) and allocation in ("auto", "weight", "data", "sensitivity")):
+        raise SurgeryError(f"separable: allocation must be 'auto', 'weight', 'data' or 'sensitivity', got "
+                           f"{allocation!r}")
+    convs = {n for n, m in gm.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)}
+    for name, spec in (layers or {}).items():
+        if not isinstance(name, str) or name not in convs:
+            near = difflib.get_close_matches(str(name), sorted(convs), n=3)
+            raise SurgeryError(f"separable: layers names {name!r}, which is not a Conv2d of the traced model"
+                               + (f"; did you mean {', '.join(map(repr, near))}?" if near else
+                                  " (qualified names as in model.named_modules())"))
+        extra = sorted(set(spec) - _LAYER_KEYS) if isinstance(spec, dict) else []
+        if extra:
+            raise SurgeryError(f"separable: layers[{name!r}] has unknown key(s) {extra}; an entry takes 'rank' "
+                               "and optionally 'form'")
+
+
 def _layer_setting(
     cand: Candidate, form: str, multiplier: int | str | None, energy: float | None,
     layers: dict[str, dict[str, Any]],
@@ -360,10 +389,12 @@ def separable(
         exclude = [exclude]
     if exclude is not None and not isinstance(exclude, Iterable):
         raise SurgeryError(f"separable: exclude must be a list of fnmatch patterns, got {exclude!r}")
+    exclude = list(exclude) if exclude is not None else None  # read twice: a generator would be spent
     if not isinstance(include_stem, bool) or not isinstance(include_unprofitable, (bool, type(None))):
         raise SurgeryError(f"separable: include_stem / include_unprofitable must be True or False, got "
                            f"{include_stem!r} / {include_unprofitable!r}")
     _check_options(multiplier, energy, init, kernel_sizes)
+    _check_names(gm, kernel_sizes, exclude, layers, allocation)
     check_form(form)
     if energy is not None and form != "dw-pw":
         raise SurgeryError(f"separable: energy= picks dw-pw's multiplier per layer; it does not apply to form={form!r}")
