@@ -245,7 +245,7 @@ def run_report(args: argparse.Namespace) -> int:
     saved = _is_saved_model(args.model)
     if saved:
         if args.recipe or args.overrides:
-            raise SurgeryError("--recipe and --set apply to an original MODEL; this one is already converted")
+            raise SurgeryError("--recipe applies to an original MODEL (so does --set); this one is already converted")
         if args.original is None and (args.weights or args.pretrained):
             raise SurgeryError("--weights and --pretrained are the original's: give --original MODEL with them "
                                "(the saved converted model carries its own weights)")

@@ -30,9 +30,20 @@ def list_recipes() -> list[str]:
 
 
 def describe_recipe(name: str) -> str:
-    """The first comment line of a shipped recipe, without ``# name.yaml — ``."""
-    first = resolve_recipe(name).read_text(encoding="utf-8").splitlines()[0]
-    return first.lstrip("# ").split(" — ", 1)[-1]
+    """What a shipped recipe is for: its opening comment up to the first colon or full stop.
+
+    >>> describe_recipe("mobile")
+    'make a model cheaper, MobileNet style'
+    """
+    import re
+
+    header = []
+    for line in resolve_recipe(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        header.append(line.lstrip("# ").strip())
+    text = " ".join(header).split(" — ", 1)[-1]
+    return re.split(r":\s|\.\s|\.$", text, maxsplit=1)[0]
 
 
 def resolve_recipe(spec: str | os.PathLike) -> Path:
