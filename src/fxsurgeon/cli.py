@@ -174,6 +174,10 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
     state = read_state_dict(path)
     have = model.state_dict()
+    for key, value in have.items():
+        # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters: bookkeeping, not weights
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
     fits = set(state) == set(have) and all(tuple(state[k].shape) == tuple(have[k].shape) for k in have)
     if find_record(model) is not None and not fits:
         load_original_state_dict(model, state)  # a converted model given a checkpoint of its original
@@ -315,7 +319,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.synthetic_calibration:
         recipe = {**recipe, "calibration": "synthetic"}
         note(args, "calibrating on synthetic images matched to the BatchNorm statistics (about a minute on CPU) ...")
-    converted = convert(model, example_inputs=x, **recipe)
+    # the source lets `report` and `bench` rebuild the original of a saved file, and load() replay it
+    source = args.model if (":" in args.model or not os.path.isfile(args.model)) else None
+    converted = convert(model, example_inputs=x, **({"source": source} if source else {}), **recipe)
     record = get_record(converted)
     record.extras["weights"] = weights  # saved with the model: `fxsurgeon report` stamps random weights too
     if not as_json:

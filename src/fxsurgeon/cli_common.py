@@ -80,6 +80,9 @@ def add_recipe_options(p: argparse.ArgumentParser) -> None:
                         "repeatable; applied after --recipe and checked like a recipe file)")
 
 
+_YAML11_BOOLS = {"yes", "no", "y", "n", "on", "off"}
+
+
 def parse_set(text: str) -> dict[str, Any]:
     """``"separable.multiplier=2"`` → ``{"separable": {"multiplier": 2}}``, validated like a recipe file.
 
@@ -99,7 +102,10 @@ def parse_set(text: str) -> dict[str, Any]:
         raise SurgeryError(f"--set {text!r}: expected PASS.OPTION=VALUE (e.g. separable.multiplier=2) "
                            "or KEY=VALUE (e.g. conv_head=true)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        if raw.strip().lower() in _YAML11_BOOLS:
+            value: Any = raw.strip()  # YAML 1.1 reads yes/no/on/off as bools: only true/false are, here
+        else:
+            value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise SurgeryError(f"--set {text!r}: the value is not valid YAML: {exc}") from exc
     name, dot, option = key.partition(".")
