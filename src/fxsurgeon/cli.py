@@ -432,7 +432,8 @@ def _add_convert(sub) -> None:
                    help="what goes to stdout: the readable summary (default) or one JSON document")
     p.add_argument("--report", metavar="FILE", help="write the savings report here (.md, or .json)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=_positive(int), default=1)
+    p.add_argument("--batch-size", type=_positive(int), default=1,
+                   help="batch of the example input (verification; MACs are per sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
     p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
     p.add_argument("--synthetic-calibration", action="store_true",
