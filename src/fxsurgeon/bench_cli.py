@@ -73,7 +73,7 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
 def _models(args: argparse.Namespace, device):
     """(original, converted, record) from MODEL + recipe, or from a saved converted MODEL."""
     from .cli import _example_input, load_model
-    from .cli_common import recipe_from_args
+    from .cli_common import activity, recipe_from_args, show_progress
     from .convert import convert
     from .record import find_record
     from .report_cli import _is_saved_model, _load_saved, _rebuilt_original
@@ -82,6 +82,9 @@ def _models(args: argparse.Namespace, device):
         converted = _load_saved(args.model)
         record = find_record(converted)
         if record is not None:
+            if args.original is None and (args.weights or args.pretrained):
+                raise SurgeryError("--weights and --pretrained are the original's: give --original MODEL with "
+                                   "them (the saved converted model carries its own weights)")
             if args.recipe or args.overrides:
                 raise SurgeryError(f"{args.model} is already converted: --recipe and --set do not apply")
             if args.original:
@@ -97,7 +100,8 @@ def _models(args: argparse.Namespace, device):
         model = load_model(args.model, pretrained=args.pretrained, weights=args.weights)
     recipe = recipe_from_args(args)
     x = _example_input(model, args.input_size, 1, args.seed)
-    converted = convert(model, example_inputs=x, **recipe)
+    with activity(f"converting {args.model}", enabled=show_progress(args)):
+        converted = convert(model, example_inputs=x, **recipe)
     return model.to(device), converted.to(device), converted.meta["fxsurgeon"], x
 
 

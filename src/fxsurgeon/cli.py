@@ -298,7 +298,7 @@ def note(args: argparse.Namespace, text: str) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .cli_common import device_of, recipe_from_args, weights_kind
+    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
     from .convert import convert
     from .record import get_record
 
@@ -321,7 +321,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         note(args, "calibrating on synthetic images matched to the BatchNorm statistics (about a minute on CPU) ...")
     # the source lets `report` and `bench` rebuild the original of a saved file, and load() replay it
     source = args.model if (":" in args.model or not os.path.isfile(args.model)) else None
-    converted = convert(model, example_inputs=x, **({"source": source} if source else {}), **recipe)
+    with activity(f"converting {args.model}", enabled=show_progress(args)):
+        converted = convert(model, example_inputs=x, **({"source": source} if source else {}), **recipe)
     record = get_record(converted)
     record.extras["weights"] = weights  # saved with the model: `fxsurgeon report` stamps random weights too
     if not as_json:

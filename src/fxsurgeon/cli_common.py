@@ -24,6 +24,7 @@ from .errors import SurgeryError
 
 __all__ = [
     "Parser",
+    "activity",
     "add_model_options",
     "add_recipe_options",
     "device_of",
@@ -167,6 +168,34 @@ def progress(total: int | None, desc: str, *, enabled: bool, unit: str = "it") -
     try:
         yield bar
     finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def activity(desc: str, *, enabled: bool, interval: float = 0.5) -> Iterator[None]:
+    """An elapsed-time line on stderr while a long step whose length is unknown runs (conversion with budget
+    allocation or calibration can take minutes): a tqdm bar without a total, ticked by a daemon thread."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(interval):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
         bar.close()
 
 

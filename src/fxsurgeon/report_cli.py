@@ -235,7 +235,7 @@ def _random_gate(args: argparse.Namespace, weights: str) -> None:
 def run_report(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: build or load, count, render, gate."""
     from .cli import load_model
-    from .cli_common import device_of, recipe_from_args, weights_kind
+    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
     from .convert import convert
     from .report import savings
 
@@ -280,7 +280,8 @@ def run_report(args: argparse.Namespace) -> int:
     original = original.to(device)
     x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if not saved:
-        converted = convert(original, example_inputs=x, **kwargs)
+        with activity(f"converting {args.model}", enabled=show_progress(args)):
+            converted = convert(original, example_inputs=x, **kwargs)
     converted = converted.to(device)
     report = savings(original, converted, x, depth=args.depth, measure_fidelity=measured, weights=weights)
     if report.random_weights and not args.quiet and (args.out or fmt == "json"):
