@@ -463,3 +463,16 @@ def test_distill_without_data_names_the_flag(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "--data" in proc.stderr and "resnet20-12fca82f.th" in proc.stderr
+
+
+def test_activity_line_shows_elapsed_time_only_when_enabled(monkeypatch):
+    import io
+
+    from fxsurgeon.cli_common import activity
+
+    for enabled in (False, True):
+        buf = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", buf)
+        with activity("converting m", enabled=enabled, interval=0.05):
+            time.sleep(0.2)
+        assert ("converting m: 00:00" in buf.getvalue()) is enabled
