@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -176,7 +177,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def main(argv: Sequence[str] | None = None) -> int:
     import fxsurgeon
-    from fxsurgeon.models import load_cifar10_test, load_resnet20, resnet20
+    from fxsurgeon.models import default_data_dir, load_cifar10_test, load_resnet20, resnet20
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder with the shared data (default: $FXSURGEON_DATA or ../shared/data)")
@@ -193,12 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="stop distilling after this many seconds (540; 0: no limit, run all epochs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="distilled.safetensors", help="where to save the result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
     args = p.parse_args(argv)
+    data = Path(args.data) if args.data else default_data_dir()
+    wanted = [data / "resnet20-12fca82f.th", data / "cifar10_test_jpeg.npz"]
+    if not all(f.is_file() for f in wanted):
+        flag = "--data" if args.data else "--data (or $FXSURGEON_DATA)"
+        print(f"distill.py: error: {flag}: {str(data)!r} lacks {', '.join(f.name for f in wanted if not f.is_file())}; "
+              "give --data FOLDER holding the trained ResNet-20 and the CIFAR-10 test set", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    data = Path(args.data) if args.data else None
     teacher = load_resnet20(data / "resnet20-12fca82f.th" if data else None)
     x_cal, _ = load_cifar10_test(data / "cifar10_test_jpeg.npz" if data else None, split="calib")
     x_ev, y_ev = load_cifar10_test(data / "cifar10_test_jpeg.npz" if data else None, split="eval")
@@ -217,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"converted to {frac:.3f} of the MACs and calibrated in {time.perf_counter() - t:.0f} s")
     print(f"before distillation: {evaluate(student, x_ev, y_ev):.2f} % on x[1::2]")
     stats = distill(student, teacher, x_cal, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    temperature=args.temperature, seed=args.seed, time_limit=args.time_limit or None)
+                    temperature=args.temperature, seed=args.seed, time_limit=args.time_limit or None,
+                    progress=not args.quiet and sys.stderr.isatty())
     print(f"distilled {int(stats['steps'])} steps in {stats['seconds']:.0f} s "
           f"(loss {stats['loss_first']:.4f} → {stats['loss_last']:.4f})")
     print(f"after distillation: {evaluate(student, x_ev, y_ev):.2f} % on x[1::2]")

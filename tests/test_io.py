@@ -422,13 +422,13 @@ def test_replay_runs_on_meta_and_restores_non_persistent_buffers(tmp_path, monke
     import fxsurgeon.io as fio
 
     devices = []
-    real = fio._replay
+    real = fio.replay_conversion
 
-    def spy(record, source, model, *args):
+    def spy(record, source, model, *args, **kwargs):
         devices.append(next(model.parameters()).device.type)
-        return real(record, source, model, *args)
+        return real(record, source, model, *args, **kwargs)
 
-    monkeypatch.setattr(fio, "_replay", spy)
+    monkeypatch.setattr(fio, "replay_conversion", spy)
     again = load(path)
     assert devices == ["meta"]  # shapes not needed: no forward, the fast path holds
     assert torch.equal(again.get_submodule("shuffle").perm, small.get_submodule("shuffle").perm)

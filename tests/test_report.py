@@ -124,11 +124,13 @@ def test_example4_gap_conv_head_equals_linear_head():
     linear, conv = _heads()
     x = torch.randn(4, 128, 7, 7)
     r = savings(linear, conv, x)
-    pool = 4 * 128 * 7 * 7  # fvcore: average pooling = 1 per input element
-    head = 4 * 10 * 128  # batch · classes · features
-    assert r.macs_before == r.macs_after == pool + head == 30_208
-    assert r.macs_by_operator == {"before": {"adaptive_avg_pool2d": 25_088, "linear": 5_120},
-                                  "after": {"adaptive_avg_pool2d": 25_088, "conv": 5_120}}
+    # MACs are per sample whatever the batch size (4 here): counted on the first sample
+    pool = 128 * 7 * 7  # fvcore: average pooling = 1 per input element
+    head = 10 * 128  # classes · features
+    assert r.batch_size == 4
+    assert r.macs_before == r.macs_after == pool + head == 7_552
+    assert r.macs_by_operator == {"before": {"adaptive_avg_pool2d": 6_272, "linear": 1_280},
+                                  "after": {"adaptive_avg_pool2d": 6_272, "conv": 1_280}}
     assert r.params_before == r.params_after == 1_290
     assert r.rel_error < 1e-6 and r.top1_agreement == 1.0 and r.cosine_similarity == pytest.approx(1.0)
     ops = {o["op"]: o for o in r.cross_check["ops"]}
@@ -225,7 +227,7 @@ def test_json_validates_against_the_shipped_schema(example2):
     for key in ("schema_version", "model", "params_before", "params_after", "macs_before", "macs_after",
                 "max_abs_error", "rel_error", "rewrites", "skipped"):
         assert key in data
-    assert data["schema_version"] == 1 and data["macs_after"] == 2_392_064
+    assert data["schema_version"] == 2 and data["macs_after"] == 2_392_064
     # the schema is not vacuous: a missing key, an undocumented key or a wrong type is refused
     for broken in ({k: v for k, v in data.items() if k != "macs_before"}, {**data, "extra": 1},
                    {**data, "macs_after": "2.39M"}):
@@ -257,7 +259,7 @@ def test_non_finite_errors_become_null():
 def test_markdown_has_totals_first_and_details(example2):
     *_, r = example2
     md = r.to_markdown()
-    line = "**Totals:** MACs 18.87M → 2.39M (-87.3%) · parameters 18.43K → 2.34K (-87.3%) · relative L2 error "
+    line = "**Totals:** MACs per sample 18.87M → 2.39M (-87.3%) · parameters 18.43K → 2.34K (-87.3%) · relative L2 error "
     assert line in md and totals_line(r).startswith(line)
     lines = md.splitlines()
     assert lines[0].startswith("### ") and lines[2] == totals_line(r)

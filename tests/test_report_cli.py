@@ -71,19 +71,22 @@ def test_json_report_validates_and_plots_are_written(tmp_path, capsys):
 
 
 def test_gate_exits_0_when_met_and_1_with_a_line_per_miss(tmp_path, capsys):
+    # random weights: the error gate runs only when asked for with --allow-random
     code, out, err = _run(capsys, "report", *TINY_ARGS, "--min-mac-savings", "30%",
-                          "--min-param-savings", "0.5", "--max-rel-error", "10")
+                          "--min-param-savings", "0.5", "--max-rel-error", "10", "--allow-random")
     assert code == 0 and err == ""
     assert out.startswith("fxsurgeon savings report: CifarResNet") and "MACs" in out  # table: the default
+    assert "RANDOM WEIGHTS" in out
 
     code, out, err = _run(capsys, "report", *TINY_ARGS, "--format", "csv", "--min-mac-savings", "99%",
-                          "--min-param-savings", "10%", "--max-rel-error", "1e-3")
+                          "--min-param-savings", "10%", "--max-rel-error", "1e-3", "--allow-random")
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 2, err
     assert lines[0].startswith("fxsurgeon: threshold missed: MAC savings ") and "< required 99.0%" in lines[0]
     assert lines[1].startswith("fxsurgeon: threshold missed: relative L2 error ") and "> allowed 0.001" in lines[1]
-    assert out.startswith("model,input_shape,") and out.count("\n") == 2  # the report is still written
+    assert out.startswith("model,weights,input_shape,") and out.count("\n") == 2  # the report is still written
+    assert out.splitlines()[1].startswith("CifarResNet,random,")
 
 
 @pytest.fixture(scope="module")

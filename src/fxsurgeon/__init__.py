@@ -12,6 +12,7 @@ report the savings and run the result.
 __version__ = "0.1.0"
 
 from .bench import BenchmarkResult, benchmark
+from .checkpoints import load_original_state_dict
 from .convert import convert
 from .errors import SurgeryError
 from .heads import class_map
@@ -40,6 +41,7 @@ __all__ = [
     "get_record",
     "list_passes",
     "load",
+    "load_original_state_dict",
     "register_pass",
     "save",
     "savings",

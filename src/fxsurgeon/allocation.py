@@ -186,6 +186,12 @@ def allocate(
         used_p += dp
     for what, used, cap in (("MACs", used_m, max_macs), ("parameters", used_p, max_params)):
         if cap is not None and used > cap:
+            if cap < 0:  # the layers left alone already exceed the target: no negative budget in the message
+                raise SurgeryError(
+                    f"the layers that are not rewritten already need {-cap:,.0f} {what} more than the target "
+                    f"allows, before the rewritable layers (cheapest forms: {used:,} {what}); raise the target "
+                    "or rewrite more layers"
+                )
             raise SurgeryError(
                 f"budget of {cap:,.0f} {what} for the rewritable layers is below what their cheapest forms "
                 f"need ({used:,} {what}); raise the target or rewrite more layers"

@@ -1277,6 +1277,8 @@ def summary_markdown(results: Sequence[dict[str, Any]], title: str = "fxsurgeon 
     attempted = [r for r in results if r.get("status") != "skipped"]
     ok = [r for r in attempted if r.get("status") == "ok"]
     verified = [r for r in ok if r.get("verified")]
+    within = [r for r in verified if (r.get("rel_error") is not None and r.get("tolerance") is not None
+                                      and r["rel_error"] <= r["tolerance"])]  # "verified" means within tolerance
     lines = [f"# {title}", ""]
     meta = []
     if recipe:
@@ -1285,8 +1287,8 @@ def summary_markdown(results: Sequence[dict[str, Any]], title: str = "fxsurgeon 
     meta += [f"{k} {v}" for k, v in vers.items()]
     if meta:
         lines += [", ".join(meta), ""]
-    share = f" ({len(verified) / len(attempted):.1%})" if attempted else ""
-    lines.append(f"**Coverage: {len(verified)} of {len(attempted)} attempted models converted and verified{share}.**")
+    share = f" ({len(within) / len(attempted):.1%})" if attempted else ""
+    lines.append(f"**Coverage: {len(within)} of {len(attempted)} attempted models converted and verified{share}.**")
     lines.append("")
     lines += ["| status | models |", "|---|---:|"]
     lines += [f"| {s} | {by_status.get(s, 0)} |" for s in STATUSES]

@@ -37,9 +37,11 @@ __all__ = [
     "BenchmarkRow",
     "Comparison",
     "benchmark",
+    "benchmark_pair",
     "compare",
     "cudnn_benchmark_mode",
     "device_name",
+    "noise_warnings",
     "parse_dtype",
     "percentile",
     "resolve_device",
@@ -345,6 +347,13 @@ class Comparison:
     original: BenchmarkResult
     converted: BenchmarkResult
     conversion: dict[str, Any] = field(default_factory=dict)
+    #: per batch size, when timed interleaved (:func:`benchmark_pair`): the speed-up of every round, median, spread
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Noisy timings and unstable speed-ups (see :func:`noise_warnings`)."""
+        return noise_warnings(self)
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -366,8 +375,12 @@ class Comparison:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"original": self.original.to_dict(), "converted": self.converted.to_dict(),
-                "comparison": self.rows(), "conversion": self.conversion}
+        out = {"original": self.original.to_dict(), "converted": self.converted.to_dict(),
+               "comparison": self.rows(), "conversion": self.conversion}
+        if self.rounds:
+            out["interleaved"] = {str(b): s for b, s in self.rounds.items()}
+            out["warnings"] = self.warnings
+        return out
 
     def to_markdown(self) -> str:
         o, c = self.original, self.converted
@@ -389,6 +402,14 @@ class Comparison:
                 f"{r['original_throughput']:,.1f} | {r['converted_throughput']:,.1f} | "
                 f"{_fmt_mem(r['original_peak_mib'])} | {_fmt_mem(r['converted_peak_mib'])} |"
             )
+        if self.rounds:
+            lines += ["", "Timed interleaved in one process (original and converted alternating, same load); "
+                          "speed-up per round:"]
+            for b, st in self.rounds.items():
+                lines.append(f"- batch {b}: median {st['speedup_median']:.2f}× over {st['rounds']} rounds of "
+                             f"{st['iters_per_round']} calls, {st['speedup_min']:.2f}×–{st['speedup_max']:.2f}×")
+            for w in self.warnings:
+                lines.append(f"- **warning:** {w}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -551,6 +572,131 @@ def _name(model: nn.Module) -> str:
     return model_name(model)
 
 
+@dataclass
+class _Prepared:
+    """A model made ready to time once (copied/cast/compiled as asked), shared by every round of timing."""
+
+    fn: Callable[..., Any]
+    result: BenchmarkResult
+    inputs: tuple
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    compiled: bool
+    weight_bytes: int
+    sizes: list[int | None]
+
+
+def _prepare(model: nn.Module, example_inputs: Any, *, device, dtype, channels_last: bool, compile,
+             batch_sizes, warmup: int, iters: int, cudnn_benchmark, name: str | None) -> _Prepared:
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"benchmark() takes a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(example_inputs)
+    if not isinstance(iters, int) or not isinstance(warmup, int) or iters < 1 or warmup < 0:
+        raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
+    example_batch = _batch_of(inputs)
+    sizes = list(batch_sizes) if batch_sizes is not None else [example_batch]
+    if not sizes or any(b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1) for b in sizes):
+        raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    if batch_sizes is not None and example_batch is None:
+        raise SurgeryError("batch_sizes given, but no example input has a batch dimension to resize")
+    dev = resolve_device(device, model)
+    dt = parse_dtype(dtype) or _model_dtype(model)
+    compile_opts = _compile_options(compile)
+    label = name or _name(model)
+
+    run_model = model
+    if _needs_copy(model, dev, dt, channels_last):
+        run_model = copy.deepcopy(model)
+        run_model.eval()
+        run_model.to(device=dev, dtype=dt)
+        if channels_last:
+            run_model.to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in run_model.parameters())
+    weight_bytes = _tensor_bytes([*run_model.parameters(), *run_model.buffers()])
+    fn_model: Callable[..., Any] = run_model
+    if compile_opts is not None:
+        opts = {"dynamic": False, **compile_opts}
+        try:
+            fn_model = torch.compile(run_model, **opts)
+        except Exception as exc:  # bad options are reported before any run
+            raise SurgeryError(f"torch.compile({opts}) failed for {label}: {type(exc).__name__}: {exc}") from exc
+
+    result = BenchmarkResult(
+        model=label, device=str(dev), device_name=device_name(dev), dtype=dtype_name(dt),
+        channels_last=bool(channels_last), compile=_compile_label(compile_opts),
+        input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        params=params, weights_mib=_mib(weight_bytes),
+        settings={
+            "warmup": warmup, "iters": iters, "cudnn_benchmark": cudnn_benchmark,
+            "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
+            "threads": torch.get_num_threads(),
+            **(_precision_settings() if dev.type == "cuda" else {}),
+            **({"compile_options": {k: str(v) for k, v in compile_opts.items()}} if compile_opts else {}),
+        },
+        versions=_versions(dev),
+    )
+    return _Prepared(fn_model, result, inputs, dev, dt, bool(channels_last), compile_opts is not None,
+                     weight_bytes, sizes)
+
+
+class _Timer:
+    """One batch size of one prepared model: warm it up once, then time as many rounds as asked."""
+
+    def __init__(self, prep: _Prepared, b: int | None) -> None:
+        self.prep = prep
+        self.batch = _prepare_inputs(prep.inputs, b, prep.device, prep.dtype, prep.channels_last)
+        self.batch_size = b if b is not None else 1
+        r = prep.result
+        self.what = (f"benchmarking {r.model} at batch {self.batch_size} on {prep.device} ({r.dtype}"
+                     f"{', channels_last' if prep.channels_last else ''}{', compiled' if prep.compiled else ''})")
+        self.first: float | None = None
+        self.times: list[float] = []
+        self.peak: float | None = None
+
+    def call(self) -> None:
+        try:
+            self.prep.fn(*self.batch)
+        except Exception as exc:
+            raise SurgeryError(f"{self.what} failed: {type(exc).__name__}: {exc}") from exc
+
+    def warm(self, warmup: int) -> None:
+        dev = self.prep.device
+        if warmup:
+            synchronize(dev)
+            t0 = time.perf_counter()
+            self.call()
+            synchronize(dev)
+            self.first = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            self.call()
+        synchronize(dev)
+
+    def time(self, iters: int) -> list[float]:
+        dev = self.prep.device
+        mem_base = None
+        if dev.type == "cuda":
+            synchronize(dev)
+            mem_base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = time_calls(self.call, dev, warmup=0, iters=iters)
+        if mem_base is not None:
+            extra = torch.cuda.max_memory_allocated(dev) - mem_base
+            peak = _mib(self.prep.weight_bytes + _tensor_bytes(self.batch) + max(extra, 0))
+            self.peak = peak if self.peak is None else max(self.peak, peak)
+        self.times += times
+        return times
+
+    def row(self, warmup: int) -> BenchmarkRow:
+        ms = [t * 1000.0 for t in self.times]
+        mean = sum(ms) / len(ms)
+        return BenchmarkRow(
+            batch_size=self.batch_size, latency_ms_median=percentile(ms, 50), latency_ms_p90=percentile(ms, 90),
+            latency_ms_mean=mean, latency_ms_min=min(ms), throughput=self.batch_size / (mean / 1000.0),
+            peak_memory_mib=self.peak, first_call_s=self.first, iters=len(ms), warmup=warmup,
+        )
+
+
 def benchmark(
     model: nn.Module,
     example_inputs: Any,
@@ -599,89 +745,109 @@ def benchmark(
     >>> [r.batch_size for r in res.rows], res.rows[0].latency_ms_median > 0
     ([1, 4], True)
     """
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"benchmark() takes a torch.nn.Module, got {type(model).__name__}")
-    inputs = _normalize_inputs(example_inputs)
-    if not isinstance(iters, int) or not isinstance(warmup, int) or iters < 1 or warmup < 0:
-        raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
-    example_batch = _batch_of(inputs)
-    sizes = list(batch_sizes) if batch_sizes is not None else [example_batch]
-    if not sizes or any(b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1) for b in sizes):
-        raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
-    if batch_sizes is not None and example_batch is None:
-        raise SurgeryError("batch_sizes given, but no example input has a batch dimension to resize")
-    dev = resolve_device(device, model)
-    dt = parse_dtype(dtype) or _model_dtype(model)
-    compile_opts = _compile_options(compile)
-    label = name or _name(model)
-
-    run_model = model
-    if _needs_copy(model, dev, dt, channels_last):
-        run_model = copy.deepcopy(model)
-        run_model.eval()
-        run_model.to(device=dev, dtype=dt)
-        if channels_last:
-            run_model.to(memory_format=torch.channels_last)
-    params = sum(p.numel() for p in run_model.parameters())
-    weight_bytes = _tensor_bytes([*run_model.parameters(), *run_model.buffers()])
-    fn_model: Callable[..., Any] = run_model
-    if compile_opts is not None:
-        opts = {"dynamic": False, **compile_opts}
-        try:
-            fn_model = torch.compile(run_model, **opts)
-        except Exception as exc:  # bad options are reported before any run
-            raise SurgeryError(f"torch.compile({opts}) failed for {label}: {type(exc).__name__}: {exc}") from exc
-
-    result = BenchmarkResult(
-        model=label, device=str(dev), device_name=device_name(dev), dtype=dtype_name(dt),
-        channels_last=bool(channels_last), compile=_compile_label(compile_opts),
-        input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
-        params=params, weights_mib=_mib(weight_bytes),
-        settings={
-            "warmup": warmup, "iters": iters, "cudnn_benchmark": cudnn_benchmark,
-            "timer": "cuda events" if dev.type == "cuda" else "perf_counter",
-            "threads": torch.get_num_threads(),
-            **(_precision_settings() if dev.type == "cuda" else {}),
-            **({"compile_options": {k: str(v) for k, v in compile_opts.items()}} if compile_opts else {}),
-        },
-        versions=_versions(dev),
-    )
+    prep = _prepare(model, example_inputs, device=device, dtype=dtype, channels_last=channels_last,
+                    compile=compile, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
+                    cudnn_benchmark=cudnn_benchmark, name=name)
+    dev = prep.device
     with torch.inference_mode(), cudnn_benchmark_mode(cudnn_benchmark if dev.type == "cuda" else None):
-        for b in sizes:
-            batch = _prepare_inputs(inputs, b, dev, dt, channels_last)
-            batch_size = b if b is not None else 1
-            what = (f"benchmarking {label} at batch {batch_size} on {dev} ({dtype_name(dt)}"
-                    f"{', channels_last' if channels_last else ''}{', compiled' if compile_opts is not None else ''})")
+        for b in prep.sizes:
+            timer = _Timer(prep, b)
+            timer.warm(warmup)
+            timer.time(iters)
+            prep.result.rows.append(timer.row(warmup))
+            del timer
+    return prep.result
 
-            def call(batch=batch, what=what):
-                try:
-                    fn_model(*batch)
-                except Exception as exc:
-                    raise SurgeryError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
-            first = None
-            if warmup:
-                synchronize(dev)
-                t0 = time.perf_counter()
-                call()
-                synchronize(dev)
-                first = time.perf_counter() - t0
-            mem_base = None
-            if dev.type == "cuda":
-                synchronize(dev)
-                mem_base = torch.cuda.memory_allocated(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-            times = time_calls(call, dev, warmup=max(warmup - 1, 0), iters=iters)
-            peak = None
-            if mem_base is not None:
-                extra = torch.cuda.max_memory_allocated(dev) - mem_base
-                peak = _mib(weight_bytes + _tensor_bytes(batch) + max(extra, 0))
-            ms = [t * 1000.0 for t in times]
-            mean = sum(ms) / len(ms)
-            result.rows.append(BenchmarkRow(
-                batch_size=batch_size, latency_ms_median=percentile(ms, 50), latency_ms_p90=percentile(ms, 90),
-                latency_ms_mean=mean, latency_ms_min=min(ms), throughput=batch_size / (mean / 1000.0),
-                peak_memory_mib=peak, first_call_s=first, iters=iters, warmup=warmup,
-            ))
-            del batch
-    return result
+#: a timing whose 90th percentile is more than this many times its median is called noisy
+NOISY_P90_RATIO = 1.5
+#: a speed-up whose per-round values spread (max - min) by more than this fraction of their median is unstable
+UNSTABLE_SPREAD = 0.15
+
+
+def benchmark_pair(
+    original: nn.Module,
+    converted: nn.Module,
+    example_inputs: Any,
+    *,
+    rounds: int = 5,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    channels_last: bool = False,
+    compile: bool | str | dict[str, Any] = False,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    cudnn_benchmark: bool | None = True,
+    name: str | None = None,
+    conversion: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Time ``original`` and ``converted`` interleaved in this process and compare them.
+
+    Both models are warmed up, then timed in ``rounds`` alternating rounds of ``iters / rounds`` calls each
+    (original, converted, original, ...), so that a change of machine load, clock or thermal state during the
+    run hits both alike. Each round gives a speed-up (original / converted median latency); the comparison
+    reports their median and spread, and :attr:`Comparison.warnings` says when a timing is noisy (p90 above
+    :data:`NOISY_P90_RATIO` × median) or the speed-up unstable across rounds (spread above
+    :data:`UNSTABLE_SPREAD` of the median). ``progress`` is called with 1 after every timed round.
+
+    >>> import torch.nn as nn
+    >>> a, b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 1)
+    >>> c = benchmark_pair(a, b, torch.randn(1, 3, 16, 16), rounds=3, warmup=1, iters=6)
+    >>> c.rounds[1]["rounds"], len(c.rounds[1]["speedups"]), c.original.rows[0].iters
+    (3, 3, 6)
+    """
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise SurgeryError(f"rounds must be an int ≥ 1, got {rounds!r}")
+    per_round = max(1, -(-iters // rounds)) if isinstance(iters, int) else iters
+    settings = dict(device=device, dtype=dtype, channels_last=channels_last, compile=compile,
+                    batch_sizes=batch_sizes, warmup=warmup, iters=iters, cudnn_benchmark=cudnn_benchmark)
+    prep_o = _prepare(original, example_inputs, name=name, **settings)
+    prep_c = _prepare(converted, example_inputs, name=name or prep_o.result.model, **settings)
+    dev = prep_o.device
+    stability: dict[int, dict[str, Any]] = {}
+    with torch.inference_mode(), cudnn_benchmark_mode(cudnn_benchmark if dev.type == "cuda" else None):
+        for b in prep_o.sizes:
+            t_o, t_c = _Timer(prep_o, b), _Timer(prep_c, b)
+            t_o.warm(warmup)
+            t_c.warm(warmup)
+            speedups = []
+            for r in range(rounds):
+                # alternate which model goes first, so neither always runs right after the other's cache use
+                first, second = (t_o, t_c) if r % 2 == 0 else (t_c, t_o)
+                a = first.time(per_round)
+                c = second.time(per_round)
+                o_times, c_times = (a, c) if first is t_o else (c, a)
+                speedups.append(percentile(o_times, 50) / percentile(c_times, 50))
+                if progress is not None:
+                    progress(1)
+            med = percentile(speedups, 50)
+            stability[t_o.batch_size] = {
+                "rounds": rounds, "iters_per_round": per_round, "speedups": speedups, "speedup_median": med,
+                "speedup_min": min(speedups), "speedup_max": max(speedups),
+                "spread": (max(speedups) - min(speedups)) / med if med else None,
+            }
+            prep_o.result.rows.append(t_o.row(warmup))
+            prep_c.result.rows.append(t_c.row(warmup))
+            del t_o, t_c
+    return Comparison(prep_o.result, prep_c.result, dict(conversion or {}), rounds=stability)
+
+
+def noise_warnings(comparison: Comparison) -> list[str]:
+    """One line per noisy timing or unstable speed-up of ``comparison`` (empty: the numbers look steady)."""
+    out = []
+    for res, which in ((comparison.original, "original"), (comparison.converted, "converted")):
+        for row in res.rows:
+            if row.latency_ms_median > 0 and row.latency_ms_p90 / row.latency_ms_median > NOISY_P90_RATIO:
+                out.append(f"{which} at batch {row.batch_size}: noisy timing, p90 {row.latency_ms_p90:.3f} ms is "
+                           f"{row.latency_ms_p90 / row.latency_ms_median:.1f}× the median "
+                           f"{row.latency_ms_median:.3f} ms (threshold {NOISY_P90_RATIO}×)")
+    for b, s in comparison.rounds.items():
+        if s["spread"] is not None and s["spread"] > UNSTABLE_SPREAD:
+            out.append(f"batch {b}: speed-up unstable across {s['rounds']} rounds, {s['speedup_min']:.2f}× to "
+                       f"{s['speedup_max']:.2f}× (spread {s['spread']:.0%} of the median, threshold "
+                       f"{UNSTABLE_SPREAD:.0%})")
+    if out:
+        out.append("close other programs, fix the thread count (OMP_NUM_THREADS), or raise --iters / --rounds, then rerun")
+    return out

@@ -1,9 +1,12 @@
 """``fxsurgeon bench``: convert a model, then time the original and the converted side by side.
 
-MODEL is a timm name or ``package.module:factory``; it is converted with ``--recipe`` (``convert()``'s
-defaults without one) on a random input, then both models are benchmarked in the same configuration and
-the table shows each batch size's median and p90 latency, throughput, peak memory and the speed-up
-(original / converted latency). Exit codes: 0 done, 2 usage or input errors.
+MODEL is a timm name or ``package.module:factory``, converted with ``--recipe`` (``convert()``'s defaults
+without one) on a random input, or a converted model saved by fxsurgeon (its original is rebuilt from the
+record, or given with ``--original``). Both models are timed in the same process and configuration,
+interleaved: alternating rounds of original and converted calls, so that a change of load hits both. The
+table shows each batch size's median and p90 latency, throughput, peak memory and the speed-up (original /
+converted latency) with its spread over the rounds; noisy timings are warned about. Exit codes: 0 done,
+2 usage or input errors.
 """
 
 from __future__ import annotations
@@ -33,15 +36,20 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``fxsurgeon`` parser's subparsers."""
-    from .cli import _positive
+    from .cli import _common, _positive
+    from .cli_common import add_model_options, add_recipe_options
 
     p = subparsers.add_parser(
         "bench", help="time the original and the converted model side by side (CUDA or CPU)",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description=" ".join(__doc__.split("\n\n")[1].replace("`", "").split()),
+        epilog="exit codes: 0 done, 2 usage or input error", parents=[_common()],
     )
-    p.add_argument("model", help="timm name or package.module:factory")
-    p.add_argument("--recipe", help="recipe YAML for the conversion (default: convert()'s defaults)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available, else cpu)")
+    p.add_argument("model", help="timm name, package.module:factory, or a converted model saved by fxsurgeon")
+    add_recipe_options(p)
+    p.add_argument("--original", metavar="MODEL",
+                   help="for a saved converted MODEL: the original to time against (default: rebuilt from the "
+                        "saved record; timing does not depend on the weights)")
+    add_model_options(p, device_default="cuda when available, else cpu")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16: the models are cast to it")
     p.add_argument("--channels-last", action="store_true", help="run models and inputs in channels_last")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -49,14 +57,11 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1], metavar="B1,B2",
                    help="comma-separated batch sizes (default 1)")
     p.add_argument("--warmup", type=_positive(int), default=10, help="untimed calls per batch size (default 10)")
-    p.add_argument("--iters", type=_positive(int), default=50, help="timed calls per batch size (default 50)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: the model's pretrained_cfg, else 3 224 224)")
+    p.add_argument("--iters", type=_positive(int), default=50,
+                   help="timed calls per model and batch size, split over the rounds (default 50)")
+    p.add_argument("--rounds", type=_positive(int), default=5,
+                   help="alternating rounds of original and converted calls (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
-    p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
-    from .cli import add_trust_factory_argument
-
-    add_trust_factory_argument(p)
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cuDNN's algorithm search off (it is on by default, as in deployment)")
     p.add_argument("--out", action="append", default=[], metavar="FILE",
@@ -65,12 +70,60 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _models(args: argparse.Namespace, device):
+    """(original, converted, record) from MODEL + recipe, or from a saved converted MODEL."""
+    from .cli import _example_input, load_model
+    from .cli_common import activity, recipe_from_args, show_progress
+    from .convert import convert
+    from .record import find_record
+    from .report_cli import _is_saved_model, _load_saved, _rebuilt_original
+
+    if _is_saved_model(args.model):
+        converted = _load_saved(args.model, args.trust_factory)
+        record = find_record(converted)
+        if record is not None:
+            if args.original is None and (args.weights or args.pretrained):
+                raise SurgeryError("--weights and --pretrained are the original's: give --original MODEL with "
+                                   "them (the saved converted model carries its own weights)")
+            if args.recipe or args.overrides:
+                raise SurgeryError(f"{args.model} is already converted: --recipe and --set do not apply")
+            if args.original:
+                original = load_model(args.original, pretrained=args.pretrained, weights=args.weights,
+                                      trust_factories=args.trust_factory)
+            else:
+                original = _rebuilt_original(converted, args.model, args.trust_factory)
+            x = _example_input(original, _size(args, record), 1, args.seed)
+            return original.to(device), converted.to(device), record, x
+        model = converted  # a torch.save'd original: convert it here like a named model
+    else:
+        if args.original:
+            raise SurgeryError("--original applies to a saved converted MODEL; MODEL itself is the original here")
+        model = load_model(args.model, pretrained=args.pretrained, weights=args.weights,
+                           trust_factories=args.trust_factory)
+    recipe = recipe_from_args(args)
+    x = _example_input(model, args.input_size, 1, args.seed)
+    with activity(f"converting {args.model}", enabled=show_progress(args)):
+        converted = convert(model, example_inputs=x, **recipe)
+    return model.to(device), converted.to(device), converted.meta["fxsurgeon"], x
+
+
+def _size(args: argparse.Namespace, record):
+    if args.input_size:
+        return args.input_size
+    v = record.verification
+    if v is not None and len(v.input_shapes) == 1:
+        return v.input_shapes[0][1:]
+    return None
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
-    from .bench import benchmark, compare, parse_dtype, resolve_device, write_result
-    from .cli import _check_output, _example_input, load_model
-    from .convert import convert
+    from .bench import benchmark_pair, parse_dtype, resolve_device, write_result
+    from .cli import _check_output
+    from .cli_common import progress, show_progress
 
     for path in args.out:
         if not path.lower().endswith((".md", ".markdown", ".json")):
@@ -79,17 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_device(device)  # refuse a missing GPU before any conversion work
-    recipe: dict[str, Any] = {}
-    if args.recipe:
-        from .recipes import load_recipe
-
-        recipe = load_recipe(args.recipe)
-    model = load_model(args.model, weights=args.weights, trust_factories=args.trust_factory)
-    if isinstance(getattr(model, "meta", None), dict) and "fxsurgeon" in model.meta:
-        raise SurgeryError(f"{args.model} is already converted; bench takes the original model and a recipe")
-    x = _example_input(model, args.input_size, 1, args.seed)
-    converted = convert(model, example_inputs=x, **recipe)
-    record = converted.meta["fxsurgeon"]
+    model, converted, record, x = _models(args, "cpu")
     v = record.verification
     print(f"converted {record.model}: {len(record.rewrites)} rewrites, {len(record.skipped)} skipped, "
           f"parameters {record.params_before:,} → {record.params_after:,}"
@@ -97,18 +140,19 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = dict(device=device, dtype=dtype, channels_last=args.channels_last,
                     compile=args.compile or False, batch_sizes=args.batch_sizes, warmup=args.warmup,
                     iters=args.iters, cudnn_benchmark=not args.no_cudnn_benchmark)
-    original = benchmark(model, x, name=record.model, **settings)
-    del model  # the original's benchmark copy is gone; free its weights before timing the converted one
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    after = benchmark(converted, x, name=record.model, **settings)
-    result = compare(original, after, conversion={
-        "recipe": args.recipe, "options": {k: str(o) for k, o in record.options.items()},
-        "rewrites": len(record.rewrites), "skipped": len(record.skipped),
-        "params_before": record.params_before, "params_after": record.params_after,
-        "rel_error": v.rel_error if v else None,
-    })
+    total = args.rounds * len(args.batch_sizes)
+    with progress(total, "timing (interleaved rounds)", enabled=show_progress(args), unit="round") as bar:
+        result = benchmark_pair(model, converted, x, rounds=args.rounds, name=record.model, progress=bar.update,
+                                conversion={
+                                    "recipe": args.recipe, "set": list(args.overrides),
+                                    "options": {k: str(o) for k, o in record.options.items()},
+                                    "rewrites": len(record.rewrites), "skipped": len(record.skipped),
+                                    "params_before": record.params_before, "params_after": record.params_after,
+                                    "rel_error": v.rel_error if v else None,
+                                }, **settings)
     print(result.to_markdown())
+    for w in result.warnings:
+        print(f"fxsurgeon: warning: {w}", file=sys.stderr)
     for path in args.out:
         write_result(result, path)
         print(f"written to {path}")

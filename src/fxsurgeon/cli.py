@@ -9,6 +9,7 @@ a batch), 2 usage or input errors, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -22,29 +23,27 @@ import torch
 
 from .errors import SurgeryError
 
-__all__ = ["add_trust_factory_argument", "build_parser", "load_model", "main", "parse_bytes", "parse_count"]
+__all__ = ["build_parser", "load_model", "main", "parse_bytes", "parse_count"]
 
 #: suffixes taken as saved models: a pickled nn.Module (torch.save) or an fxsurgeon.save file
 MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".safetensors")
 
 
-def add_trust_factory_argument(parser: argparse.ArgumentParser) -> None:
-    """``--trust-factory PATTERN`` (repeatable): factories a saved ``.safetensors`` file may name."""
-    parser.add_argument("--trust-factory", action="append", default=[], metavar="PATTERN",
-                        help="a model factory a saved .safetensors file may name beyond timm, fxsurgeon.models and "
-                             "torchvision: 'package.module:function' or 'package.module:*' (repeatable)")
-
-
-def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None,
-               trust_factories: Sequence[str] | None = None, **kwargs: Any) -> torch.nn.Module:
+def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None, device: str | None = None,
+               trust_factories: Sequence[str] | None = None,
+               **kwargs: Any) -> torch.nn.Module:
     """A model in eval mode from a timm name, ``package.module:factory`` or a saved model file.
 
     Args:
         spec: ``resnet18`` (any ``timm.list_models()`` name, pretrained tags too), ``package.module:factory``
             (called with ``kwargs``), or a file: ``.safetensors`` written by ``fxsurgeon.save``, or a
             ``torch.save``-d ``nn.Module`` (``.pt`` / ``.pth``; unpickling runs code: trusted files only).
-        pretrained: timm pretrained weights (needs the hub).
-        weights: a state dict (``.safetensors``, or ``.pt`` / ``.pth`` holding tensors) loaded strictly.
+        pretrained: timm pretrained weights (from the Hugging Face hub, or its local cache when offline).
+        weights: a state dict file loaded strictly (see :func:`fxsurgeon.checkpoints.read_state_dict`:
+            ``module.`` prefixes and ``{"state_dict": ...}`` wrappers are handled). For a converted model
+            saved by fxsurgeon, a checkpoint of the original architecture is mapped onto it
+            (:func:`fxsurgeon.load_original_state_dict`).
+        device: where to put the model (default: where it was built, the CPU).
         trust_factories: factories a saved ``.safetensors`` file may name (see :func:`fxsurgeon.load`).
         **kwargs: passed to ``timm.create_model`` or the factory (e.g. ``img_size=64``).
 
@@ -66,7 +65,13 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
                 factory = getattr(factory, part)
         except (ImportError, AttributeError) as exc:
             raise SurgeryError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from exc
-        model = factory(**kwargs)
+        if pretrained:
+            raise SurgeryError(f"--pretrained applies to timm models; {spec!r} is a factory: give --weights FILE")
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:
+            raise SurgeryError(f"the factory {spec!r} failed: {_first_line(exc)}; it must build the model "
+                               "with no arguments (wrap it in a function that passes them)") from exc
     else:
         import timm
 
@@ -78,12 +83,71 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
             raise SurgeryError(
                 f"{spec!r} is not a timm model, a file or 'package.module:factory'{hint}"
             )
-        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+        model = _create_timm(spec, pretrained, kwargs)
     if not isinstance(model, torch.nn.Module):
         raise SurgeryError(f"{spec!r} did not produce an nn.Module but {type(model).__name__}")
     if weights:
         _load_weights(model, weights)
+    if device is not None:
+        from .bench import resolve_device
+
+        model = model.to(resolve_device(device))
     return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+#: where timm's pretrained weights come from; probed before a download is tried
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on port 443 within ``timeout`` seconds (DNS included, which ignores socket
+    timeouts: it runs in a daemon thread that is abandoned when slow)."""
+    import socket
+    import threading
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not hub_reachable()
+    with contextlib.ExitStack() as stack:
+        if offline:
+            # without the network the hub client retries for about a minute before failing: go straight to
+            # its local cache instead (for this call only, then restored)
+            from unittest import mock
+
+            with contextlib.suppress(ImportError):
+                import huggingface_hub.constants as hf_constants
+
+                stack.enter_context(mock.patch.object(hf_constants, "HF_HUB_OFFLINE", True))
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            where = (f"{HUB_HOST} is unreachable and they are not in the local cache" if offline
+                     else _first_line(exc))
+            raise SurgeryError(f"--pretrained: cannot get the weights of {name!r}: {where}. Give a local state "
+                               "dict with --weights FILE, or run once with network access to fill the cache") from exc
 
 
 def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torch.nn.Module:
@@ -107,28 +171,34 @@ def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torc
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise SurgeryError(f"weights file {path!r} does not exist")
-    try:  # a file that is no checkpoint (e.g. /etc/passwd) is a bad input, not a crash
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    from .checkpoints import load_original_state_dict, read_state_dict
+    from .record import find_record
 
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            for key in ("state_dict", "model"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-    except Exception as exc:
-        raise SurgeryError(f"--weights {path!r} is not a readable checkpoint (.safetensors, or .pt/.pth holding "
-                           f"tensors): {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise SurgeryError(f"--weights {path!r} holds a {type(state).__name__}, not a state dict of tensors")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise SurgeryError(f"weights {path!r} do not fit the model: {exc}") from exc
+    state = read_state_dict(path)
+    have = model.state_dict()
+    for key, value in have.items():
+        # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters: bookkeeping, not weights
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    fits = set(state) == set(have) and all(tuple(state[k].shape) == tuple(have[k].shape) for k in have)
+    if find_record(model) is not None and not fits:
+        load_original_state_dict(model, state)  # a converted model given a checkpoint of its original
+        return
+    missing = sorted(set(have) - set(state))
+    unexpected = sorted(set(state) - set(have))
+    wrong = sorted(k for k in set(have) & set(state) if tuple(have[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {list(state[k].shape)}, model "
+                         f"{list(have[k].shape)})")
+        raise SurgeryError(f"weights {path!r} do not fit the model: tensors " + ", ".join(parts))
+    model.load_state_dict(state, strict=True)
 
 
 def parse_count(text: str) -> int:
@@ -162,7 +232,8 @@ def _positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {article} {kind.__name__}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
         return value
@@ -192,25 +263,22 @@ def _check_output(path: str | None, what: str) -> None:
         raise SurgeryError(f"cannot write {what} {path!r}: the disk is nearly full")
 
 
-def _example_input(model: torch.nn.Module, input_size: Sequence[int] | None, batch: int, seed: int = 0) -> torch.Tensor:
+def _example_input(model: torch.nn.Module, input_size: Sequence[int] | None, batch: int, seed: int = 0,
+                   device: Any = None) -> torch.Tensor:
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         input_size = cfg.get("input_size", (3, 224, 224))
-    return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    return x if device is None else x.to(device)
 
 
-def _save_model(converted: torch.nn.Module, path: str, spec: str) -> None:
-    """``.safetensors`` → ``fxsurgeon.save`` (weights + recipe, no pickle); else ``torch.save`` of the module."""
-    target = Path(path)
-    if target.suffix == ".safetensors":
-        from .io import save
+def _save_model(converted: torch.nn.Module, path: str, spec: str, example: torch.Tensor,
+                fmt: str | None = None) -> dict[str, Any]:
+    """Write the converted model in the format ``fmt`` or ``path``'s suffix names (see :mod:`fxsurgeon.export`)."""
+    from .export import write_model
 
-        source = spec if (":" in spec or not os.path.isfile(spec)) else None
-        save(converted, path, **({"source": source} if source else {}))
-        return
-    from .io import atomic_write
-
-    atomic_write(target, lambda tmp: torch.save(converted, tmp))  # whole or not at all; honours the umask
+    source = spec if (":" in spec or not os.path.isfile(spec)) else None
+    return write_model(converted, path, example, fmt=fmt, source=source)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -220,28 +288,49 @@ def _write_text(path: str, text: str) -> None:
                                                         encoding="utf-8"))
 
 
+def note(args: argparse.Namespace, text: str) -> None:
+    """An informational line on stderr; silent with ``--quiet``."""
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
     from .convert import convert
-    from .record import get_record, summary
+    from .record import get_record
 
     _check_output(args.out, "--out")
     _check_output(args.report, "--report")
-    recipe: dict[str, Any] = {}
-    if args.recipe:
-        from .recipes import load_recipe
+    if args.out:
+        from .export import format_of
 
-        recipe = load_recipe(args.recipe)
+        format_of(args.out, args.out_format)  # an unknown file type is refused before any work
+    recipe = recipe_from_args(args)
+    device = device_of(args)
+    as_json = args.format == "json"
+    say = (lambda text: print(text, file=sys.stderr)) if as_json else print
     torch.manual_seed(args.seed)  # random-init models come out the same on every run
-    model = load_model(args.model, pretrained=args.pretrained, weights=args.weights,
+    model = load_model(args.model, pretrained=args.pretrained, weights=args.weights, device=str(device),
                        trust_factories=args.trust_factory)
-    x = _example_input(model, args.input_size, args.batch_size, args.seed)
+    weights = weights_kind(args, args.model)
+    x = _example_input(model, args.input_size, args.batch_size, args.seed, device)
     if args.synthetic_calibration:
         recipe = {**recipe, "calibration": "synthetic"}
-    converted = convert(model, example_inputs=x, **recipe)
-    print(summary(converted))
-    extras = get_record(converted).extras
+        note(args, "calibrating on synthetic images matched to the BatchNorm statistics (about a minute on CPU) ...")
+    # the source lets `report` and `bench` rebuild the original of a saved file, and load() replay it
+    source = args.model if (":" in args.model or not os.path.isfile(args.model)) else None
+    with activity(f"converting {args.model}", enabled=show_progress(args)):
+        converted = convert(model, example_inputs=x, **({"source": source} if source else {}), **recipe)
+    record = get_record(converted)
+    record.extras["weights"] = weights  # saved with the model: `fxsurgeon report` stamps random weights too
+    if not as_json:
+        if args.quiet:
+            print(_one_line(record))
+        else:
+            print(record.summary(max_lines=10**9 if args.verbose else 40))
+    extras = record.extras
     synthetic = extras.get("synthetic_calibration")
-    if synthetic:
+    if synthetic and not as_json:
         calib = extras.get("calibration") or {}
         print(f"  calibration: {synthetic['images']} synthetic images ({synthetic['seconds']:.0f} s), output error "
               f"on them {calib.get('output_error_before', float('nan')):.4g} → "
@@ -249,24 +338,57 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .report import savings
 
     # the full report only when asked for; the savings line needs the two MAC counts alone
-    report = savings(model, converted, x) if args.report else None
+    report = savings(model, converted, x, weights=weights) if args.report else None
+    counted = None
     if not args.no_savings:
         try:
-            counted = report or savings(model, converted, x, measure_fidelity=False, torch_cross_check=False)
+            counted = report or savings(model, converted, x, measure_fidelity=False, torch_cross_check=False,
+                                        weights=weights)
         except SurgeryError as exc:
-            print(f"  savings: not counted ({exc})")
+            say(f"  savings: not counted ({exc})")
         else:
-            print(f"  savings: parameters {_change(counted.params_before, counted.params_after)}, MACs "
-                  f"{_change(counted.macs_before, counted.macs_after)} (fvcore: one multiply-add = 1 MAC)")
-    _warn_silenced(model, args)
+            if not as_json and not args.quiet:
+                print(f"  savings: parameters {_change(counted.params_before, counted.params_after)}, MACs per "
+                      f"sample {_change(counted.macs_before, counted.macs_after)} (fvcore: one multiply-add = 1 MAC)")
+    if weights == "random" and not args.quiet:
+        say("  weights: RANDOM (no --weights or --pretrained): the error above says nothing about a trained model")
+        _warn_silenced(model, args, say)
     if report is not None:
         text = report.to_json() if args.report.endswith(".json") else report.to_markdown()
         _write_text(args.report, text)
-        print(f"report written to {args.report}")
+        say(f"report written to {args.report}")
+    written = None
     if args.out:
-        _save_model(converted, args.out, args.model)
-        print(f"converted model saved to {args.out}")
+        written = _save_model(converted, args.out, args.model, x, args.out_format)
+        say(f"converted model saved to {args.out} ({_written_text(written)})")
+    if as_json:
+        import json
+
+        from .report import _finite
+
+        data = {"weights": weights, "record": record.to_dict(), "out": written, "report": args.report,
+                "savings": None if counted is None else {
+                    "params_before": counted.params_before, "params_after": counted.params_after,
+                    "macs_per_sample_before": counted.macs_before, "macs_per_sample_after": counted.macs_after}}
+        print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
     return 0
+
+
+def _one_line(record) -> str:
+    v = record.verification
+    err = "" if v is None else f", relative L2 error {v.rel_error:.3g}"
+    return (f"{record.model}: {len(record.rewrites)} rewrites, {len(record.skipped)} skipped, parameters "
+            f"{_change(record.params_before, record.params_after)}{err}")
+
+
+def _written_text(info: dict[str, Any]) -> str:
+    out = info["format"]
+    if info.get("exporter"):
+        out += f", {info['exporter']}"
+    check = info.get("check")
+    if check:
+        out += f"; checked in {check['runtime']}: max abs difference {check['max_abs_error']:.3g}"
+    return out
 
 
 def _change(before: int, after: int) -> str:
@@ -274,7 +396,7 @@ def _change(before: int, after: int) -> str:
     return f"{before:,} → {after:,}{rel}"
 
 
-def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace) -> None:
+def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace, say=print) -> None:
     """Say when the verification above is blind to part of the model (fresh timm weights zero some branches)."""
     if args.pretrained or args.weights:
         return
@@ -282,29 +404,36 @@ def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace) -> None:
 
     names = silencing_params(model)
     if names:
-        print(f"  note: {len(names)} scaling parameters of this model are zero (e.g. {names[0]}): fresh "
-              "weights silence the branches behind them, so the error above cannot show what happens there. "
-              "Use --pretrained or --weights for a meaningful error (`fxsurgeon batch` randomises them).")
+        say(f"  note: {len(names)} scaling parameters of this model are zero (e.g. {names[0]}): fresh "
+            "weights silence the branches behind them, so the error above cannot show what happens there. "
+            "Use --pretrained or --weights for a meaningful error (`fxsurgeon batch` randomises them).")
 
 
 def _add_convert(sub) -> None:
+    from .cli_common import add_model_options, add_recipe_options
+
     p = sub.add_parser(
         "convert", help="convert one model and print what changed",
         description="Convert one model with a recipe, print every rewrite and skip, verify it against the "
                     "original on a random input, and optionally save it and a savings report.",
+        epilog="exit codes: 0 done, 2 usage or input error", parents=[_common()],
     )
     p.add_argument("model", nargs="?", default="resnet18",
                    help="timm name, package.module:factory, or a saved model file (default: resnet18)")
-    p.add_argument("--recipe", help="recipe YAML (see recipes/); default: convert()'s defaults")
-    p.add_argument("--out", help="save the converted model: .safetensors (fxsurgeon.save) or .pt (torch.save)")
-    p.add_argument("--report", help="write the savings report here (.md, or .json)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="example input size (default: the model's pretrained_cfg, else 3 224 224)")
-    p.add_argument("--batch-size", type=_positive(int), default=1)
+    add_recipe_options(p)
+    p.add_argument("--out", metavar="FILE",
+                   help="save the converted model; the suffix picks the format: .safetensors (fxsurgeon.save: "
+                        "weights + recipe), .pt/.pth (torch.save), .onnx (ONNX, checked in onnxruntime), "
+                        ".pt2 (torch.export ExportedProgram)")
+    p.add_argument("--out-format", choices=("safetensors", "pt", "onnx", "pt2"),
+                   help="format of --out whatever its suffix")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="what goes to stdout: the readable summary (default) or one JSON document")
+    p.add_argument("--report", metavar="FILE", help="write the savings report here (.md, or .json)")
+    add_model_options(p)
+    p.add_argument("--batch-size", type=_positive(int), default=1,
+                   help="batch of the example input (verification; MACs are per sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
-    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (downloads them)")
-    p.add_argument("--weights", help="a state dict to load into MODEL first (.safetensors / .pt)")
-    add_trust_factory_argument(p)
     p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
     p.add_argument("--synthetic-calibration", action="store_true",
                    help="calibrate without data: on images made to match the model's BatchNorm statistics "
@@ -314,12 +443,9 @@ def _add_convert(sub) -> None:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from .batch import expand_models, run_batch
+    from .cli_common import recipe_from_args
 
-    recipe: dict[str, Any] = {}
-    if args.recipe:
-        from .recipes import load_recipe
-
-        recipe = load_recipe(args.recipe)
+    recipe = recipe_from_args(args)
     models = expand_models(args.patterns, args.exclude)
     if args.list:
         print("\n".join(models))
@@ -331,8 +457,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         workers=args.workers, timeout=args.timeout, max_params=args.max_params, input_size=args.input_size,
         image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
         max_memory=args.max_memory, count_macs=not args.no_macs, perturb_init=not args.no_perturb_init,
-        force=args.force,
-        retry_failed=args.retry_failed, dask_scheduler=args.dask_scheduler, progress=not args.no_progress,
+        force=args.force, retry_failed=args.retry_failed, dask_scheduler=args.dask_scheduler,
+        progress=not args.no_progress and not args.quiet,
     )
     results = outcome.results
     print(f"fxsurgeon batch: {len(outcome.ran)} run ({len(models) - len(outcome.ran)} already in {args.out}); "
@@ -343,23 +469,25 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _add_batch(sub) -> None:
+    from .cli_common import add_recipe_options, positive_int
+
     p = sub.add_parser(
         "batch", help="convert many timm models, each in its own process",
         description="Convert every model matching the patterns (timm.list_models), each in its own process, "
                     "appending one JSON line per model to --out. Rerunning skips models already there. "
-                    "Exit 1 when a model failed or timed out, 2 on usage errors.",
+                    "Exit 1 when a model failed or timed out, 2 on usage errors.", parents=[_common()],
     )
     p.add_argument("patterns", nargs="+", metavar="PATTERN",
                    help="timm.list_models pattern (resnet*), model name, package.module:factory or a file")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="leave these out (repeatable)")
-    p.add_argument("--recipe", help="recipe YAML applied to every model")
+    add_recipe_options(p)
     p.add_argument("--out", help="results, one JSON line per model (appended; required)")
     p.add_argument("--summary", help="write a Markdown summary here")
     p.add_argument("--max-params", type=parse_count, metavar="N", help="skip larger models, e.g. 200M")
     p.add_argument("--workers", type=_positive(int), default=1, help="models at a time (default 1)")
     p.add_argument("--timeout", type=_positive(float), default=600.0, metavar="S",
                    help="seconds per model before its processes are killed (default 600)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+    p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help="one input size for all (default: --image-size when the model runs at it, else its own)")
     p.add_argument("--image-size", type=_positive(int), default=64, help="small input tried first (default 64)")
     p.add_argument("--batch-size", type=_positive(int), default=1)
@@ -375,14 +503,58 @@ def _add_batch(sub) -> None:
     p.add_argument("--force", action="store_true", help="convert again models already in --out")
     p.add_argument("--retry-failed", action="store_true", help="convert again models that failed or timed out")
     p.add_argument("--dask-scheduler", metavar="ADDRESS", help="run on a Dask cluster (pip install fxsurgeon[distributed])")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--quiet implies it)")
     p.add_argument("--list", action="store_true", help="print the models the patterns select and exit")
     p.set_defaults(func=_cmd_batch)
 
 
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipe_files import describe_recipe, list_recipes, resolve_recipe
+
+    if args.name:
+        path = resolve_recipe(args.name)
+        sys.stdout.write(path.read_text(encoding="utf-8"))
+        return 0
+    names = list_recipes()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {describe_recipe(name)}")
+    if not args.quiet:
+        print("\nuse one with --recipe NAME; `fxsurgeon recipes NAME` prints it (copy it to make your own)")
+    return 0
+
+
+def _add_recipes(sub) -> None:
+    p = sub.add_parser("recipes", help="list the shipped recipes, or print one",
+                       description="List the recipes shipped with fxsurgeon (usable as --recipe NAME), or print "
+                                   "one to copy and edit.", parents=[_common()])
+    p.add_argument("name", nargs="?", help="print this recipe's YAML")
+    p.set_defaults(func=_cmd_recipes)
+
+
+def _common() -> argparse.ArgumentParser:
+    """--quiet / --verbose, accepted before or after the subcommand (SUPPRESS: the top level's value stays)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print results and errors only: no notes, no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="more detail: every rewrite, and the traceback of an error")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxsurgeon", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+    from .cli_common import Parser
+
+    parser = Parser(prog="fxsurgeon", parents=[_common()],
+                    description="fxsurgeon: convert PyTorch models with torch.fx passes (separable convs, conv "
+                                "heads, concat fusion) that keep the trained weights, then report and benchmark.",
+                    epilog="exit codes: 0 success, 1 a check failed (thresholds, failed models in a batch), "
+                           "2 usage or input error, 130 interrupted. `fxsurgeon COMMAND --help` for each command.")
+    parser.set_defaults(quiet=False, verbose=False)
+    parser.add_argument("--version", action="version", version=f"fxsurgeon {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_convert(sub)
     _add_batch(sub)
     from .report_cli import add_report_command
@@ -391,20 +563,35 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_cli import add_bench_command
 
     add_bench_command(sub)
+    _add_recipes(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fxsurgeon`` command; returns the exit code (0 ok, 1 a check failed, 2 usage/input, 130 ^C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, inside the handler below
+        return code
     except SurgeryError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"fxsurgeon: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fxsurgeon: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`fxsurgeon ... | head`): stop quietly; stdout goes to /dev/null so the
+        # interpreter's final flush does not raise again
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
 
 
 if __name__ == "__main__":

@@ -422,7 +422,9 @@ def convert(
         if shapes_note.get("source") == "probe":
             _refuse_spatial_options(plan, shapes_note)
             gm.meta[NOMINAL_SHAPES_KEY] = True  # passes: spatial sizes are not the model's
-        if shape_inputs:
+        if shape_inputs and shapes_note.get("source") != "probe":
+            # real sizes (calibration, pretrained_cfg) are replayed by load(); a probe is derived again there, so
+            # the replay marks its shapes nominal and takes the same decisions
             tracing["example_inputs"] = describe_tracing(None, None, None, shape_inputs)["example_inputs"]
 
     traced_error = None

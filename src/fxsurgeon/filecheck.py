@@ -51,7 +51,11 @@ _FILE_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "
 _REWRITE_FIELDS = {"target": str, "before": str, "after": str, "exact": bool, "pass_name": str, "details": dict}
 _SKIP_FIELDS = {"target": str, "reason": str, "pass_name": str, "details": dict}
 _VERIFICATION_FIELDS = {"max_abs_error": (int, float), "rel_error": (int, float), "tolerance": (int, float),
-                        "exact_expected": bool, "input_shapes": list, "device": str, "dtype": str}
+                        "exact_expected": bool, "input_shapes": list, "device": str, "dtype": str,
+                        # what was run as the original, and the traced copy's own error (optional: newer records)
+                        "reference": str, "traced_rel_error": (int, float, type(None))}
+_VERIFICATION_REQUIRED = ("max_abs_error", "rel_error", "tolerance", "exact_expected", "input_shapes", "device",
+                          "dtype")
 _RECORD_TYPES: dict[str, Any] = {"model": str, "options": dict, "rewrites": list, "skipped": list,
                                  "params_before": int, "params_after": int, "seconds": dict, "versions": dict,
                                  "extras": dict, "tracing": dict, "schema_version": int}
@@ -168,8 +172,10 @@ def check_example_shape(shape: Any, where: str) -> list[int]:
 
 def _check_tracing(c: _Checker, tracing: dict[str, Any], field: str) -> None:
     known = {"leaf_modules": list, "autowrap_functions": list, "concrete_args": dict, "concrete_args_repr": str,
-             "example_inputs": list}
+             "example_inputs": list, "mode": str}
     c.fields(tracing, known, field, ())
+    if "mode" in tracing and tracing["mode"] not in ("eval", "train"):
+        c.fail(f"{field}['mode']", "must be 'eval' or 'train'", tracing["mode"])
     for key in ("leaf_modules", "autowrap_functions"):
         if key in tracing:
             c.str_list(tracing[key], f"{field}[{key!r}]")
@@ -227,7 +233,7 @@ def validate_metadata(meta: Any, path: Any, format_version: int) -> None:
         c.fields(s, _SKIP_FIELDS, f"'record'['skipped'][{i}]", ("target", "reason"))
     v = record.get("verification")
     if v is not None:
-        c.fields(v, _VERIFICATION_FIELDS, "'record'['verification']", tuple(_VERIFICATION_FIELDS))
+        c.fields(v, _VERIFICATION_FIELDS, "'record'['verification']", _VERIFICATION_REQUIRED)
         for i, shape in enumerate(v["input_shapes"]):
             c.typed(shape, list, f"'record'['verification']['input_shapes'][{i}]")
             for j, s in enumerate(shape):

@@ -57,6 +57,7 @@ __all__ = [
     "load",
     "normalize_source",
     "read_metadata",
+    "replay_conversion",
     "save",
 ]
 
@@ -155,17 +156,21 @@ def infer_source(model: nn.Module) -> dict[str, Any] | None:
     return {"timm": str(cfg["architecture"]), "kwargs": kwargs}
 
 
-def build_original(source: dict[str, Any], *, trust_factories: Iterable[str] | None = None) -> nn.Module:
+def build_original(source: dict[str, Any], *, trust_factories: Iterable[str] | None = None,
+                   trusted: bool = False) -> nn.Module:
     """Instantiate the original (unconverted) architecture from a source, without pretrained weights.
 
     The source is treated like one read from a file: a factory is imported only when the allow-list of
     :mod:`fxsurgeon.sources` or ``trust_factories`` (``"package.module:function"`` / ``"package.module:*"``)
-    covers it.
+    covers it. ``trusted=True`` skips that check, for a source that is the caller's own (the record of a model
+    converted in this process, or of one :func:`load` already checked).
 
     >>> type(build_original({"factory": "fxsurgeon.models:resnet20", "kwargs": {}})).__name__
     'CifarResNet'
     """
-    return _maker(normalize_source(source), check_trust_patterns(trust_factories))()
+    if not isinstance(trusted, bool):
+        raise SurgeryError(f"trusted must be a bool, got {type(trusted).__name__}")
+    return _maker(normalize_source(source), TRUST_ALL if trusted else check_trust_patterns(trust_factories))()
 
 
 def _maker(source: dict[str, Any], trust: Iterable[str] | str, model: nn.Module | None = None) -> Callable[[], nn.Module]:
@@ -437,7 +442,7 @@ def _rebuild(
         try:
             original.to("meta")
             with guard(budget):
-                gm = _replay(record, source, original, trust)
+                gm = replay_conversion(record, source, original, trust)
             if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
                 gm = None  # a pass decided differently on meta tensors (one that needs weight values)
         except SurgeryError as exc:
@@ -462,7 +467,7 @@ def _rebuild(
                 pass
     try:
         with guard(budget):
-            gm = _replay(record, source, make(), trust)
+            gm = replay_conversion(record, source, make(), trust)
     except SurgeryError:
         raise
     except Exception as exc:  # e.g. a recorded example input that does not fit the model
@@ -495,8 +500,15 @@ def _restore_buffers(gm: nn.Module, kept: dict[str, torch.Tensor]) -> None:
                 mod._buffers[b] = kept[key]
 
 
-def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
-            trust: Iterable[str] | str) -> fx.GraphModule:
+def replay_conversion(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
+                      trust: Iterable[str] | str, *, init_from_weights: bool = False) -> fx.GraphModule:
+    """Run the conversion ``record`` describes on ``model`` again, in place (same passes, forms and ranks).
+
+    The decompositions start from random weights (the saved ones are loaded afterwards) unless
+    ``init_from_weights``, where they start from ``model``'s weights with the recorded ``init`` (mapping an
+    original checkpoint onto a converted model). Names of leaf modules and autowrapped functions in the record
+    are resolved only as ``trust`` allows (see :mod:`fxsurgeon.sources`).
+    """
     from .convert import convert
     from .passes import get_pass, list_passes
 
@@ -509,6 +521,8 @@ def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
         # data-driven options are not replayed: their effect is in the saved weights
         opts = {k: v for k, v in opts.items() if k not in ("calibration_omitted", "calibration")}
         passes[name] = replay(opts, done, model) if replay else dict(opts)
+        if replay and init_from_weights:
+            passes[name]["init"] = opts.get("init", "svd")
         needs_shapes |= get_pass(name).needs_shapes
     inputs = _example_inputs(tracing.get("example_inputs", []), model) if needs_shapes else ()
     return convert(
@@ -518,6 +532,7 @@ def _replay(record: dict[str, Any], source: dict[str, Any], model: nn.Module,
         autowrap_functions=[resolve_symbol(s, trust, "autowrapped function", None, model)
                             for s in tracing.get("autowrap_functions", [])] or None,
         concrete_args=tracing.get("concrete_args"),
+        mode=tracing.get("mode"),  # the train/eval branches the saved graph kept
         **passes,
     )
 
@@ -723,12 +738,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, suffix: str = ".tmp") -> None:
     """Write a file whole or not at all: ``write(tmp)`` fills a temporary file next to ``path``, renamed over it.
 
     The result has the permissions ``open(path, "w")`` would give it: those of the file it replaces, else
     ``0o666`` less the umask (a bare ``tempfile.mkstemp`` would leave ``0o600``). On any failure the temporary
-    file is removed and the exception re-raised; an existing ``path`` is then left untouched.
+    file is removed and the exception re-raised; an existing ``path`` is then left untouched. ``suffix`` ends the
+    temporary file's name (writers such as ``torch.onnx.export`` pick the format from it).
 
     >>> import os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "out.txt")
@@ -743,7 +759,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.resolve().parent)
     os.close(fd)
     try:
         write(tmp)

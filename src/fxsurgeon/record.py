@@ -155,13 +155,16 @@ class Conversion:
             lines.append("  skipped:")
             by_reason = Counter((s.pass_name, _reason_key(s.reason)) for s in self.skipped)
             for (pname, reason), n in by_reason.most_common():
-                example = next(s.target for s in self.skipped if s.pass_name == pname and _reason_key(s.reason) == reason)
-                lines.append(f"    {pname}: {n}× {reason} (e.g. {example})")
+                example = next(s for s in self.skipped if s.pass_name == pname and _reason_key(s.reason) == reason)
+                lines.append(f"    {pname}: {n}× {example.reason} (e.g. {example.target})")
         v = self.verification
         if v is not None:
+            # "verified" only when the error is within tolerance; a larger one was measured, not verified
+            word = "verified" if v.rel_error <= v.tolerance else "measured"
             lines.append(
-                f"  verified on inputs {v.input_shapes} ({v.device}, {v.dtype}): max abs error {v.max_abs_error:.3g}, "
-                f"relative L2 error {v.rel_error:.3g}" + (f" (exact rewrites, tolerance {v.tolerance:g})" if v.exact_expected else "")
+                f"  {word} on inputs {v.input_shapes} ({v.device}, {v.dtype}): max abs error {v.max_abs_error:.3g}, "
+                f"relative L2 error {v.rel_error:.3g}" + (f" (exact rewrites, tolerance {v.tolerance:g})" if v.exact_expected
+                   else f" (above the tolerance {v.tolerance:g}: approximate)" if word == "measured" else "")
             )
         else:
             lines.append("  not verified (pass example_inputs= to compare outputs)")

@@ -44,10 +44,14 @@ from .report_count import Counts, count_model, cross_check
 __all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
 
 #: version of the JSON the report writes (src/fxsurgeon/schemas/report.schema.json); bump on any change
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-MACS_NOTE = ("MACs = multiply-accumulates as counted by fvcore (one multiply-add = 1 MAC; fvcore calls it a "
-             "flop); PyTorch's FlopCounterMode FLOPs = 2 × MACs")
+MACS_NOTE = ("MACs = multiply-accumulates per input sample (batch size 1), as counted by fvcore "
+             "(one multiply-add = 1 MAC; fvcore calls it a flop); PyTorch's FlopCounterMode FLOPs = 2 × MACs")
+
+#: what the fidelity figures were measured with: ``random`` weights make them meaningless (zero-initialised
+#: residual branches give 0 error for free), ``unknown`` is the Python API's default
+WEIGHTS = ("random", "pretrained", "checkpoint", "unknown")
 
 
 @dataclass
@@ -70,6 +74,8 @@ class SavingsReport:
     cosine_similarity: float | None
     top1_agreement: float | None
     fidelity_source: str
+    weights: str
+    batch_size: int
     rewrites: list[dict[str, Any]]
     skipped: list[dict[str, Any]]
     passes: dict[str, dict[str, int]]
@@ -81,6 +87,11 @@ class SavingsReport:
     versions: dict[str, str]
     counts_before: Counts = field(repr=False, compare=False)
     counts_after: Counts = field(repr=False, compare=False)
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the fidelity figures come from random weights: they say nothing about a trained model."""
+        return self.weights == "random"
 
     @property
     def mac_savings(self) -> float | None:
@@ -134,6 +145,8 @@ class SavingsReport:
         out = {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
+            "weights": self.weights,
+            "batch_size": self.batch_size,
             "units": {"macs": MACS_NOTE, "params": "parameter elements (shared parameters once)"},
             "input_shapes": self.input_shapes,
             "params_before": self.params_before,
@@ -282,6 +295,21 @@ def fidelity(reference: Any, output: Any) -> dict[str, float | None]:
     return {"max_abs_error": max_abs, "rel_error": rel, "cosine_similarity": cos, "top1_agreement": top1}
 
 
+def _one_sample(inputs: tuple) -> tuple[int, tuple]:
+    """(batch size, the inputs cut to their first sample): MACs are counted per sample.
+
+    The batch size is the leading dimension shared by every tensor input; when the tensors disagree (or
+    there are none) the inputs are not batched as far as we can tell, and they are counted whole as 1 sample.
+    """
+    sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.ndim > 0}
+    if len(sizes) != 1:
+        return 1, inputs
+    n = sizes.pop()
+    if n <= 1:
+        return max(n, 1), inputs
+    return n, tuple(x[:1] if isinstance(x, torch.Tensor) and x.ndim > 0 else x for x in inputs)
+
+
 def _run_restoring(model: nn.Module, inputs: tuple, what: str) -> Any:
     modes = _modes(model)
     try:
@@ -298,6 +326,7 @@ def savings(
     depth: int = 1,
     measure_fidelity: bool = True,
     torch_cross_check: bool = True,
+    weights: str = "unknown",
 ) -> SavingsReport:
     """Count what ``converted`` saves against ``original`` on ``example_inputs``, and how close its outputs are.
 
@@ -311,9 +340,13 @@ def savings(
         measure_fidelity: run both models and compare outputs; when False the conversion record's
             verification (max abs and relative L2 error only) is reported, if there is one.
         torch_cross_check: also count with ``torch.utils.flop_counter.FlopCounterMode``.
+        weights: what the models' weights are, stamped on every output: ``"random"`` (fresh initialisation:
+            the fidelity figures then say nothing about a trained model, and every renderer says so),
+            ``"pretrained"``, ``"checkpoint"`` or ``"unknown"`` (default).
 
     Returns:
-        A :class:`SavingsReport`. MACs are fvcore's count: one multiply-add = 1 MAC.
+        A :class:`SavingsReport`. MACs are fvcore's count for one sample (the first of the batch): one
+        multiply-add = 1 MAC, whatever the batch size of ``example_inputs``; fidelity uses the whole batch.
 
     Raises:
         SurgeryError: not modules, no inputs, a depth below 0, or a model fvcore or the inputs cannot run.
@@ -321,14 +354,16 @@ def savings(
     >>> import torch, torch.nn as nn
     >>> lin = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
     >>> r = savings(lin, lin, torch.randn(4, 128, 7, 7))
-    >>> r.macs_before, r.macs_by_operator["before"]
-    (30208, {'adaptive_avg_pool2d': 25088, 'linear': 5120})
+    >>> r.macs_before, r.macs_by_operator["before"], r.batch_size
+    (7552, {'adaptive_avg_pool2d': 6272, 'linear': 1280}, 4)
     """
     for what, m in (("original", original), ("converted", converted)):
         if not isinstance(m, nn.Module):
             raise SurgeryError(f"savings() takes nn.Modules; {what} is {type(m).__module__}.{type(m).__qualname__}")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
         raise SurgeryError(f"depth must be an int ≥ 0, got {depth!r}")
+    if weights not in WEIGHTS:
+        raise SurgeryError(f"weights={weights!r} is not one of {', '.join(map(repr, WEIGHTS))}")
     inputs = normalize_inputs(example_inputs)
     if not inputs:
         raise SurgeryError("savings() needs example_inputs: fvcore counts MACs by running the model on them")
@@ -338,8 +373,11 @@ def savings(
             raise SurgeryError(f"the {what} model is on the meta device: counting MACs needs real tensors")
     in_orig = _to_device(inputs, _device_of(original))
     in_conv = _to_device(inputs, _device_of(converted))
-    before = count_model(original, in_orig, what="the original model", torch_counter=torch_cross_check)
-    after = count_model(converted, in_conv, what="the converted model", torch_counter=torch_cross_check)
+    batch, one = _one_sample(inputs)
+    before = count_model(original, _to_device(one, _device_of(original)), what="the original model",
+                         torch_counter=torch_cross_check)
+    after = count_model(converted, _to_device(one, _device_of(converted)), what="the converted model",
+                        torch_counter=torch_cross_check)
     record = find_record(converted)
 
     if measure_fidelity:
@@ -369,6 +407,7 @@ def savings(
         macs_before=before.total_macs, macs_after=after.total_macs,
         max_abs_error=fid["max_abs_error"], rel_error=fid["rel_error"],
         cosine_similarity=fid["cosine_similarity"], top1_agreement=fid["top1_agreement"], fidelity_source=source,
+        weights=weights, batch_size=batch,
         rewrites=rows, skipped=skipped, passes=passes, unattributed=unattributed, module_depth=depth,
         macs_by_operator={"before": before.macs_by_operator(), "after": after.macs_by_operator()},
         uncounted_ops={"before": before.uncounted, "after": after.uncounted},

@@ -55,36 +55,57 @@ def _nonneg_float(text: str) -> float:
 
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on the ``fxsurgeon`` parser's subparsers."""
+    from .cli import _common
+    from .cli_common import add_model_options, add_recipe_options
+
     p = subparsers.add_parser(
         "report", help="parameters, MACs and fidelity of a conversion; gate CI on thresholds",
-        description="Parameters, MACs and output fidelity of a conversion, as a table, Markdown, JSON or CSV, "
-                    "and a CI gate on thresholds. MODEL is converted here (with --recipe), or is a converted "
-                    "model saved by fxsurgeon. MACs are fvcore's count: one multiply-add = 1 MAC.",
-        epilog="exit codes: 0 ok, 1 a threshold missed, 2 usage or input error")
+        description="Parameters, MACs per sample and output fidelity of a conversion, as a table, Markdown, "
+                    "JSON or CSV, and a CI gate on thresholds. MODEL is converted here (with --recipe), or is a "
+                    "converted model saved by fxsurgeon. MACs are fvcore's count: one multiply-add = 1 MAC. "
+                    "Fidelity measured with random weights says nothing about a trained model: every output "
+                    "says so, and --max-rel-error on random weights needs --allow-random.",
+        epilog="exit codes: 0 ok, 1 a threshold missed, 2 usage or input error", parents=[_common()])
     p.add_argument("model", help="timm name, package.module:factory, or a converted model saved by fxsurgeon")
-    p.add_argument("--recipe", metavar="FILE", help="YAML recipe of convert() options (MODEL not yet converted)")
+    add_recipe_options(p)
     p.add_argument("--original", metavar="MODEL",
                    help="for a saved converted MODEL: the original (timm name, package.module:factory or a "
-                        "torch.save'd .pt/.pth) to measure fidelity against; without it the conversion record's "
-                        "verification is reported and MACs come from the rebuilt original architecture")
-    p.add_argument("--pretrained", action="store_true", help="timm pretrained weights for the original")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                   help="input size (default: the model's pretrained_cfg, or the recorded verification inputs)")
-    p.add_argument("--batch-size", type=int, default=1)
+                        "torch.save'd .pt/.pth) to measure fidelity against, with its trained weights "
+                        "(--weights or --pretrained); without it the conversion record's verification is "
+                        "reported and MACs come from the rebuilt original architecture")
+    add_model_options(p, role="the original model")
+    p.add_argument("--allow-random", action="store_true",
+                   help="measure fidelity on random weights anyway (stamped RANDOM WEIGHTS in every output)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch of the fidelity inputs (MACs are per sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random example input")
-    p.add_argument("--format", choices=("md", "json", "table", "csv"), default="table")
+    p.add_argument("--format", choices=("md", "json", "table", "csv"), default=None,
+                   help="output format (default: from --out's suffix .md/.json/.csv/.txt, else table)")
     p.add_argument("--out", metavar="FILE", help="write the report here instead of stdout")
     p.add_argument("--depth", type=int, default=1, help="depth of the per-module breakdown (default 1)")
     p.add_argument("--plot", action="append", metavar="FILE", default=[],
                    help="also write the per-stage chart (.png, .svg or .pdf); repeat for several")
     p.add_argument("--min-mac-savings", type=parse_fraction, metavar="PCT", help="e.g. 30%% or 0.3")
     p.add_argument("--min-param-savings", type=parse_fraction, metavar="PCT", help="e.g. 30%% or 0.3")
-    from .cli import add_trust_factory_argument
-
-    add_trust_factory_argument(p)
-    p.add_argument("--max-rel-error", type=_nonneg_float, metavar="X", help="relative L2 output error, e.g. 1e-3")
+    p.add_argument("--max-rel-error", type=_nonneg_float, metavar="X",
+                   help="relative L2 output error, e.g. 1e-3 (needs trained weights, or --allow-random)")
     p.set_defaults(func=run_report)
     return p
+
+
+#: report formats by --out suffix
+_SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".json": "json", ".csv": "csv", ".txt": "table"}
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    if not args.out:
+        return "table"
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise SurgeryError(f"--out {args.out}: cannot tell the format from {suffix or 'no suffix'!r}; give --format "
+                           f"(md, json, table, csv) or use {', '.join(_SUFFIX_FORMATS)}")
+    return _SUFFIX_FORMATS[suffix]
 
 
 def _is_saved_model(spec: str) -> bool:
@@ -121,14 +142,6 @@ def _record(model: nn.Module):
         return get_record(model)
     except SurgeryError:
         return None
-
-
-def _original_spec(args: argparse.Namespace) -> nn.Module:
-    from .cli import load_model
-
-    if _is_saved_model(args.original):
-        return _load_saved(args.original, args.trust_factory)
-    return load_model(args.original, pretrained=args.pretrained)
 
 
 def _rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = None) -> nn.Module:
@@ -194,39 +207,85 @@ def _write(path: str, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # honours the umask
 
 
+def _original_spec(args: argparse.Namespace) -> nn.Module:
+    from .cli import load_model
+
+    if _is_saved_model(args.original):
+        if args.weights or args.pretrained:
+            raise SurgeryError(f"--original {args.original} is a saved model with its weights: --weights and "
+                               "--pretrained do not apply to it")
+        return _load_saved(args.original, args.trust_factory)
+    return load_model(args.original, pretrained=args.pretrained, weights=args.weights,
+                      trust_factories=args.trust_factory)
+
+
+def _random_gate(args: argparse.Namespace, weights: str) -> None:
+    """Fidelity gates on random weights pass for free (zero-initialised branches): a usage error."""
+    if weights == "random" and args.max_rel_error is not None and not args.allow_random:
+        raise SurgeryError("--max-rel-error on random weights gates nothing (fresh residual branches can give 0 "
+                           "error for free): give the original's trained weights (--weights FILE or --pretrained), "
+                           "or --allow-random to run the gate anyway")
+
+
 def run_report(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: build or load, count, render, gate."""
     from .cli import load_model
+    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
     from .convert import convert
     from .report import savings
 
     _check_outputs(args)
+    fmt = _format(args)
+    device = device_of(args)
     saved = _is_saved_model(args.model)
     if saved:
-        if args.recipe:
-            raise SurgeryError("--recipe applies to an original MODEL; this one is already converted")
-        converted = _load_saved(args.model, args.trust_factory)
+        if args.recipe or args.overrides:
+            raise SurgeryError("--recipe applies to an original MODEL (so does --set); this one is already converted")
+        if args.original is None and (args.weights or args.pretrained):
+            raise SurgeryError("--weights and --pretrained are the original's: give --original MODEL with them "
+                               "(the saved converted model carries its own weights)")
         measured = args.original is not None
-        original = _original_spec(args) if measured else _rebuilt_original(converted, args.model, args.trust_factory)
+        if measured:
+            weights = weights_kind(args, args.original)
+            if weights == "random" and not args.allow_random:
+                raise SurgeryError(
+                    f"--original {args.original} without weights would be compared as a freshly randomised "
+                    "model: give its trained weights (--weights FILE or --pretrained), leave --original out "
+                    "to report the conversion record's own verification, or --allow-random")
+            _random_gate(args, weights)
+        converted = _load_saved(args.model, args.trust_factory)
+        if measured:
+            original = _original_spec(args)
+        else:
+            original = _rebuilt_original(converted, args.model, args.trust_factory)
+            rec = _record(converted)
+            # the record's verification was measured with the weights the conversion had
+            weights = (rec.extras.get("weights") if rec is not None else None) or "unknown"
+            _random_gate(args, weights)
         size = _input_size(args, converted, original)
     else:
         if args.original:
             raise SurgeryError("--original applies to a saved converted MODEL; MODEL itself is the original here")
-        kwargs = {}
-        if args.recipe:
-            from .recipes import load_recipe
-
-            kwargs = load_recipe(args.recipe)
-        original = load_model(args.model, pretrained=args.pretrained)
+        weights = weights_kind(args, args.model)
+        _random_gate(args, weights)
+        kwargs = recipe_from_args(args)
+        original = load_model(args.model, pretrained=args.pretrained, weights=args.weights,
+                              trust_factories=args.trust_factory)
         measured = True
         size = _input_size(args, original)
-    x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(args.seed))
+    original = original.to(device)
+    x = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(args.seed)).to(device)
     if not saved:
-        converted = convert(original, example_inputs=x, **kwargs)
-    report = savings(original, converted, x, depth=args.depth, measure_fidelity=measured)
+        with activity(f"converting {args.model}", enabled=show_progress(args)):
+            converted = convert(original, example_inputs=x, **kwargs)
+    converted = converted.to(device)
+    report = savings(original, converted, x, depth=args.depth, measure_fidelity=measured, weights=weights)
+    if report.random_weights and not args.quiet and (args.out or fmt == "json"):
+        print("fxsurgeon: note: RANDOM WEIGHTS: the fidelity figures say nothing about a trained model",
+              file=sys.stderr)
 
     text = {"md": report.to_markdown, "json": report.to_json, "table": report.to_table,
-            "csv": lambda: report.to_csv(header=True)}[args.format]()
+            "csv": lambda: report.to_csv(header=True)}[fmt]()
     text = text if text.endswith("\n") else text + "\n"
     if args.out:
         _write(args.out, text)

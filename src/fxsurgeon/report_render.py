@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["CSV_FIELDS", "csv_header", "to_csv", "to_markdown", "to_table", "totals_line"]
 
 #: columns of :func:`to_csv`, in order
-CSV_FIELDS = ("model", "input_shape", "params_before", "params_after", "param_savings", "macs_before",
+CSV_FIELDS = ("model", "weights", "input_shape", "params_before", "params_after", "param_savings", "macs_before",
               "macs_after", "mac_savings", "max_abs_error", "rel_error", "cosine_similarity", "top1_agreement",
               "fidelity_source", "rewrites", "exact_rewrites", "skipped")
 
@@ -55,9 +55,9 @@ def _err(v: float | None) -> str:
 def totals_line(r: SavingsReport) -> str:
     """The one-line summary the Markdown opens with.
 
-    ``**Totals:** MACs 18.87M → 2.39M (-87.3%) · parameters 18.43K → 2.34K (-87.3%) · relative L2 error 0.41``
+    ``**Totals:** MACs per sample 18.87M → 2.39M (-87.3%) · parameters 18.43K → 2.34K (-87.3%) · relative L2 error 0.41``
     """
-    return (f"**Totals:** MACs {human(r.macs_before)} → {human(r.macs_after)} ({change(r.macs_before, r.macs_after)})"
+    return (f"**Totals:** MACs per sample {human(r.macs_before)} → {human(r.macs_after)} ({change(r.macs_before, r.macs_after)})"
             f" · parameters {human(r.params_before)} → {human(r.params_after)} "
             f"({change(r.params_before, r.params_after)}) · relative L2 error {_err(r.rel_error)}")
 
@@ -81,6 +81,11 @@ def _shapes(r: SavingsReport) -> str:
     return ", ".join("×".join(map(str, s)) for s in r.input_shapes)
 
 
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: the models were not given trained weights, so the fidelity figures say "
+                       "nothing about a trained model (fresh residual branches can give 0 error for free). "
+                       "Load trained weights (--weights FILE or --pretrained) for a meaningful comparison.")
+
+
 def _fidelity_text(r: SavingsReport) -> str:
     if r.fidelity_source == "none":
         return "Fidelity: not measured (no outputs compared and no verification in the conversion record)."
@@ -95,7 +100,7 @@ def _fidelity_text(r: SavingsReport) -> str:
 
 def _summary_rows(r: SavingsReport) -> list[list[Any]]:
     return [
-        ["MACs", f"{r.macs_before:,}", f"{r.macs_after:,}", change(r.macs_before, r.macs_after)],
+        ["MACs per sample", f"{r.macs_before:,}", f"{r.macs_after:,}", change(r.macs_before, r.macs_after)],
         ["parameters", f"{r.params_before:,}", f"{r.params_after:,}", change(r.params_before, r.params_after)],
     ]
 
@@ -148,6 +153,15 @@ _CROSS_HEADERS = ["op", "fvcore MACs before", "torch FLOPs before", "fvcore MACs
                   "2×MACs = FLOPs", "why not"]
 
 
+def _skip_groups(skipped: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
+    """Skips grouped by pass and reason (figures aside), most frequent first: (count, first skip, whole)."""
+    counts = Counter((s["pass"], _reason_key(s["reason"])) for s in skipped)
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in skipped:
+        first.setdefault((s["pass"], _reason_key(s["reason"])), s)
+    return {key: (n, first[key]) for key, n in counts.most_common()}
+
+
 def _details(summary: str, body: str) -> str:
     return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
 
@@ -160,9 +174,12 @@ def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
         extra = f"\n\n… {len(rows) - max_rows} more rows in the JSON report" if len(rows) > max_rows else ""
         return rows[:max_rows], extra
 
-    out = [f"### fxsurgeon savings report: `{r.model}`", "", totals_line(r), "",
+    out = [f"### fxsurgeon savings report: `{r.model}`", ""]
+    if r.random_weights:
+        out += [f"> **{RANDOM_WEIGHTS_NOTE}**", ""]
+    out += [totals_line(r), "",
            _table(["", "before", "after", "change"], _summary_rows(r)), "", _fidelity_text(r), "",
-           f"<sub>{MACS_NOTE}. Inputs: {_shapes(r)}.</sub>", ""]
+           f"<sub>{MACS_NOTE}. Inputs: {_shapes(r)}. Weights: {r.weights}.</sub>", ""]
     if r.passes:
         out += [_table(_PASS_HEADERS, _pass_rows(r), right={1, 2, 3, 5, 7}), ""]
     else:
@@ -177,9 +194,8 @@ def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
         out += [_details(f"Rewrites ({len(r.rewrites)})", _table(
             ["target", "pass", "change", "exact", "MACs", "params"], rows, right=set()) + extra), ""]
     if r.skipped:
-        groups = Counter((s["pass"], _reason_key(s["reason"])) for s in r.skipped)
-        rows = [[p, n, reason, f"`{next(s['target'] for s in r.skipped if s['pass'] == p and _reason_key(s['reason']) == reason)}`"]
-                for (p, reason), n in groups.most_common()]
+        groups = _skip_groups(r.skipped)
+        rows = [[p, n, example["reason"], f"`{example['target']}`"] for (p, _), (n, example) in groups.items()]
         out += [_details(f"Skipped ({len(r.skipped)})", _table(["pass", "count", "reason", "e.g."], rows,
                                                                 right={1})), ""]
     out += [_details("Ops fvcore did not count", _uncounted_text(r)), ""]
@@ -203,15 +219,18 @@ def to_table(r: SavingsReport) -> str:
     """Plain-text report for a terminal: totals, fidelity, passes, modules, uncounted ops, cross-check."""
     from .report import MACS_NOTE
 
-    out = [f"fxsurgeon savings report: {r.model} (inputs {_shapes(r)})", MACS_NOTE, "",
-           _table(["", "before", "after", "change"], _summary_rows(r)), "", _fidelity_text(r), ""]
+    out = [f"fxsurgeon savings report: {r.model} (inputs {_shapes(r)}, weights {r.weights})", MACS_NOTE, ""]
+    if r.random_weights:
+        out += [RANDOM_WEIGHTS_NOTE, ""]
+    out += [_table(["", "before", "after", "change"], _summary_rows(r)), "", _fidelity_text(r), ""]
     if r.passes:
         out += [_table(_PASS_HEADERS, _pass_rows(r), right={1, 2, 3, 5, 7}), ""]
     out += [f"per module (depth {r.module_depth}):", _table(_MODULE_HEADERS, _module_rows(r),
                                                           right={1, 2, 3, 4, 5, 6}), ""]
     if r.skipped:
-        groups = Counter((s["pass"], _reason_key(s["reason"])) for s in r.skipped)
-        out += ["skipped:"] + [f"  {p}: {n}× {reason}" for (p, reason), n in groups.most_common()] + [""]
+        groups = _skip_groups(r.skipped)
+        out += ["skipped:"] + [f"  {p}: {n}× {example['reason']} (e.g. {example['target']})"
+                               for (p, _), (n, example) in groups.items()] + [""]
     out.append(_uncounted_text(r))
     if r.cross_check is not None:
         bad = [o for o in r.cross_check["ops"] if not o["agree"]]
