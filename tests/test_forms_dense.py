@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ def test_error_is_the_weight_error_and_falls_with_rank(form):
     impl = get_form(form)
     ranks = [1, 3, 6, 9]
     errs = impl.error_at(conv, ranks)
-    assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:])) and errs[0] > errs[-1]
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errs)) and errs[0] > errs[-1]
     for r, e in zip(ranks, errs):
         block, details = impl.build(conv, r)
         # the weight the block computes, read off its response to unit impulses (a conv is linear)
@@ -110,7 +112,7 @@ def test_bad_rank_and_meta_weights(form):
         impl.build(nn.Conv2d(4, 4, 3), True)
     with pytest.raises(SurgeryError, match="meta device"):
         impl.build(nn.Conv2d(4, 4, 3, device="meta"), 2)
-    block, details = impl.build(nn.Conv2d(4, 4, 3, device="meta"), 2, init="random")
+    _, details = impl.build(nn.Conv2d(4, 4, 3, device="meta"), 2, init="random")
     assert not details["exact"]
 
 

@@ -39,8 +39,8 @@ from .forms import LayerChoice, register_form
 from .modules import depthwise_conv_class
 
 __all__ = [
-    "SpatialSeparableConv2d",
     "SpatialSVD",
+    "SpatialSeparableConv2d",
     "Tucker2",
     "TuckerConv2d",
     "TuckerFactors",
@@ -95,7 +95,7 @@ def rank_grid(top: int, points: int = CHOICE_POINTS, multiple: int = 1) -> list[
 
 def _top_eigvecs(a: torch.Tensor, r: int) -> torch.Tensor:
     """The ``r`` leading left singular vectors of ``a`` (float64), from the eigen-decomposition of a aᵀ."""
-    evals, evecs = torch.linalg.eigh(a @ a.T)
+    _, evecs = torch.linalg.eigh(a @ a.T)
     return evecs.flip(-1)[:, :r]
 
 
@@ -137,7 +137,7 @@ def tucker2_factors(weight: torch.Tensor, rank_out: int, rank_in: int, *, sweeps
     (True, torch.Size([8, 6, 3, 3]))
     """
     _check_weight(weight, "tucker2")
-    c_out, c_in, kh, kw = weight.shape
+    c_out, c_in = weight.shape[:2]
     r_out, r_in = min(rank_out, c_out), min(rank_in, c_in)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     norm2 = float(w.pow(2).sum())
