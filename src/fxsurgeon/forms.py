@@ -107,6 +107,7 @@ class DepthwisePointwise:
     """Depthwise k×k with channel multiplier m, then pointwise 1×1 (per-input-channel SVD init)."""
 
     name = "dw-pw"
+    rank_is_channels = False  # the rank multiplies C_in: hardware-friendly multiples do not apply to it
 
     def full_rank(self, conv: nn.Conv2d) -> int:
         c_out, _, kh, kw = conv.weight.shape

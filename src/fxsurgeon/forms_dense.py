@@ -72,21 +72,22 @@ def _check_rank(rank: Any, what: str) -> int:
 
 
 def rank_grid(top: int, points: int = CHOICE_POINTS, multiple: int = 1) -> list[int]:
-    """At most ``points`` ranks in 1 … ``top``, evenly spaced, on multiples of ``multiple`` where possible.
+    """At most ``points`` ranks in 1 … ``top``, evenly spaced, the largest included.
 
-    ``top`` itself is always included (the form's exact or largest useful rank).
+    With ``multiple`` > 1 and ``top`` ≥ ``multiple``, only multiples of it (``top`` rounded down): channel
+    counts that fill the SIMD lanes or tensor-core tiles.
 
     >>> rank_grid(64, points=5), rank_grid(64, points=5, multiple=8), rank_grid(5, points=8)
-    ([1, 17, 32, 48, 64], [8, 24, 32, 48, 64], [1, 2, 3, 4, 5])
+    ([1, 17, 33, 48, 64], [8, 24, 40, 48, 64], [1, 2, 3, 4, 5])
     """
     if top < 1:
         return []
     if multiple > 1 and top >= multiple:
         steps = list(range(multiple, top + 1, multiple))
-        if len(steps) > points - 1:
-            idx = [round(i * (len(steps) - 1) / (points - 2)) for i in range(points - 1)] if points > 2 else [0]
-            steps = [steps[i] for i in sorted(set(idx))]
-        return sorted(set(steps) | {top})
+        if len(steps) > points:
+            idx = {round(i * (len(steps) - 1) / (points - 1)) for i in range(points)}
+            steps = [steps[i] for i in sorted(idx)]
+        return steps
     if top <= points:
         return list(range(1, top + 1))
     step = (top - 1) / (points - 1)
