@@ -79,8 +79,12 @@ def test_error_is_the_weight_error_and_falls_with_rank(form):
             resp = block(ident)[:, :, 1:4, 1:4]  # (C_in, C_out, 3, 3) flipped correlation kernel
         w_hat = resp.flip(-1, -2).transpose(0, 1)
         true = float((w_hat - conv.weight.detach()).pow(2).sum())
-        assert true == pytest.approx(e, rel=1e-6, abs=1e-12)
-        assert details["discarded_energy"] == pytest.approx(e, rel=1e-6, abs=1e-12)
+        assert details["discarded_energy"] == pytest.approx(true, rel=1e-6, abs=1e-12)
+        if form == "spatial-svd":  # Eckart–Young: the curve is the error
+            assert true == pytest.approx(e, rel=1e-6, abs=1e-12)
+        else:  # the menu's HOSVD error bounds what the build's HOOI sweeps reach
+            assert true <= e * (1 + 1e-9) + 1e-12
+            assert e == pytest.approx(tucker2_factors(conv.weight, r, r, sweeps=0).error, rel=1e-6, abs=1e-12)
 
 
 def test_tucker_hooi_never_worse_than_hosvd():

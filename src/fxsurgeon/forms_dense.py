@@ -46,6 +46,7 @@ __all__ = [
     "TuckerFactors",
     "rank_grid",
     "spatial_svd_error_curve",
+    "tucker2_error_table",
     "tucker2_factors",
 ]
 
@@ -92,6 +93,28 @@ def rank_grid(top: int, points: int = CHOICE_POINTS, multiple: int = 1) -> list[
         return list(range(1, top + 1))
     step = (top - 1) / (points - 1)
     return sorted({1 + round(i * step) for i in range(points)})
+
+
+def tucker2_error_table(weight: torch.Tensor) -> torch.Tensor:
+    """Squared error of the truncated HOSVD at every (r_out, r_in): ``E[r_out, r_in]``, shape (C_out+1, C_in+1).
+
+    One eigen-decomposition per channel mode gives every rank at once: with orthonormal factors the error is
+    ``||W||² − ||U_outᵀ W U_in||²``, and the full rotation's core, summed cumulatively, gives that for every
+    truncation. HOOI (what :meth:`Tucker2.build` adds) only lowers it: these are upper bounds.
+
+    >>> e = tucker2_error_table(torch.randn(6, 4, 3, 3))
+    >>> e.shape, float(e[-1, -1]) < 1e-9, bool((e[:, 1:] <= e[:, :-1] + 1e-9).all())
+    (torch.Size([7, 5]), True, True)
+    """
+    _check_weight(weight, "tucker2")
+    c_out, c_in = weight.shape[:2]
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    u_in = _top_eigvecs(w.transpose(0, 1).reshape(c_in, -1), c_in)
+    u_out = _top_eigvecs(w.reshape(c_out, -1), c_out)
+    energy = torch.einsum("oikl,os,ir->srkl", w, u_out, u_in).pow(2).sum((2, 3))  # (C_out, C_in)
+    kept = torch.zeros(c_out + 1, c_in + 1, dtype=torch.float64)
+    kept[1:, 1:] = energy.cumsum(0).cumsum(1)
+    return (float(w.pow(2).sum()) - kept).clamp_min(0)
 
 
 def _top_eigvecs(a: torch.Tensor, r: int) -> torch.Tensor:
@@ -217,8 +240,10 @@ class Tucker2:
                            float("nan"), r >= self.full_rank(conv))
 
     def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
-        """Squared Frobenius weight error at each rank (HOSVD + HOOI, as :meth:`build` computes it)."""
-        return [tucker2_factors(conv.weight, *self.ranks(conv, r)).error for r in ranks]
+        """Squared Frobenius weight error at each rank: the truncated HOSVD's (:func:`tucker2_error_table`), an
+        upper bound on what :meth:`build` reaches after its HOOI sweeps."""
+        table = tucker2_error_table(conv.weight)
+        return [float(table[self.ranks(conv, r)]) for r in ranks]
 
     def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))

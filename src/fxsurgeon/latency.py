@@ -44,6 +44,7 @@ __all__ = [
     "interleaved_ratio",
     "is_faster",
     "measure_module",
+    "model_ms",
 ]
 
 #: ``timer(module, inputs) -> seconds``: the typical time of one ``module(*inputs)`` call
@@ -195,9 +196,9 @@ class LatencyJudge:
     grid_points: int = 6
     tolerance: float = 0.03
     solve_rounds: int = 3
-    model_rounds: int = 5
-    model_warmup: int = 3
-    model_iters: int = 10
+    model_rounds: int = 3
+    model_warmup: int = 1
+    model_iters: int = 5
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -385,6 +386,16 @@ def _fields(judge: LatencyJudge) -> dict[str, Any]:
     return out
 
 
+def model_ms(model: Callable[..., Any], inputs: tuple, device: torch.device, *, warmup: int = 3, iters: int = 10,
+             timer: Timer | None = None) -> float:
+    """Median milliseconds of ``model(*inputs)`` (the injected ``timer`` when given)."""
+    if timer is not None:
+        return float(timer(model, inputs)) * 1000.0
+    with torch.inference_mode():
+        times = time_calls(lambda: model(*inputs), device, warmup=warmup, iters=iters)
+    return percentile(times, 50) * 1000.0
+
+
 def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any], inputs: tuple,
                       device: torch.device, *, rounds: int = 5, warmup: int = 3, iters: int = 10,
                       timer: Timer | None = None) -> dict[str, Any]:
@@ -404,14 +415,7 @@ def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any
     conv_ms: list[float] = []
     ratios: list[float] = []
     for _ in range(rounds):
-        pair = []
-        for model in (original, converted):
-            if timer is not None:
-                pair.append(float(timer(model, inputs)) * 1000.0)
-                continue
-            with torch.inference_mode():
-                times = time_calls(lambda m=model: m(*inputs), device, warmup=warmup, iters=iters)
-            pair.append(percentile(times, 50) * 1000.0)
+        pair = [model_ms(m, inputs, device, warmup=warmup, iters=iters, timer=timer) for m in (original, converted)]
         orig_ms.append(pair[0])
         conv_ms.append(pair[1])
         ratios.append(pair[1] / pair[0] if pair[0] > 0 else float("inf"))

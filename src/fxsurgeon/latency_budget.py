@@ -52,7 +52,7 @@ from .errors import SurgeryError
 from .forms import LayerChoice, auto_forms, conv_cost, get_form
 from .forms_dense import rank_grid
 from .graph import replace_module
-from .latency import LatencyJudge, call_site_inputs, has_shapes, interleaved_ratio
+from .latency import LatencyJudge, call_site_inputs, has_shapes, interleaved_ratio, model_ms
 from .latency_table import ORIGINAL, LatencyTable, hardware_multiple
 
 __all__ = ["LatencyPlan", "budget_latency", "menu_ranks"]
@@ -408,9 +408,8 @@ def budget_latency(
     choosable = [lay for lay in solver.layers if len(lay.menu) > 1]
     if choosable:
         # one measurement of the original alone to size the first budget
-        ref = interleaved_ratio(original, original, inputs, dev, rounds=1, warmup=judge.model_warmup,
-                                iters=judge.model_iters, timer=judge.timer)
-        t_orig = ref["original_ms"]
+        t_orig = model_ms(original, inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
+                          timer=judge.timer)
         for ran in range(1, judge.solve_rounds + 1):
             need = (1.0 - target_latency) * t_orig / efficiency - fixed_saving
             budget_ms = max(layers_orig_ms - need, 0.0)
