@@ -1,0 +1,165 @@
+"""Benchmark a model under onnxruntime on the CPU: where many CPU users deploy.
+
+A model fast in eager PyTorch is not necessarily fast after export: onnxruntime fuses and schedules the graph
+itself, and its depthwise kernels differ from PyTorch's. :func:`benchmark_onnxruntime` exports the model to
+ONNX (TorchScript-based exporter, batch axis dynamic; the dynamo exporter when that fails), opens an
+``InferenceSession`` on the CPU execution provider with every graph optimisation on and ``threads`` intra-op
+threads, and times it like :func:`fxsurgeon.benchmark` (warm-up, then timed calls; median, p90, mean, min,
+throughput), returning the same :class:`~fxsurgeon.bench.BenchmarkResult`, so ``compare()`` and
+``fxsurgeon bench --runtime onnxruntime`` treat it as any other runtime. :func:`ort_runner` gives the bare
+callable, for interleaved timing (:func:`fxsurgeon.latency.interleaved_ratio`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bench import (
+    BenchmarkResult,
+    BenchmarkRow,
+    _batch_of,
+    _name,
+    _normalize_inputs,
+    _prepare_inputs,
+    device_name,
+    percentile,
+    time_calls,
+)
+from .errors import SurgeryError
+
+__all__ = ["benchmark_onnxruntime", "export_onnx", "ort_runner"]
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise SurgeryError("the onnxruntime runtime needs the onnxruntime package: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, inputs: tuple) -> bytes:
+    """The model (a float32 CPU copy in eval mode) as ONNX bytes, with a dynamic batch axis on every input.
+
+    >>> blob = export_onnx(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
+    >>> blob[:2] != b""
+    True
+    """
+    m = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
+    xs = tuple(x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+               for x in inputs)
+    names = [f"input{i}" for i in range(len(xs))]
+    buf = io.BytesIO()
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(m, xs, buf, dynamo=False, input_names=names,
+                              dynamic_axes={n: {0: "batch"} for n in names})
+            return buf.getvalue()
+        except Exception as exc:  # the TorchScript exporter does not take every graph: try dynamo's
+            errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
+        try:
+            prog = torch.onnx.export(m, xs, dynamo=True, input_names=names, verbose=False,
+                                     dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in xs))
+            return prog.model_proto.SerializeToString()
+        except Exception as exc:
+            errors.append(f"dynamo exporter: {type(exc).__name__}: {exc}")
+    raise SurgeryError(f"exporting {_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
+
+
+def ort_runner(model: nn.Module, inputs: tuple, *, threads: int | None = None) -> Callable[..., Any]:
+    """A callable running ``model`` in an onnxruntime CPU session: ``run(*tensors) -> list of numpy arrays``.
+
+    ``threads``: intra-op threads (default: torch's current number), one inter-op thread, sequential
+    execution, every graph optimisation on.
+    """
+    ort = _ort()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SurgeryError(f"onnxruntime: threads must be a positive int, got {threads!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(export_onnx(model, inputs), sess_options=opts,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*xs: Any) -> Any:
+        feed = {n: (x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else x)
+                for n, x in zip(names, xs)}
+        return session.run(None, feed)
+
+    run.session = session  # type: ignore[attr-defined]
+    return run
+
+
+def benchmark_onnxruntime(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    threads: int | None = None,
+    name: str | None = None,
+) -> BenchmarkResult:
+    """Latency and throughput of ``model`` exported to ONNX and run by onnxruntime on the CPU, per batch size.
+
+    Args:
+        model: any exportable ``nn.Module`` (a converted ``GraphModule`` too); never changed (a copy is
+            exported, in float32).
+        example_inputs: a tensor or tuple of positional inputs; the first dimension is the batch.
+        batch_sizes / warmup / iters / name: as for :func:`fxsurgeon.benchmark`.
+        threads: onnxruntime's intra-op threads (default: torch's current number).
+
+    >>> res = benchmark_onnxruntime(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), batch_sizes=[1, 2],
+    ...                             warmup=1, iters=2, threads=1)
+    >>> [r.batch_size for r in res.rows], res.settings["runtime"]
+    ([1, 2], 'onnxruntime')
+    """
+    ort = _ort()
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"benchmark_onnxruntime() takes a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(example_inputs)
+    if not isinstance(iters, int) or not isinstance(warmup, int) or iters < 1 or warmup < 0:
+        raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
+    sizes = list(batch_sizes) if batch_sizes is not None else [_batch_of(inputs) or 1]
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    run = ort_runner(model, inputs, threads=threads)
+    dev = torch.device("cpu")
+    params = sum(p.numel() for p in model.parameters())
+    result = BenchmarkResult(
+        model=name or _name(model), device="cpu", device_name=device_name(dev), dtype="fp32",
+        channels_last=False, compile=None, input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        params=params, weights_mib=sum(p.numel() * 4 for p in model.parameters()) / 2**20,
+        settings={"runtime": "onnxruntime", "warmup": warmup, "iters": iters, "timer": "perf_counter",
+                  "threads": run.session.get_session_options().intra_op_num_threads,
+                  "graph_optimization": "all", "execution_provider": "CPUExecutionProvider"},
+        versions={"onnxruntime": ort.__version__, "torch": torch.__version__},
+    )
+    for b in sizes:
+        batch = _prepare_inputs(inputs, b, dev, torch.float32, False)
+        t0 = time.perf_counter()
+        if warmup:
+            run(*batch)
+        first = time.perf_counter() - t0 if warmup else None
+        ms = [t * 1000.0 for t in time_calls(lambda batch=batch: run(*batch), dev, warmup=max(warmup - 1, 0),
+                                              iters=iters)]
+        mean = sum(ms) / len(ms)
+        result.rows.append(BenchmarkRow(
+            batch_size=b, latency_ms_median=percentile(ms, 50), latency_ms_p90=percentile(ms, 90),
+            latency_ms_mean=mean, latency_ms_min=min(ms), throughput=b / (mean / 1000.0), peak_memory_mib=None,
+            first_call_s=first, iters=iters, warmup=warmup,
+        ))
+    return result
