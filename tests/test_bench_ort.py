@@ -16,7 +16,7 @@ from fxsurgeon.cli import main
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from fxsurgeon.bench_ort import benchmark_onnxruntime, ort_runner  # noqa: E402
+from fxsurgeon.bench_ort import benchmark_onnxruntime, ort_runner
 
 
 def net():
