@@ -133,7 +133,7 @@ def runners(original, converted, sample, runtime, batch, device, dtype, threads)
     if runtime == "onnxruntime":
         from fxsurgeon.bench_ort import ort_runner
 
-        return ort_runner(original, (sample,), threads=threads), ort_runner(converted, (sample,), threads=threads), x
+        return ort_runner(original, x, threads=threads), ort_runner(converted, x, threads=threads), x
     out = []
     for m in (original, converted):
         m = __import__("copy").deepcopy(m).eval().to(device=device, dtype=dtype).to(memory_format=torch.channels_last)

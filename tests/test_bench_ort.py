@@ -25,14 +25,23 @@ def net():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
 
 
-def test_runner_matches_eager_for_a_converted_model_at_any_batch():
+def test_runner_matches_eager_for_a_converted_model():
     model = net()
     x = torch.randn(1, 3, 12, 12)
     small = fxsurgeon.convert(model, example_inputs=x, separable=dict(layers={"2": {"form": "tucker2", "rank": 8}}))
-    run = ort_runner(small, (x,), threads=1)
     for b in (1, 3):
         xb = torch.randn(b, 3, 12, 12)
+        run = ort_runner(small, (xb,), threads=1)
         np.testing.assert_allclose(run(xb)[0], small(xb).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_that_computes_with_its_input_size_exports():
+    from fxsurgeon.models import resnet20
+
+    model = resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    np.testing.assert_allclose(ort_runner(model, (x,), threads=1)(x)[0], model(x).detach().numpy(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_benchmark_rows_and_settings():

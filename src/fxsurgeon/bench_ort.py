@@ -2,7 +2,7 @@
 
 A model fast in eager PyTorch is not necessarily fast after export: onnxruntime fuses and schedules the graph
 itself, and its depthwise kernels differ from PyTorch's. :func:`benchmark_onnxruntime` exports the model to
-ONNX (TorchScript-based exporter, batch axis dynamic; the dynamo exporter when that fails), opens an
+ONNX (one export per batch size, static shapes; dynamo's exporter, else the TorchScript one), opens an
 ``InferenceSession`` on the CPU execution provider with every graph optimisation on and ``threads`` intra-op
 threads, and times it like :func:`fxsurgeon.benchmark` (warm-up, then timed calls; median, p90, mean, min,
 throughput), returning the same :class:`~fxsurgeon.bench.BenchmarkResult`, so ``compare()`` and
@@ -12,6 +12,7 @@ callable, for interleaved timing (:func:`fxsurgeon.latency.interleaved_ratio`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import time
@@ -47,37 +48,46 @@ def _ort() -> Any:
 
 
 def export_onnx(model: nn.Module, inputs: tuple) -> bytes:
-    """The model (a float32 CPU copy in eval mode) as ONNX bytes, with a dynamic batch axis on every input.
+    """The model (a float32 CPU copy in eval mode) as ONNX bytes, for inputs of exactly these shapes.
+
+    Shapes are static (one export per batch size): models that compute with their input's size — a
+    functional pool over ``x.size(3)``, a ``view(x.size(0), -1)`` — do not always export with a symbolic
+    batch. The dynamo exporter is tried first, the TorchScript one when it fails.
 
     >>> blob = export_onnx(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
-    >>> blob[:2] != b""
+    >>> len(blob) > 0
     True
     """
     m = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
     xs = tuple(x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                for x in inputs)
-    names = [f"input{i}" for i in range(len(xs))]
-    buf = io.BytesIO()
     errors = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(m, xs, buf, dynamo=False, input_names=names,
-                              dynamic_axes={n: {0: "batch"} for n in names})
-            return buf.getvalue()
-        except Exception as exc:  # the TorchScript exporter does not take every graph: try dynamo's
-            errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
-        try:
-            prog = torch.onnx.export(m, xs, dynamo=True, input_names=names, verbose=False,
-                                     dynamic_shapes=tuple({0: torch.export.Dim("batch")} for _ in xs))
+            prog = torch.onnx.export(m, xs, dynamo=True, verbose=False)
             return prog.model_proto.SerializeToString()
+        except Exception as exc:  # dynamo's exporter does not take every graph: try the TorchScript one
+            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        try:
+            buf = io.BytesIO()
+            torch.onnx.export(m, xs, buf, dynamo=False)
+            return buf.getvalue()
         except Exception as exc:
-            errors.append(f"dynamo exporter: {type(exc).__name__}: {exc}")
+            errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
     raise SurgeryError(f"exporting {_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' progress prints (they write to stdout); errors still raise."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 def ort_runner(model: nn.Module, inputs: tuple, *, threads: int | None = None) -> Callable[..., Any]:
-    """A callable running ``model`` in an onnxruntime CPU session: ``run(*tensors) -> list of numpy arrays``.
+    """A callable running ``model`` in an onnxruntime CPU session: ``run(*tensors) -> list of numpy arrays``,
+    for inputs shaped like ``inputs`` (exported with static shapes).
 
     ``threads``: intra-op threads (default: torch's current number), one inter-op thread, sequential
     execution, every graph optimisation on.
@@ -136,8 +146,10 @@ def benchmark_onnxruntime(
     sizes = list(batch_sizes) if batch_sizes is not None else [_batch_of(inputs) or 1]
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
-    run = ort_runner(model, inputs, threads=threads)
     dev = torch.device("cpu")
+    runs = {b: ort_runner(model, _prepare_inputs(inputs, b, dev, torch.float32, False), threads=threads)
+            for b in sizes}
+    run = runs[sizes[0]]
     params = sum(p.numel() for p in model.parameters())
     result = BenchmarkResult(
         model=name or _name(model), device="cpu", device_name=device_name(dev), dtype="fp32",
@@ -150,12 +162,13 @@ def benchmark_onnxruntime(
     )
     for b in sizes:
         batch = _prepare_inputs(inputs, b, dev, torch.float32, False)
+        run = runs[b]
         t0 = time.perf_counter()
         if warmup:
             run(*batch)
         first = time.perf_counter() - t0 if warmup else None
-        ms = [t * 1000.0 for t in time_calls(lambda batch=batch: run(*batch), dev, warmup=max(warmup - 1, 0),
-                                              iters=iters)]
+        ms = [t * 1000.0 for t in time_calls(lambda batch=batch, run=run: run(*batch), dev,
+                                              warmup=max(warmup - 1, 0), iters=iters)]
         mean = sum(ms) / len(ms)
         result.rows.append(BenchmarkRow(
             batch_size=b, latency_ms_median=percentile(ms, 50), latency_ms_p90=percentile(ms, 90),
