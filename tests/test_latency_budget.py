@@ -295,5 +295,7 @@ def test_real_clock_smoke(tmp_path):
     assert alloc["table"]["context"]["clock"] == "measured"
     assert alloc["memory_format"] == "channels_last" and alloc["batch_size"] == 1
     if alloc["measured_ratio"] is not None:
-        assert alloc["measured_ratio_min"] <= alloc["measured_ratio"] <= alloc["measured_ratio_max"] < 1.0 + 1e-9
+        # the kept conversion measured faster (median of the rounds); single rounds may not, on a busy machine
+        assert alloc["measured_ratio_min"] <= alloc["measured_ratio"] <= alloc["measured_ratio_max"]
+        assert alloc["measured_ratio"] < 1.0
     assert small(X).shape == (2, 10)

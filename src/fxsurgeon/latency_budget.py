@@ -410,9 +410,11 @@ def budget_latency(
         # one measurement of the original alone to size the first budget
         t_orig = model_ms(original, inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
                           timer=judge.timer)
+        bracket_ms = None  # set once checks fall on both sides of the target
+        points: list[tuple[float, float]] = []  # (predicted layer ms, measured ratio) of every check
         for ran in range(1, judge.solve_rounds + 1):
             need = (1.0 - target_latency) * t_orig / efficiency - fixed_saving
-            budget_ms = max(layers_orig_ms - need, 0.0)
+            budget_ms = bracket_ms if bracket_ms is not None else max(layers_orig_ms - need, 0.0)
             sol, met = solve(budget_ms)
             picks = picks_of(sol)
             if ran == 1 and refine(picks):
@@ -444,6 +446,8 @@ def budget_latency(
             if predicted_saving > 0:
                 efficiency = min(max(measured_saving / predicted_saving, 0.2), 3.0)
             t_orig = check["original_ms"]
+            points.append((pred, ratio))
+            bracket_ms = _bracket(points, target_latency)
 
     if best is None:
         final: dict[str, LayerChoice] = {lay.name: lay.menu[-1] for lay in solver.layers}
@@ -494,6 +498,26 @@ def budget_latency(
         "layers": layer_rows, "macs_per": "sample",
     }
     return LatencyPlan(settings, kept, summary)
+
+
+def _bracket(points: list[tuple[float, float]], target: float) -> float | None:
+    """The layer budget interpolated between the checks closest to the target on either side, if any.
+
+    Once one check is fast enough and another too slow, the secant through them is a better guide than the
+    efficiency of the last check alone (which overshoots back and forth on a noisy machine).
+
+    >>> _bracket([(10.0, 0.5), (40.0, 0.8)], 0.6), _bracket([(10.0, 0.5)], 0.6)
+    (20.0, None)
+    """
+    fast = [p for p in points if p[1] <= target]
+    slow = [p for p in points if p[1] > target]
+    if not fast or not slow:
+        return None
+    lo = max(fast, key=lambda p: p[0])
+    hi = min(slow, key=lambda p: p[0])
+    if hi[0] <= lo[0] or hi[1] <= lo[1]:
+        return None
+    return lo[0] + (target - lo[1]) / (hi[1] - lo[1]) * (hi[0] - lo[0])
 
 
 def _loss(c: LayerChoice) -> float:
