@@ -23,7 +23,9 @@
 #   3. runs the tests marked `gpu` (pytest -m gpu) under `timeout`;
 #   4. runs benchmarks/gpu_bench.py: timm resnet50, efficientnet_b0, convnext_tiny, densenet121 at batch 1
 #      and 64, fp32 and bf16, channels_last; eager, latency-aware and torch.compile'd — in that priority,
-#      each configuration skipped (and recorded as skipped) when its estimated time would overrun the budget.
+#      each configuration skipped (and recorded as skipped) when its estimated time would overrun the budget;
+#   5. runs benchmarks/latency_budget.py in the time kept back for it (FXSURGEON_GPU_CHECK_LATENCY_S): asked vs
+#      measured latency ratio of target_latency conversions, rows skipped when they would pass the deadline.
 # Output goes to $OUT (./gpu_out when OUT is unset): gpu_bench.md (the table for the README), gpu_bench.json,
 # pytest_gpu.log, gpu_bench.log, environment.txt. Exit status: 0 all good; 1 a test or configuration failed
 # (the table is still written); 2 something needed is missing (said in one line, before any long step).
@@ -35,6 +37,9 @@
 #   FXSURGEON_GPU_CHECK_SKIP_TESTS=1 benchmarks only (e.g. a second run on a warm machine)
 #   FXSURGEON_GPU_CHECK_MODES        benchmark phases in priority order (default eager,latency-aware,compiled;
 #                                    e.g. "compiled" alone for a second run that fills in compiled rows)
+#   FXSURGEON_GPU_CHECK_LATENCY_S    seconds kept back from step 4 for step 5, the latency budget
+#                                    (benchmarks/latency_budget.py: resnet50, target_latency 0.7, bf16, batch 1
+#                                    and 64, eager and compiled; default 150, 0 skips it)
 #   PYTHON                           interpreter (default python3)
 set -euo pipefail
 
@@ -45,6 +50,8 @@ OUT_DIR=${OUT:-./gpu_out}
 if [ "$DEVICE" = cpu ]; then BUDGET_S=${FXSURGEON_GPU_CHECK_BUDGET_S:-1500}; else BUDGET_S=${FXSURGEON_GPU_CHECK_BUDGET_S:-450}; fi
 PYTEST_S=${FXSURGEON_GPU_CHECK_PYTEST_S:-200}
 MODES=${FXSURGEON_GPU_CHECK_MODES:-eager,latency-aware,compiled}
+LATENCY_S=${FXSURGEON_GPU_CHECK_LATENCY_S:-150}
+case "$LATENCY_S" in ''|*[!0-9]*) echo "gpu_check: FAILED: FXSURGEON_GPU_CHECK_LATENCY_S must be a number of seconds" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -139,7 +146,8 @@ esac
 if [ "$DEVICE" = cpu ] && [ "$TEST_RC" -eq 5 ]; then TEST_RC=0; fi  # rehearsal: gpu tests skip without CUDA
 
 # 4. benchmark table --------------------------------------------------------------------------------------
-DEADLINE=$(( START + BUDGET_S - 20 ))  # 20 s for writing the table and ending
+FINAL_DEADLINE=$(( START + BUDGET_S - 20 ))  # 20 s for writing the table and ending
+DEADLINE=$(( FINAL_DEADLINE - LATENCY_S ))   # step 5's share is kept back
 LEFT=$(( DEADLINE - $(date +%s) ))
 if [ "$LEFT" -lt 30 ]; then
   log "BENCHMARKS NOT RUN: only ${LEFT}s left of the ${BUDGET_S}s budget"
@@ -171,5 +179,35 @@ case $BENCH_RC in
   *) log "BENCHMARKS HAD FAILURES (rc=$BENCH_RC): see $OUT_DIR/gpu_bench.log" ;;
 esac
 
-log "done in $(( $(date +%s) - START ))s: tests rc=$TEST_RC, benchmarks rc=$BENCH_RC; files in $OUT_DIR"
-[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+# 5. latency budget ---------------------------------------------------------------------------------------
+LAT_RC=0
+LEFT=$(( FINAL_DEADLINE - $(date +%s) ))
+if [ "$LATENCY_S" -eq 0 ]; then
+  log "latency budget skipped (FXSURGEON_GPU_CHECK_LATENCY_S=0)"
+elif [ "$LEFT" -lt 60 ]; then
+  log "LATENCY BUDGET NOT RUN: only ${LEFT}s left"
+else
+  if [ "$DEVICE" = cpu ]; then
+    LAT_ARGS=(--device cpu --models resnet20 --targets 0.7 --threads 1 --batch-sizes 1 --runtimes eager
+              --rounds 2 --iters 3 --calibration-images 250)
+  else
+    LAT_ARGS=(--device cuda --dtype bf16 --models resnet50 --targets 0.7 --batch-sizes 64,1
+              --runtimes compiled,eager --rounds 5 --iters 20)
+  fi
+  log "latency budget, ${LEFT}s left; log: $OUT_DIR/latency_budget.log"
+  set +e
+  timeout --signal=INT --kill-after=20 $(( LEFT + 10 )) "$PY" benchmarks/latency_budget.py "${LAT_ARGS[@]}" \
+    --deadline "$FINAL_DEADLINE" --cache-dir "$OUT_DIR/latency_cache" --out "$OUT_DIR/latency_budget.json" \
+    >"$OUT_DIR/latency_budget.log" 2>&1
+  LAT_RC=$?
+  set -e
+  grep -E '^(  |latency_budget: )' "$OUT_DIR/latency_budget.log" | head -n 40 || true
+  case $LAT_RC in
+    0) log "latency budget done: $OUT_DIR/latency_budget.json" ;;
+    124|130|137) log "LATENCY BUDGET INTERRUPTED at the time limit (rc=$LAT_RC): the JSON holds the rows finished" ;;
+    *) log "LATENCY BUDGET HAD FAILURES (rc=$LAT_RC): see $OUT_DIR/latency_budget.log" ;;
+  esac
+fi
+
+log "done in $(( $(date +%s) - START ))s: tests rc=$TEST_RC, benchmarks rc=$BENCH_RC, latency rc=$LAT_RC; files in $OUT_DIR"
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$LAT_RC" -eq 0 ]

@@ -613,9 +613,9 @@ def budget_layers(
         ``(settings, kept, plan)``: ``settings`` is ``{name: {"form", "rank"}}`` for the layers to rewrite,
         ``kept`` the layers whose best use of the budget is to stay as they are, ``plan`` the figures.
     """
-    from .forms import FORMS
+    from .forms import auto_forms
 
-    forms = sorted(FORMS) if form == "auto" else [form]
+    forms = auto_forms() if form == "auto" else [form]
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}
     fixed = {}
     for c in candidates:

@@ -54,6 +54,11 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="run models and inputs in channels_last")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile both models first (optionally a mode, e.g. max-autotune)")
+    p.add_argument("--runtime", choices=("eager", "onnxruntime"), default="eager",
+                   help="eager PyTorch (default; with --compile, torch.compile) or onnxruntime on the CPU "
+                        "(both models exported to ONNX; --threads sets its intra-op threads)")
+    p.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads (torch.set_num_threads, or onnxruntime's intra-op threads)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1], metavar="B1,B2",
                    help="comma-separated batch sizes (default 1)")
     p.add_argument("--warmup", type=_positive(int), default=10, help="untimed calls per batch size (default 10)")
@@ -132,6 +137,12 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_device(device)  # refuse a missing GPU before any conversion work
+    if args.runtime == "onnxruntime" and (device != "cpu" or args.compile or dtype not in (None, torch.float32)
+                                          or args.channels_last):
+        raise SurgeryError("--runtime onnxruntime runs float32 on the CPU: use it with --device cpu and without "
+                           "--compile, --dtype other than fp32 or --channels-last")
+    if args.threads is not None and args.runtime == "eager":
+        torch.set_num_threads(args.threads)
     model, converted, record, x = _models(args, "cpu")
     v = record.verification
     print(f"converted {record.model}: {len(record.rewrites)} rewrites, {len(record.skipped)} skipped, "
@@ -140,16 +151,25 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = dict(device=device, dtype=dtype, channels_last=args.channels_last,
                     compile=args.compile or False, batch_sizes=args.batch_sizes, warmup=args.warmup,
                     iters=args.iters, cudnn_benchmark=not args.no_cudnn_benchmark)
+    conversion = {
+        "recipe": args.recipe, "set": list(args.overrides),
+        "options": {k: str(o) for k, o in record.options.items()},
+        "rewrites": len(record.rewrites), "skipped": len(record.skipped),
+        "params_before": record.params_before, "params_after": record.params_after,
+        "rel_error": v.rel_error if v else None,
+    }
     total = args.rounds * len(args.batch_sizes)
     with progress(total, "timing (interleaved rounds)", enabled=show_progress(args), unit="round") as bar:
-        result = benchmark_pair(model, converted, x, rounds=args.rounds, name=record.model, progress=bar.update,
-                                conversion={
-                                    "recipe": args.recipe, "set": list(args.overrides),
-                                    "options": {k: str(o) for k, o in record.options.items()},
-                                    "rewrites": len(record.rewrites), "skipped": len(record.skipped),
-                                    "params_before": record.params_before, "params_after": record.params_after,
-                                    "rel_error": v.rel_error if v else None,
-                                }, **settings)
+        if args.runtime == "onnxruntime":
+            from .bench_ort import benchmark_onnxruntime_pair
+
+            result = benchmark_onnxruntime_pair(
+                model, converted, x, rounds=args.rounds, batch_sizes=args.batch_sizes, warmup=args.warmup,
+                iters=args.iters, threads=args.threads, name=record.model, conversion=conversion,
+                progress=bar.update)
+        else:
+            result = benchmark_pair(model, converted, x, rounds=args.rounds, name=record.model, progress=bar.update,
+                                    conversion=conversion, **settings)
     print(result.to_markdown())
     for w in result.warnings:
         print(f"fxsurgeon: warning: {w}", file=sys.stderr)

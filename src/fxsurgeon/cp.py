@@ -443,6 +443,12 @@ class PointwiseDepthwisePointwise:
                                    extra={"relative_error": f.relative_error, "error_bound": True}))
         return out
 
+    def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
+        """Squared Frobenius weight error at each rank, after :data:`CHOICE_ITERATIONS` ALS sweeps (a bound)."""
+        _check_weight(conv.weight)
+        return [_cached_factors(conv.weight, min(r, self.full_rank(conv)), CHOICE_ITERATIONS, DEFAULT_TOL).error
+                for r in ranks]
+
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
         sep, f = make_cp_separable(conv, rank, init=init)
         full = self.full_rank(conv)

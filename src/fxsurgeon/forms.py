@@ -17,7 +17,7 @@ from .decompose import separable_error_curve
 from .errors import SurgeryError
 from .modules import make_separable
 
-__all__ = ["FORMS", "Form", "LayerChoice", "get_form", "register_form"]
+__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "get_form", "register_form"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,17 @@ def register_form(cls: type) -> type:
     return cls
 
 
+def auto_forms(latency: bool = False) -> list[str]:
+    """The forms ``form="auto"`` chooses among: every registered form under a latency target, else those
+    meant to compete on MACs (a form with ``in_mac_auto = False``, such as the dense low-rank ones of
+    :mod:`fxsurgeon.forms_dense`, is there for speed and joins only when speed is measured).
+
+    >>> auto_forms()
+    ['dw-pw', 'pw-dw-pw']
+    """
+    return sorted(n for n, f in FORMS.items() if latency or getattr(f, "in_mac_auto", True))
+
+
 def get_form(name: str) -> Form:
     try:
         return FORMS[name]
@@ -96,6 +107,7 @@ class DepthwisePointwise:
     """Depthwise k×k with channel multiplier m, then pointwise 1×1 (per-input-channel SVD init)."""
 
     name = "dw-pw"
+    rank_is_channels = False  # the rank multiplies C_in: hardware-friendly multiples do not apply to it
 
     def full_rank(self, conv: nn.Conv2d) -> int:
         c_out, _, kh, kw = conv.weight.shape
@@ -117,6 +129,11 @@ class DepthwisePointwise:
             out.append(LayerChoice(c.form, m, c.params, c.macs_in, c.macs_out, float(curve[m]), c.exact))
         return out
 
+    def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
+        """Squared Frobenius weight error at each rank (the exact per-channel SVD curve)."""
+        curve = separable_error_curve(conv.weight)
+        return [float(curve[min(r, len(curve) - 1)]) for r in ranks]
+
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
         sep, factors = make_separable(conv, rank, init=init)
         full = self.full_rank(conv)
@@ -131,5 +148,6 @@ class DepthwisePointwise:
 
 
 
-# The CP form registers itself on import; it needs the table above, so it comes last.
+# The CP and dense forms register themselves on import; they need the table above, so they come last.
 from . import cp as _cp  # noqa: E402, F401
+from . import forms_dense as _dense  # noqa: E402, F401

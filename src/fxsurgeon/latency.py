@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .bench import (
+    _compile_options,
     cudnn_benchmark_mode,
     device_name,
     dtype_name,
@@ -34,13 +36,25 @@ from .bench import (
 )
 from .errors import SurgeryError
 
-__all__ = ["LatencyJudge", "LayerTiming", "Timer", "call_site_inputs", "is_faster", "measure_module"]
+__all__ = [
+    "LatencyJudge",
+    "LayerTiming",
+    "Timer",
+    "call_site_inputs",
+    "interleaved_ratio",
+    "is_faster",
+    "measure_module",
+    "model_ms",
+]
 
 #: ``timer(module, inputs) -> seconds``: the typical time of one ``module(*inputs)`` call
 Timer = Callable[[nn.Module, tuple], float]
 
 _OPTIONS = ("device", "dtype", "channels_last", "batch_size", "warmup", "iters", "rounds", "margin", "timer",
             "cudnn_benchmark")
+#: settings that only a latency budget (``target_latency``) uses; see :mod:`fxsurgeon.latency_budget`
+_BUDGET_OPTIONS = ("compile", "cache_dir", "rank_multiple", "grid_points", "tolerance", "solve_rounds",
+                   "model_rounds", "model_warmup", "model_iters")
 
 
 def is_faster(original_s: float, replacement_s: float, margin: float = 0.0) -> bool:
@@ -144,6 +158,22 @@ class LatencyJudge:
         timer: ``timer(module, inputs) -> seconds`` replacing the real measurement (tests, custom clocks).
         cudnn_benchmark: let cuDNN pick its fastest algorithm while timing on CUDA, as deployment would.
 
+    With a latency budget (``separable=dict(target_latency=...)``) these settings say where and how to time,
+    and a few more apply (:mod:`fxsurgeon.latency_budget`):
+
+        compile: ``torch.compile`` both whole models (True, a mode name, or a dict of its options) for the
+            end-to-end check; layers are timed eager.
+        cache_dir: where latency tables are cached (default ``$FXSURGEON_CACHE_DIR/latency``, else
+            ``~/.cache/fxsurgeon/latency``); False: no disk cache.
+        rank_multiple: ranks counted in channels are multiples of this (default: 8 on CUDA, the SIMD width
+            in floats on CPU, :func:`fxsurgeon.latency_table.hardware_multiple`).
+        grid_points: ranks per form first timed for each layer (then refined near the choice).
+        tolerance: how far (absolute, in the ratio) the measured ratio may miss the target before the budget
+            is re-solved.
+        solve_rounds: most end-to-end checks (each one a solve of the allocation and a timing of the model).
+        model_rounds / model_warmup / model_iters: the end-to-end timing: rounds alternating the original
+            and the converted model, each ``model_warmup`` untimed and ``model_iters`` timed calls (median).
+
     >>> judge = LatencyJudge(timer=lambda m, x: 2.0 if isinstance(m, nn.Conv2d) else 1.0)
     >>> conv, x = nn.Conv2d(8, 8, 3), torch.randn(1, 8, 8, 8)
     >>> judge.compare("c", conv, nn.Identity(), [x]).kept
@@ -160,6 +190,15 @@ class LatencyJudge:
     margin: float = 0.0
     timer: Timer | None = None
     cudnn_benchmark: bool = True
+    compile: bool | str | dict[str, Any] | None = None
+    cache_dir: Any = None
+    rank_multiple: int | None = None
+    grid_points: int = 6
+    tolerance: float = 0.03
+    solve_rounds: int = 3
+    model_rounds: int = 3
+    model_warmup: int = 1
+    model_iters: int = 5
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -175,17 +214,49 @@ class LatencyJudge:
             raise SurgeryError(f"latency_aware: margin must be a fraction in [0, 1), got {self.margin!r}")
         if self.timer is not None and not callable(self.timer):
             raise SurgeryError(f"latency_aware: timer must be callable as timer(module, inputs), got {self.timer!r}")
+        if not isinstance(self.cudnn_benchmark, bool) or (self.channels_last is not None
+                                                          and not isinstance(self.channels_last, bool)):
+            raise SurgeryError(f"latency_aware: cudnn_benchmark / channels_last must be True or False, got "
+                               f"{self.cudnn_benchmark!r} / {self.channels_last!r}")
+        self._check_budget_options()
         self.dtype = parse_dtype(self.dtype)
+
+    def _check_budget_options(self) -> None:
+        def count(name: str, low: int, high: int = 1_000_000) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise SurgeryError(f"latency_aware: {name} must be an int in [{low}, {high}], got {v!r}")
+
+        for name, low, high in (("grid_points", 2, 64), ("solve_rounds", 1, 10), ("model_rounds", 1, 101),
+                                ("model_warmup", 0, 1000), ("model_iters", 1, 10000)):
+            count(name, low, high)
+        if self.rank_multiple is not None:
+            count("rank_multiple", 1, 256)
+        tol = self.tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
+            raise SurgeryError(f"latency_aware: tolerance is an absolute margin on the latency ratio in [0, 0.5), "
+                               f"got {tol!r}")
+        if self.cache_dir is not None and self.cache_dir is not False and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise SurgeryError(f"latency_aware: cache_dir must be a directory path, or False for no disk cache, "
+                               f"got {self.cache_dir!r}")
+        _compile_options(self.compile)  # a SurgeryError for a wrong type
 
     @classmethod
     def from_options(cls, latency_aware: bool | dict[str, Any] | LatencyJudge | None,
-                     device: str | torch.device | None = None) -> LatencyJudge | None:
+                     device: str | torch.device | None = None, *, budget: bool = False) -> LatencyJudge | None:
         """The judge a pass option asks for: False/None → None, True → defaults, a dict → those settings.
 
         ``device`` (the pass's own option) fills in the judge's device when the dict does not name one.
+        ``budget``: the settings are for a latency budget (``target_latency``), which takes more options
+        (``compile``, ``cache_dir``, ...); keep/drop per layer refuses those.
         """
         if latency_aware is None or latency_aware is False:
             return None
+        if not budget and isinstance(latency_aware, dict):
+            extra = sorted(set(latency_aware) & set(_BUDGET_OPTIONS))
+            if extra:
+                raise SurgeryError(f"latency_aware: option(s) {extra} apply to a latency budget only: add "
+                                   "target_latency=... (a fraction of the original model's measured latency)")
         if isinstance(latency_aware, LatencyJudge):
             if device is not None and latency_aware.device is None:
                 return dataclasses.replace(latency_aware, device=device)
@@ -193,9 +264,10 @@ class LatencyJudge:
         if latency_aware is True:
             return cls(device=device)
         if isinstance(latency_aware, dict):
-            unknown = sorted(set(latency_aware) - set(_OPTIONS))
+            allowed = (*_OPTIONS, *_BUDGET_OPTIONS) if budget else _OPTIONS
+            unknown = sorted(set(latency_aware) - set(allowed))
             if unknown:
-                raise SurgeryError(f"latency_aware: unknown option(s) {unknown}; allowed: {', '.join(_OPTIONS)}")
+                raise SurgeryError(f"latency_aware: unknown option(s) {unknown}; allowed: {', '.join(allowed)}")
             opts = dict(latency_aware)
             if device is not None and opts.get("device") is None:
                 opts["device"] = device
@@ -307,4 +379,48 @@ class LatencyJudge:
 
 
 def _fields(judge: LatencyJudge) -> dict[str, Any]:
-    return {k: getattr(judge, k) for k in _OPTIONS}
+    out = {k: getattr(judge, k) for k in _OPTIONS}
+    for k in _BUDGET_OPTIONS:
+        v = getattr(judge, k)
+        out[k] = str(v) if isinstance(v, os.PathLike) else v
+    return out
+
+
+def model_ms(model: Callable[..., Any], inputs: tuple, device: torch.device, *, warmup: int = 3, iters: int = 10,
+             timer: Timer | None = None) -> float:
+    """Median milliseconds of ``model(*inputs)`` (the injected ``timer`` when given)."""
+    if timer is not None:
+        return float(timer(model, inputs)) * 1000.0
+    with torch.inference_mode():
+        times = time_calls(lambda: model(*inputs), device, warmup=warmup, iters=iters)
+    return percentile(times, 50) * 1000.0
+
+
+def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any], inputs: tuple,
+                      device: torch.device, *, rounds: int = 5, warmup: int = 3, iters: int = 10,
+                      timer: Timer | None = None) -> dict[str, Any]:
+    """Time two models alternately and return their latency ratio (converted / original) with its spread.
+
+    Each round times the original then the converted model (``warmup`` untimed, ``iters`` timed calls, the
+    median counts); a round's ratio compares two measurements taken seconds apart, so slow drifts of the
+    machine's load cancel. The result is the median of the rounds' ratios, with the smallest and largest.
+
+    >>> a, b = nn.Conv2d(8, 8, 3), nn.Identity()
+    >>> r = interleaved_ratio(a, b, (torch.randn(1, 8, 8, 8),), torch.device("cpu"), rounds=1,
+    ...                       timer=lambda m, x: 2.0 if m is a else 1.0)
+    >>> r["ratio"], r["original_ms"], r["converted_ms"]
+    (0.5, 2000.0, 1000.0)
+    """
+    orig_ms: list[float] = []
+    conv_ms: list[float] = []
+    ratios: list[float] = []
+    for _ in range(rounds):
+        pair = [model_ms(m, inputs, device, warmup=warmup, iters=iters, timer=timer) for m in (original, converted)]
+        orig_ms.append(pair[0])
+        conv_ms.append(pair[1])
+        ratios.append(pair[1] / pair[0] if pair[0] > 0 else float("inf"))
+    return {
+        "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratios": ratios, "original_ms": percentile(orig_ms, 50), "converted_ms": percentile(conv_ms, 50),
+        "rounds": rounds, "warmup": warmup, "iters": iters,
+    }

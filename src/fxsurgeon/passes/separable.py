@@ -312,6 +312,7 @@ def separable(
     device: str | None = None,
     target_macs: float | None = None,
     target_params: float | None = None,
+    target_latency: float | None = None,
     allocation: str = "auto",
     calibration: Any = None,
     weighting: str | None = None,
@@ -348,6 +349,13 @@ def separable(
             rank) — or keeping the conv — is chosen to meet it with the least total error
             (:mod:`fxsurgeon.allocation`); with ``form="auto"`` every registered form competes per layer.
         target_params: the same for the fraction of the original model's parameters (may be combined).
+        target_latency: a budget on the fraction of the original whole model's *measured* latency, e.g. ``0.6``:
+            every candidate (form × rank, or keeping the conv) is timed at the layer's input shape and the
+            allocation runs on milliseconds, then the whole model is timed against the original and the
+            budget re-solved when it misses (:mod:`fxsurgeon.latency_budget`). ``latency_aware`` (a dict)
+            and ``device`` say where and how to time. Combines with one of ``target_macs`` /
+            ``target_params``; with ``form="auto"`` every registered form competes, the dense ones of
+            :mod:`fxsurgeon.forms_dense` included.
         allocation: the error a budget minimises: ``"weight"`` (relative squared weight error, data-free),
             ``"data"`` (relative output error left after a least-squares refit on ``calibration``),
             ``"sensitivity"`` (those data errors weighted by how much the model's outputs move per unit of
@@ -405,9 +413,9 @@ def separable(
     if energy is not None and init == "random":
         raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
     layers = dict(layers or {})
-    if device is not None and not latency_aware:
+    if device is not None and not latency_aware and target_latency is None:
         raise SurgeryError(f"separable: device={device!r} is where latency_aware times layers; it needs latency_aware=True")
-    judge = LatencyJudge.from_options(latency_aware, device)
+    judge = LatencyJudge.from_options(latency_aware, device) if target_latency is None else None
     candidates, skipped = find_candidates(
         gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
     )
@@ -421,7 +429,21 @@ def separable(
             if scales is not None:
                 work[cand.name] = (scaled_conv(cand.conv, scales), scales)
     budget = kept = None
-    if target_macs is not None or target_params is not None:
+    if target_latency is not None:
+        if multiplier is not None or energy is not None or init != "svd":
+            raise SurgeryError("separable: target_latency= chooses each layer's rank itself: it excludes "
+                               "multiplier=, energy= and init='random'")
+        from ..latency_budget import budget_latency
+
+        data_free = calibration is None or allocation == "weight"
+        ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
+        plan = budget_latency(gm, ranked, form, layers, target_latency=target_latency, target_macs=target_macs,
+                              target_params=target_params, calibration=calibration, errors=allocation,
+                              judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
+        chosen, kept, budget = plan.settings, plan.kept, plan.summary
+        layers = {**chosen, **layers}
+        gm.meta.setdefault("fxsurgeon_extras", {})["allocation"] = budget
+    elif target_macs is not None or target_params is not None:
         if multiplier is not None or energy is not None or init != "svd" or latency_aware:
             raise SurgeryError("separable: target_macs= / target_params= choose each layer's rank themselves: "
                                "they exclude multiplier=, energy=, latency_aware= and init='random'")
@@ -439,8 +461,10 @@ def separable(
     for cand in candidates:
         conv = cand.conv
         if kept is not None and cand.name in kept:
-            skipped.append(Skip(cand.name, "kept as it is by the budget allocation: its error costs more than "
-                                "its MACs save elsewhere", details={"module": describe(conv), "form": "original"}))
+            why = ("its error costs more than the time it saves elsewhere, or no candidate is faster"
+                   if target_latency is not None else "its error costs more than its MACs save elsewhere")
+            skipped.append(Skip(cand.name, f"kept as it is by the budget allocation: {why}",
+                                details={"module": describe(conv), "form": "original"}))
             continue
         decomp, scales = work.get(cand.name, (conv, None))
         uniform = not any(n in layers for n in cand.aliases) and energy is None

@@ -1,0 +1,268 @@
+"""Benchmark a model under onnxruntime on the CPU: where many CPU users deploy.
+
+A model fast in eager PyTorch is not necessarily fast after export: onnxruntime fuses and schedules the graph
+itself, and its depthwise kernels differ from PyTorch's. :func:`benchmark_onnxruntime` exports the model to
+ONNX (one export per batch size, static shapes; dynamo's exporter, else the TorchScript one), opens an
+``InferenceSession`` on the CPU execution provider with every graph optimisation on and ``threads`` intra-op
+threads, and times it like :func:`fxsurgeon.benchmark` (warm-up, then timed calls; median, p90, mean, min,
+throughput), returning the same :class:`~fxsurgeon.bench.BenchmarkResult`, so ``compare()`` and
+``fxsurgeon bench --runtime onnxruntime`` treat it as any other runtime. :func:`ort_runner` gives the bare
+callable, for interleaved timing (:func:`fxsurgeon.latency.interleaved_ratio`), and
+:func:`benchmark_onnxruntime_pair` times an original and a converted model interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bench import (
+    BenchmarkResult,
+    BenchmarkRow,
+    Comparison,
+    _batch_of,
+    _name,
+    _normalize_inputs,
+    _prepare_inputs,
+    device_name,
+    percentile,
+    time_calls,
+)
+from .errors import SurgeryError
+
+__all__ = ["benchmark_onnxruntime", "benchmark_onnxruntime_pair", "export_onnx", "ort_runner"]
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise SurgeryError("the onnxruntime runtime needs the onnxruntime package: pip install onnxruntime") from exc
+    return onnxruntime
+
+
+def export_onnx(model: nn.Module, inputs: tuple) -> bytes:
+    """The model (a float32 CPU copy in eval mode) as ONNX bytes, for inputs of exactly these shapes.
+
+    Shapes are static (one export per batch size): models that compute with their input's size — a
+    functional pool over ``x.size(3)``, a ``view(x.size(0), -1)`` — do not always export with a symbolic
+    batch. The dynamo exporter is tried first, the TorchScript one when it fails.
+
+    >>> blob = export_onnx(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
+    >>> len(blob) > 0
+    True
+    """
+    m = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
+    xs = tuple(x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+               for x in inputs)
+    errors = []
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(m, xs, dynamo=True, verbose=False)
+            return prog.model_proto.SerializeToString()
+        except Exception as exc:  # dynamo's exporter does not take every graph: try the TorchScript one
+            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        try:
+            buf = io.BytesIO()
+            torch.onnx.export(m, xs, buf, dynamo=False)
+            return buf.getvalue()
+        except Exception as exc:
+            errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
+    raise SurgeryError(f"exporting {_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' progress prints (they write to stdout); errors still raise."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def ort_runner(model: nn.Module, inputs: tuple, *, threads: int | None = None) -> Callable[..., Any]:
+    """A callable running ``model`` in an onnxruntime CPU session: ``run(*tensors) -> list of numpy arrays``,
+    for inputs shaped like ``inputs`` (exported with static shapes).
+
+    ``threads``: intra-op threads (default: torch's current number), one inter-op thread, sequential
+    execution, every graph optimisation on.
+    """
+    ort = _ort()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SurgeryError(f"onnxruntime: threads must be a positive int, got {threads!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(export_onnx(model, inputs), sess_options=opts,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*xs: Any) -> Any:
+        feed = {n: (x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else x)
+                for n, x in zip(names, xs)}
+        return session.run(None, feed)
+
+    run.session = session  # type: ignore[attr-defined]
+    return run
+
+
+def _check_settings(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] | None, warmup: Any,
+                    iters: Any) -> tuple[tuple, list[int]]:
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"onnxruntime benchmarks take a torch.nn.Module, got {type(model).__name__}")
+    inputs = _normalize_inputs(example_inputs)
+    if (isinstance(iters, bool) or isinstance(warmup, bool) or not isinstance(iters, int)
+            or not isinstance(warmup, int) or iters < 1 or warmup < 0):
+        raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
+    sizes = list(batch_sizes) if batch_sizes is not None else [_batch_of(inputs) or 1]
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
+    return inputs, sizes
+
+
+def _result(model: nn.Module, inputs: tuple, run: Any, name: str | None, warmup: int, iters: int) -> BenchmarkResult:
+    ort = _ort()
+    dev = torch.device("cpu")
+    return BenchmarkResult(
+        model=name or _name(model), device="cpu", device_name=device_name(dev), dtype="fp32",
+        channels_last=False, compile=None, input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+        params=sum(p.numel() for p in model.parameters()),
+        weights_mib=sum(p.numel() * 4 for p in model.parameters()) / 2**20,
+        settings={"runtime": "onnxruntime", "warmup": warmup, "iters": iters, "timer": "perf_counter",
+                  "threads": run.session.get_session_options().intra_op_num_threads,
+                  "graph_optimization": "all", "execution_provider": "CPUExecutionProvider"},
+        versions={"onnxruntime": ort.__version__, "torch": torch.__version__},
+    )
+
+
+class _OrtTimer:
+    """One model at one batch size: warm-up (first call timed apart), then timed calls appended per round."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, batch_size: int, threads: int | None) -> None:
+        self.batch_size = batch_size
+        self.batch = _prepare_inputs(inputs, batch_size, torch.device("cpu"), torch.float32, False)
+        self.run = ort_runner(model, self.batch, threads=threads)
+        self.first: float | None = None
+        self.ms: list[float] = []
+
+    def warm(self, warmup: int) -> None:
+        if warmup:
+            t0 = time.perf_counter()
+            self.run(*self.batch)
+            self.first = time.perf_counter() - t0
+            for _ in range(warmup - 1):
+                self.run(*self.batch)
+
+    def time(self, iters: int) -> list[float]:
+        ms = [t * 1000.0 for t in time_calls(lambda: self.run(*self.batch), torch.device("cpu"), warmup=0,
+                                              iters=iters)]
+        self.ms.extend(ms)
+        return ms
+
+    def row(self, warmup: int) -> BenchmarkRow:
+        mean = sum(self.ms) / len(self.ms)
+        return BenchmarkRow(
+            batch_size=self.batch_size, latency_ms_median=percentile(self.ms, 50),
+            latency_ms_p90=percentile(self.ms, 90), latency_ms_mean=mean, latency_ms_min=min(self.ms),
+            throughput=self.batch_size / (mean / 1000.0), peak_memory_mib=None, first_call_s=self.first,
+            iters=len(self.ms), warmup=warmup,
+        )
+
+
+def benchmark_onnxruntime(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    threads: int | None = None,
+    name: str | None = None,
+) -> BenchmarkResult:
+    """Latency and throughput of ``model`` exported to ONNX and run by onnxruntime on the CPU, per batch size.
+
+    Args:
+        model: any exportable ``nn.Module`` (a converted ``GraphModule`` too); never changed (a copy is
+            exported, in float32).
+        example_inputs: a tensor or tuple of positional inputs; the first dimension is the batch.
+        batch_sizes / warmup / iters / name: as for :func:`fxsurgeon.benchmark`.
+        threads: onnxruntime's intra-op threads (default: torch's current number).
+
+    To compare two models, use :func:`benchmark_onnxruntime_pair`: it times them interleaved.
+
+    >>> res = benchmark_onnxruntime(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 16, 16), batch_sizes=[1, 2],
+    ...                             warmup=1, iters=2, threads=1)
+    >>> [r.batch_size for r in res.rows], res.settings["runtime"]
+    ([1, 2], 'onnxruntime')
+    """
+    inputs, sizes = _check_settings(model, example_inputs, batch_sizes, warmup, iters)
+    timers = [_OrtTimer(model, inputs, b, threads) for b in sizes]
+    result = _result(model, inputs, timers[0].run, name, warmup, iters)
+    for t in timers:
+        t.warm(warmup)
+        t.time(iters)
+        result.rows.append(t.row(warmup))
+    return result
+
+
+def benchmark_onnxruntime_pair(
+    original: nn.Module,
+    converted: nn.Module,
+    example_inputs: Any,
+    *,
+    rounds: int = 5,
+    batch_sizes: Sequence[int] | None = None,
+    warmup: int = 10,
+    iters: int = 50,
+    threads: int | None = None,
+    name: str | None = None,
+    conversion: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
+    """Time ``original`` and ``converted`` under onnxruntime interleaved, as :func:`fxsurgeon.bench.benchmark_pair`
+    does in eager PyTorch: both exported and warmed up, then ``rounds`` alternating rounds of ``iters / rounds``
+    calls each; the comparison carries every round's speed-up, their median and spread, and noise warnings.
+
+    >>> c = benchmark_onnxruntime_pair(nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 1), torch.randn(1, 3, 16, 16),
+    ...                                rounds=2, warmup=1, iters=4, threads=1)
+    >>> c.rounds[1]["rounds"], c.original.rows[0].iters, c.converted.settings["runtime"]
+    (2, 4, 'onnxruntime')
+    """
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise SurgeryError(f"rounds must be an int ≥ 1, got {rounds!r}")
+    inputs, sizes = _check_settings(original, example_inputs, batch_sizes, warmup, iters)
+    _check_settings(converted, example_inputs, batch_sizes, warmup, iters)
+    per_round = max(1, -(-iters // rounds))
+    res_o = res_c = None
+    stability: dict[int, dict[str, Any]] = {}
+    for b in sizes:
+        t_o, t_c = _OrtTimer(original, inputs, b, threads), _OrtTimer(converted, inputs, b, threads)
+        if res_o is None:
+            res_o = _result(original, inputs, t_o.run, name, warmup, iters)
+            res_c = _result(converted, inputs, t_c.run, name or res_o.model, warmup, iters)
+        t_o.warm(warmup)
+        t_c.warm(warmup)
+        speedups = []
+        for r in range(rounds):
+            first, second = (t_o, t_c) if r % 2 == 0 else (t_c, t_o)
+            a, c = first.time(per_round), second.time(per_round)
+            o_ms, c_ms = (a, c) if first is t_o else (c, a)
+            speedups.append(percentile(o_ms, 50) / percentile(c_ms, 50))
+            if progress is not None:
+                progress(1)
+        med = percentile(speedups, 50)
+        stability[b] = {"rounds": rounds, "iters_per_round": per_round, "speedups": speedups,
+                        "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
+                        "spread": (max(speedups) - min(speedups)) / med if med else None}
+        res_o.rows.append(t_o.row(warmup))
+        res_c.rows.append(t_c.row(warmup))
+    return Comparison(res_o, res_c, dict(conversion or {}), rounds=stability)
