@@ -24,7 +24,13 @@ from .convert import _device_of
 from .errors import SurgeryError
 from .modes import eval_modes as _eval_modes
 
-__all__ = ["SyntheticData", "synthesize"]
+__all__ = ["DEFAULT_COUNT", "DEFAULT_LR", "DEFAULT_STEPS", "SyntheticData", "synthesize"]
+
+#: images made by default, Adam steps per batch and the starting learning rate (cosine-decayed to 0); chosen on
+#: the ResNet-20's logit error against seconds (``benchmarks/defaults_two_models.py --synthetic``)
+DEFAULT_COUNT = 256
+DEFAULT_STEPS = 50
+DEFAULT_LR = 0.1
 
 
 @dataclass
@@ -51,7 +57,7 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
 
 
 def _match(model: nn.Module, x: torch.Tensor, losses: list[torch.Tensor], steps: int,
-           lr: float) -> tuple[torch.Tensor, list[float], float]:
+           lr: float, schedule: str) -> tuple[torch.Tensor, list[float], float]:
     """Adam on the pixels of ``x`` against the BatchNorm-matching loss the hooks append to ``losses``.
 
     Returns the images, the loss at every step, and the loss of the final images.
@@ -60,6 +66,9 @@ def _match(model: nn.Module, x: torch.Tensor, losses: list[torch.Tensor], steps:
     opt = torch.optim.Adam([x], lr=lr)
     seen: list[float] = []
     for step in range(steps):
+        if schedule == "cosine":  # large steps first, then settle: few steps reach a low loss
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         losses.clear()
         model(x)
         loss = torch.stack(losses).sum()
@@ -80,11 +89,12 @@ def synthesize(
     model: nn.Module,
     shape: Sequence[int],
     *,
-    count: int = 512,
-    steps: int = 200,
-    lr: float = 0.1,
+    count: int = DEFAULT_COUNT,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
     batch_size: int = 128,
     seed: int = 0,
+    schedule: str = "cosine",
 ) -> SyntheticData:
     """Optimise ``count`` inputs of ``shape`` (one image, e.g. ``(3, 32, 32)``) to match ``model``'s BatchNorms.
 
@@ -99,6 +109,8 @@ def synthesize(
         steps: Adam steps per batch.
         lr: Adam's learning rate on the input pixels.
         seed: the start is ``N(0, 1)`` from this seed: the same call gives the same images.
+        schedule: ``"cosine"`` decays the learning rate from ``lr`` to 0 over the steps; ``"constant"``
+            keeps it.
 
     Raises:
         SurgeryError: no BatchNorm with running statistics to match, or bad arguments.
@@ -115,7 +127,9 @@ def synthesize(
     for name, v in (("count", count), ("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SurgeryError(f"synthesize: {name} must be an int >= 1, got {v!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+    if schedule not in ("cosine", "constant"):
+        raise SurgeryError(f"synthesize: schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise SurgeryError(f"synthesize: lr must be a positive number, got {lr!r}")
     bns = _batchnorms(model)
     if not bns:
@@ -148,7 +162,7 @@ def synthesize(
             for first in range(0, count, batch_size):
                 n = min(batch_size, count - first)
                 x = torch.randn((n, *shape), generator=gen).to(dev, dtype)
-                x, losses_seen, final = _match(model, x, losses, steps, lr)
+                x, losses_seen, final = _match(model, x, losses, steps, lr, schedule)
                 if first == 0:
                     history = losses_seen
                 start += losses_seen[0] * n / count
