@@ -34,7 +34,8 @@ def defaults_section(data: dict) -> list[str]:
            "Each config converts the model from its weights alone (no data, no synthetic images), every 3×3 conv but "
            "the stem, at a whole-model MAC target (`separable=dict(target_macs=t, ...)`), and is compared with the "
            "original on the 5,000 images of `x[1::2]`: logit error (relative L2 of all logits), top-1 agreement with "
-           "the original, accuracy. `defaults` is `separable=dict(target_macs=t)` with nothing else set.", ""]
+           "the original, accuracy. `separable=dict(target_macs=t)` with nothing else set resolves to the options of the "
+           "`auto` row (`fxsurgeon.allocation.BUDGET_DEFAULTS`). A dash: not measured.", ""]
     for m in models:
         orig = next((r for r in rows if r["model"] == m and r["config"] == "original"), None)
         out.append(f"### {m}" + (f" (original: {orig['accuracy']:.2f} %)" if orig else ""))
@@ -58,7 +59,7 @@ def defaults_section(data: dict) -> list[str]:
                 cells += [f"{r['logit_error']:.3f}", f"{r['agreement']:.1f} %", _pct(r["accuracy"])]
             out.append(f"| {c} | `{opts}` | " + " | ".join(cells) + " |")
         out.append("")
-    out += ["### Mean over both models and both targets", "",
+    out += ["### Mean over every measured (model, target)", "",
             "| config | mean logit error | mean agreement | mean accuracy | cells |", "|---|---|---|---|---|"]
     for s in data["summary"]:
         out.append(f"| {s['config']} | {s['mean_logit_error']:.4f} | {s['mean_agreement']:.2f} % | "
