@@ -17,7 +17,7 @@ points by chance at these disagreement rates; the logit error does not). Rows ar
 conversion, and a row already in the JSON is not measured again (``--fresh`` starts over), so configs can be
 added to a finished run. ``--configs`` picks configs by name; the default is all of them.
 
-``--synthetic COUNT:STEPS[:SCHEDULE[:LR]] ...`` measures synthetic calibration on the ResNet-20 instead: per
+``--synthetic COUNT:STEPS[:LR] ...`` measures synthetic calibration on the ResNet-20 instead: per
 setting, images are made once (:func:`fxsurgeon.synthesize`, timed) and reused for every target
 (``convert(..., calibration=data)``, timed), with the default separable options; rows go to
 ``benchmarks/results/synthetic_speed.json`` with the load average, so the error-vs-images and error-vs-steps
@@ -134,15 +134,14 @@ def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh:
     for setting in settings:
         parts = setting.split(":")
         count, steps = int(parts[0]), int(parts[1])
-        schedule = parts[2] if len(parts) > 2 else "cosine"
-        lr = float(parts[3]) if len(parts) > 3 else fxsurgeon.synthetic.DEFAULT_LR
-        key = (count, steps, schedule, lr)
-        todo = [t for t in targets if not any((r["count"], r["steps"], r["schedule"], r["lr"], r["target"])
-                                              == (*key, t) for r in rows)]
+        lr = float(parts[2]) if len(parts) > 2 else fxsurgeon.synthetic.DEFAULT_LR
+        key = (count, steps, lr)
+        todo = [t for t in targets if not any((r["count"], r["steps"], r["lr"], r["target"]) == (*key, t)
+                                              for r in rows)]
         if not todo:
             continue
         load = load_average()
-        data = fxsurgeon.synthesize(base, (3, 32, 32), count=count, steps=steps, lr=lr, schedule=schedule)
+        data = fxsurgeon.synthesize(base, (3, 32, 32), count=count, steps=steps, lr=lr)
         for target in todo:
             clear_cache()  # every conversion from a cold decomposition cache, as a user's first call
             load_c = load_average()
@@ -151,14 +150,14 @@ def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh:
                                       example_inputs=x[:1], calibration=data)
             seconds = time.perf_counter() - t
             rec = fxsurgeon.get_record(model)
-            row = {"count": count, "steps": steps, "schedule": schedule, "lr": lr, "target": target,
+            row = {"count": count, "steps": steps, "lr": lr, "target": target,
                    "synth_s": round(data.seconds, 1), "convert_s": round(seconds, 1),
                    "calibrate_s": round(rec.seconds.get("calibrate", float("nan")), 1),
                    "load_average": load, "load_average_convert": load_c, "threads": torch.get_num_threads(),
                    "loss_start": data.loss_start, "loss_end": data.loss_end, **compare(ref, logits(model, x), y)}
             rows.append(row)
             path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
-            print(f"synthetic {count:4d} images {steps:4d} steps {schedule:8s} lr {lr}  target {target:.2f}  "
+            print(f"synthetic {count:4d} images {steps:4d} steps lr {lr}  target {target:.2f}  "
                   f"logit err {row['logit_error']:.4f}  agree {row['agreement']:5.1f} %  acc {row['accuracy']:6.2f} %  "
                   f"synth {data.seconds:.0f} s  convert {seconds:.0f} s (load {load})", flush=True)
 
@@ -170,7 +169,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
     ap.add_argument("--json", default="benchmarks/results/defaults_two_models.json")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in --json")
-    ap.add_argument("--synthetic", nargs="+", metavar="COUNT:STEPS[:SCHEDULE[:LR]]",
+    ap.add_argument("--synthetic", nargs="+", metavar="COUNT:STEPS[:LR]",
                     help="measure synthetic calibration on the ResNet-20 for these settings instead")
     ap.add_argument("--synthetic-json", default="benchmarks/results/synthetic_speed.json")
     args = ap.parse_args()

@@ -89,11 +89,11 @@ def synthetic_section(data: dict) -> list[str]:
            "`fxsurgeon.synthesize` (images matched to the BatchNorm statistics), then `convert(..., calibration=data)` "
            "on the ResNet-20 with the default separable options at each target. Seconds are wall time on the shared "
            "2-core machine, with the load average when the row started: timings are noisy.", "",
-           "| images | steps | schedule | lr | target | synthesis (s) | conversion + calibration (s) | load | "
+           "| images | steps | lr | target | synthesis (s) | conversion + calibration (s) | load | "
            "logit error | agreement | accuracy |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        out.append(f"| {r['count']} | {r['steps']} | {r['schedule']} | {r['lr']} | {r['target']:.2f} | "
+        out.append(f"| {r['count']} | {r['steps']} | {r['lr']} | {r['target']:.2f} | "
                    f"{r['synth_s']:.0f} | {r['convert_s']:.0f} | {r.get('load_average') or float('nan'):.1f} | "
                    f"{r['logit_error']:.3f} | {r['agreement']:.1f} % | {_pct(r['accuracy'])} |")
     out.append("")

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_COUNT", "DEFAULT_LR", "DEFAULT_STEPS", "SyntheticData", "syn
 
 #: images made by default, Adam steps per batch and the learning rate (ZeroQ-like settings; on the ResNet-20 at
 #: 0.60× MACs they halve the data-free logit error). ``benchmarks/defaults_two_models.py --synthetic`` measures
-#: other settings: logit error, agreement, accuracy and seconds per (images, steps, schedule)
+#: other settings: logit error, agreement, accuracy and seconds per (images, steps, lr)
 DEFAULT_COUNT = 512
 DEFAULT_STEPS = 200
 DEFAULT_LR = 0.1
@@ -58,7 +58,7 @@ def _batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
 
 
 def _match(model: nn.Module, x: torch.Tensor, losses: list[torch.Tensor], steps: int,
-           lr: float, schedule: str) -> tuple[torch.Tensor, list[float], float]:
+           lr: float) -> tuple[torch.Tensor, list[float], float]:
     """Adam on the pixels of ``x`` against the BatchNorm-matching loss the hooks append to ``losses``.
 
     Returns the images, the loss at every step, and the loss of the final images.
@@ -67,9 +67,6 @@ def _match(model: nn.Module, x: torch.Tensor, losses: list[torch.Tensor], steps:
     opt = torch.optim.Adam([x], lr=lr)
     seen: list[float] = []
     for step in range(steps):
-        if schedule == "cosine":  # large steps first, then settle: few steps reach a low loss
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         losses.clear()
         model(x)
         loss = torch.stack(losses).sum()
@@ -95,7 +92,6 @@ def synthesize(
     lr: float = DEFAULT_LR,
     batch_size: int = 128,
     seed: int = 0,
-    schedule: str = "constant",
 ) -> SyntheticData:
     """Optimise ``count`` inputs of ``shape`` (one image, e.g. ``(3, 32, 32)``) to match ``model``'s BatchNorms.
 
@@ -110,8 +106,6 @@ def synthesize(
         steps: Adam steps per batch.
         lr: Adam's learning rate on the input pixels.
         seed: the start is ``N(0, 1)`` from this seed: the same call gives the same images.
-        schedule: ``"constant"`` keeps the learning rate at ``lr``; ``"cosine"`` decays it from ``lr`` to 0
-            over the steps, which reaches a lower matching loss in few steps.
 
     Raises:
         SurgeryError: no BatchNorm with running statistics to match, or bad arguments.
@@ -128,8 +122,6 @@ def synthesize(
     for name, v in (("count", count), ("steps", steps), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SurgeryError(f"synthesize: {name} must be an int >= 1, got {v!r}")
-    if schedule not in ("cosine", "constant"):
-        raise SurgeryError(f"synthesize: schedule must be 'cosine' or 'constant', got {schedule!r}")
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise SurgeryError(f"synthesize: lr must be a positive number, got {lr!r}")
     bns = _batchnorms(model)
@@ -163,7 +155,7 @@ def synthesize(
             for first in range(0, count, batch_size):
                 n = min(batch_size, count - first)
                 x = torch.randn((n, *shape), generator=gen).to(dev, dtype)
-                x, losses_seen, final = _match(model, x, losses, steps, lr, schedule)
+                x, losses_seen, final = _match(model, x, losses, steps, lr)
                 if first == 0:
                     history = losses_seen
                 start += losses_seen[0] * n / count
