@@ -1,10 +1,12 @@
-"""fxsurgeon's separable forms vs TensorLy-Torch's CP factorisation at equal MACs, on the trained ResNet-20.
+"""fxsurgeon's separable forms vs TensorLy-Torch's CP factorisation at equal MACs, on a trained CIFAR ResNet.
 
-Run: .venv/bin/python benchmarks/peer_factorizations.py [--targets 0.60 0.45] [--seeds 0 1 2]
+Run: .venv/bin/python benchmarks/peer_factorizations.py [--model resnet20|resnet32] [--targets 0.60 0.45] [--seeds 0 1 2]
                                                         [--no-peer] [--no-calibration] [--json PATH]
                                                         [--only TEXT ...] [--merge JSON] [--latency-from JSON]
 
-Every 3×3 conv but the stem is rewritten (18 layers), at the same whole-model MAC ratio for every method:
+``--model`` picks the shared trained ResNet-20 (default) or ResNet-32 (original 82.84 %; its JSON goes to
+``peer_factorizations_resnet32.json`` unless ``--json`` says otherwise). Every 3×3 conv but the stem is
+rewritten (18 layers in the ResNet-20, 30 in the ResNet-32), at the same whole-model MAC ratio for every method:
 
 * TensorLy-Torch ``FactorizedConv.from_conv(conv, rank=ρ, factorization="cp", implementation=...)``, for
   ``"mobilenet"`` (1×1 → depthwise k×k → CP-weight multiply → 1×1) and ``"factorized"`` (1×1 → k×1 → 1×k →
@@ -41,7 +43,7 @@ from torch import nn
 import fxsurgeon
 from fxsurgeon.cp import clear_cache
 from fxsurgeon.forms import get_form
-from fxsurgeon.models import load_cifar10_test, load_resnet20
+from fxsurgeon.models import default_data_dir, load_cifar10_test, load_resnet20, resnet32
 
 warnings.filterwarnings("ignore")
 
@@ -63,13 +65,10 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
     return int(fa.total())
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    correct = 0
     with torch.inference_mode():
-        for i in range(0, len(x), 500):
-            correct += int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum())
-    return 100.0 * correct / len(x)
+        return torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]).double()
 
 
 def latency_ms(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
@@ -102,6 +101,16 @@ def positions(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
     for h in hooks:
         h.remove()
     return seen
+
+
+def load_model(name: str) -> nn.Module:
+    """The shared trained ResNet-20 or ResNet-32 (``module.`` prefix stripped, strict load), in eval mode."""
+    if name == "resnet20":
+        return load_resnet20()
+    ckpt = torch.load(default_data_dir() / "resnet32-d509ac18.th", map_location="cpu", weights_only=True)
+    model = resnet32()
+    model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, strict=True)
+    return model.eval()
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -201,6 +210,7 @@ def retime(base: nn.Module, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet20", "resnet32"], default="resnet20")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.60, 0.45])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-peer", action="store_true")
@@ -210,7 +220,8 @@ def main() -> None:
                     help="run only the fxsurgeon rows whose method contains one of these (with --merge: re-measure "
                          "them, e.g. --only calibration)")
     ap.add_argument("--no-latency", action="store_true")
-    ap.add_argument("--json", default="benchmarks/results/peer_factorizations.json")
+    ap.add_argument("--json", help="default: benchmarks/results/peer_factorizations.json for the ResNet-20, "
+                                   "peer_factorizations_resnet32.json for the ResNet-32")
     ap.add_argument("--latency-from", metavar="JSON",
                     help="only time again every row of an earlier run's JSON (on a quiet machine): each model's "
                          "architecture is rebuilt from the row (ranks per layer, or the peer's ratio) without "
@@ -219,7 +230,10 @@ def main() -> None:
                                     "(same method and target) replace them (e.g. calibrated rows without latency)")
     args = ap.parse_args()
 
-    base = load_resnet20()
+    if args.json is None:
+        suffix = "" if args.model == "resnet20" else f"_{args.model}"
+        args.json = f"benchmarks/results/peer_factorizations{suffix}.json"
+    base = load_model(args.model)
     if args.latency_from:
         retime(base, Path(args.latency_from))
         return
@@ -238,13 +252,20 @@ def main() -> None:
         merged = [r for r in earlier if (r["method"], r["target"]) not in fresh] + rows
         order = {t: i for i, t in enumerate([None, *args.targets])}
         merged.sort(key=lambda r: order.get(r["target"], len(order)))  # stable: each target's rows together
-        path.write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+        path.write_text(json.dumps({"model": args.model, "torch": torch.__version__,
+                                    "threads": torch.get_num_threads(),
                                     "original_macs": total, "rows": merged}, indent=1))
         return merged
 
+    ref = logits(base, x_eval)
+
     def record(method: str, target: float | None, model: nn.Module, seconds: float, **extra) -> None:
+        out = logits(model, x_eval)
         row = {"method": method, "target": target, "mac_ratio": macs(model, probe) / total,
-               "accuracy": accuracy(model, x_eval, y_eval), "convert_s": seconds, **extra}
+               "accuracy": 100.0 * float((out.argmax(1) == y_eval).double().mean()),
+               "logit_error": float((out - ref).norm() / ref.norm()),
+               "agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).double().mean()),
+               "convert_s": seconds, **extra}
         if not args.no_latency:
             row["cpu_latency_ms"] = latency_ms(model, x_eval)
         rows.append(row)

@@ -126,7 +126,8 @@ def test_budget_meets_target_and_beats_uniform_multiplier(snapshot):
     before = whole_macs(model, x)
     uni = fxsurgeon.convert(model, example_inputs=x, separable=dict(multiplier=3))
     frac = whole_macs(uni, x) / before
-    out = fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=frac, allocation="weight"))
+    out = fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=frac, allocation="weight",
+                                                                    form="dw-pw"))
     rec = fxsurgeon.get_record(out)
     measured = whole_macs(out, x)
     assert measured <= frac * before
@@ -155,7 +156,7 @@ def test_uniform_allocation_baseline_matches_the_pass():
 def test_params_budget_without_example_inputs():
     model = trained_like(resnet20()).eval()
     before = sum(p.numel() for p in model.parameters())
-    out = fxsurgeon.convert(model, separable=dict(target_params=0.5))
+    out = fxsurgeon.convert(model, separable=dict(target_params=0.5, form="dw-pw"))
     assert sum(p.numel() for p in out.parameters()) <= 0.5 * before
     assert fxsurgeon.get_record(out).extras["allocation"]["params_fraction"] <= 0.5
 
@@ -170,7 +171,7 @@ def test_budget_errors():
     with pytest.raises(SurgeryError, match="fraction"):
         fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=1.5))
     with pytest.raises(SurgeryError, match="cannot be met"):
-        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.05))
+        fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.05, form="dw-pw"))
     with pytest.raises(SurgeryError, match="calibration"):
         fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, allocation="data"))
 
@@ -179,7 +180,7 @@ def test_budget_with_per_layer_override_counts_its_cost():
     model = trained_like(resnet20()).eval()
     x = torch.randn(1, 3, 32, 32)
     out = fxsurgeon.convert(model, example_inputs=x, separable=dict(
-        target_macs=0.6, layers={"layer3.2.conv2": {"form": "dw-pw", "rank": 1}}))
+        target_macs=0.6, form="dw-pw", layers={"layer3.2.conv2": {"form": "dw-pw", "rank": 1}}))
     rec = fxsurgeon.get_record(out)
     assert {r.target: r.details["rank"] for r in rec.rewrites if r.pass_name == "separable"}["layer3.2.conv2"] == 1
     assert whole_macs(out, x) <= 0.6 * whole_macs(model, x)
@@ -241,9 +242,97 @@ def test_budget_with_sensitivity_weighted_errors():
     x = torch.randn(1, 3, 32, 32)
     data = [torch.randn(8, 3, 32, 32)]
     out = fxsurgeon.convert(model, example_inputs=x, calibration=data,
-                            separable=dict(target_macs=0.6, allocation="sensitivity"))
+                            separable=dict(target_macs=0.6, allocation="sensitivity", form="dw-pw"))
     rec = fxsurgeon.get_record(out)
     assert rec.extras["allocation"]["errors"] == "sensitivity"
     assert whole_macs(out, x) <= 0.6 * whole_macs(model, x)
     with pytest.raises(SurgeryError, match="calibration"):
         fxsurgeon.convert(model, example_inputs=x, separable=dict(target_macs=0.5, allocation="sensitivity"))
+
+
+def _bn_net():
+    """conv → BN → ReLU, twice, then a residual sum read by a conv → BN (its input mean has no BN of its own)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8, momentum=None)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(8, momentum=None)
+            self.conv3 = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+            self.bn3 = nn.BatchNorm2d(12, momentum=None)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = torch.relu(self.bn2(self.conv2(y)) + x)
+            return self.bn3(self.conv3(y))
+
+    torch.manual_seed(0)
+    net = Net()
+    data = torch.rand(256, 8, 6, 6) + torch.linspace(0, 2, 8).view(1, 8, 1, 1)
+    with torch.no_grad():
+        net.train()(data)
+    return net.eval(), data
+
+
+def test_input_means_inferred_from_the_batchnorm_after_the_conv():
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from fxsurgeon.importance import input_channel_mean, output_bn_input_mean
+    from fxsurgeon.tracing import trace
+
+    net, data = _bn_net()
+    gm = trace(net)
+    ShapeProp(gm).propagate(data[:1])
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["x"] = args[0].mean((0, 2, 3))
+
+    h = net.conv3.register_forward_hook(hook)
+    with torch.no_grad():
+        net(data)
+    h.remove()
+    inferred = output_bn_input_mean(gm, ["conv3"], net.conv3)  # input: ReLU(residual sum), no BN of its own
+    assert inferred is not None and bool((inferred >= 0).all())
+    # the model assumes each channel's mean is the same at every position (padding upstream breaks that a little)
+    assert float((inferred - seen["x"].double()).norm() / seen["x"].norm()) < 0.1
+    mean, how = input_channel_mean(gm, ["conv3"], net.conv3)
+    assert "inferred" in how and torch.equal(mean, inferred)
+    assert input_channel_mean(gm, ["conv2"], net.conv2)[1] == "relu(bn)"  # the input's own BN comes first
+    # fewer outputs than inputs: the means are not determined
+    assert output_bn_input_mean(gm, ["conv1"], net.conv1) is not None
+    narrow = trace(nn.Sequential(nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)).eval())
+    ShapeProp(narrow).propagate(torch.randn(1, 8, 6, 6))
+    assert output_bn_input_mean(narrow, ["0"], narrow.get_submodule("0")) is None
+
+
+def test_budget_defaults_are_recorded_and_options_given_win():
+    from fxsurgeon.allocation import BUDGET_DEFAULTS
+
+    net, data = _bn_net()
+    x = data[:1]
+    out = fxsurgeon.convert(net, example_inputs=x, conv_head=False, separable=dict(target_macs=0.8))
+    rec = fxsurgeon.get_record(out)
+    assert rec.extras["allocation"]["defaults"] == BUDGET_DEFAULTS
+    assert {r.details["form"] for r in rec.rewrites if r.pass_name == "separable"} <= {"dw-pw", "pw-dw-pw"}
+    corrected = fxsurgeon.convert(net, example_inputs=x, conv_head=False,
+                                  separable=dict(target_macs=0.8, bias_correction=True, layers={
+                                      "conv3": {"form": "dw-pw", "rank": 2}}))
+    crec = fxsurgeon.get_record(corrected)
+    assert crec.extras["allocation"]["defaults"] == {k: v for k, v in BUDGET_DEFAULTS.items() if k != "bias_correction"}
+    how = {r.target: r.details["bias_correction"]["input_mean"] for r in crec.rewrites if r.pass_name == "separable"}
+    assert "inferred" in how["conv3"]  # its input is a residual sum: the mean comes from bn3's running mean
+    given = fxsurgeon.convert(net, example_inputs=x, conv_head=False,
+                              separable=dict(target_macs=0.8, form="dw-pw", bias_correction=False, weighting=None))
+    grec = fxsurgeon.get_record(given)
+    assert grec.extras["allocation"]["defaults"] == {}
+    assert all(r.details["form"] == "dw-pw" and "bias_correction" not in r.details
+               for r in grec.rewrites if r.pass_name == "separable")
+    # no budget: the MobileNet form, unchanged
+    uni = fxsurgeon.get_record(fxsurgeon.convert(net, example_inputs=x, conv_head=False))
+    assert all(r.details["form"] == "dw-pw" and "bias_correction" not in r.details
+               for r in uni.rewrites if r.pass_name == "separable")
+    with pytest.raises(SurgeryError, match="weighting"):
+        fxsurgeon.convert(net, example_inputs=x, conv_head=False, separable=dict(target_macs=0.8, weighting="no"))

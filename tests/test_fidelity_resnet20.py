@@ -44,3 +44,15 @@ def test_calibration_and_evaluation_halves_do_not_overlap():
     torch.testing.assert_close(xa[0::2], xc)
     torch.testing.assert_close(xa[1::2], xe)
     assert torch.equal(ya[0::2], yc) and torch.equal(ya[1::2], ye)
+
+
+@pytest.mark.skipif(not (DATA / "resnet32-d509ac18.th").exists(), reason=f"ResNet-32 weights not found at {DATA}")
+def test_resnet32_definition_loads_the_trained_weights_strictly():
+    from fxsurgeon.models import resnet32
+
+    ckpt = torch.load(DATA / "resnet32-d509ac18.th", map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    model = resnet32()
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert sum(p.numel() for p in model.parameters()) == 464_154

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fxsurgeon import SurgeryError
-from fxsurgeon.synthetic import synthesize
+from fxsurgeon.synthetic import DEFAULT_COUNT, synthesize
 
 
 def _net():
@@ -65,6 +65,24 @@ def test_synthesize_bad_input():
         synthesize(_net(), (3, 8, 8), count=0)
     with pytest.raises(SurgeryError, match="lr"):
         synthesize(_net(), (3, 8, 8), lr=-1)
+    with pytest.raises(SurgeryError, match="lr"):
+        synthesize(_net(), (3, 8, 8), lr=True)
+
+
+def test_convert_reuses_synthetic_images_across_budgets():
+    import fxsurgeon
+
+    net = _net()
+    x = torch.randn(2, 3, 12, 12)
+    data = synthesize(net, (3, 12, 12), count=24, steps=10, batch_size=12)
+    a = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False, example_inputs=x, calibration=data)
+    b = fxsurgeon.convert(net, separable=dict(multiplier=1), conv_head=False, example_inputs=x, calibration=data)
+    info = fxsurgeon.get_record(a).extras["synthetic_calibration"]
+    assert info["reused"] is True and info["images"] == 24 and info["seconds"] == data.seconds
+    assert fxsurgeon.get_record(a).extras["calibration"]["options"]["downstream"] is False
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert data.images.shape == (24, 3, 12, 12)  # the caller's images are not changed
 
 
 def test_convert_calibrates_on_synthetic_images_without_data():
@@ -77,7 +95,8 @@ def test_convert_calibrates_on_synthetic_images_without_data():
                             calibration="synthetic")
     rec = fxsurgeon.get_record(syn)
     info = rec.extras["synthetic_calibration"]
-    assert info["images"] == 512 and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
+    assert info["images"] == DEFAULT_COUNT and info["batchnorms"] == 2 and info["loss_end"] < info["loss_start"]
+    assert info["reused"] is False
     assert rec.extras["calibration"]["output_error_after"] < rec.extras["calibration"]["output_error_before"]
     # only the rewritten layers: refit to synthetic images, the layers after them would learn the images' quirks
     assert rec.extras["calibration"]["options"]["downstream"] is False

@@ -34,6 +34,8 @@ from .forms import LayerChoice, conv_cost, get_form
 from .modes import eval_modes
 
 __all__ = [
+    "BUDGET_DEFAULTS",
+    "UNIFORM_DEFAULTS",
     "Allocation",
     "BudgetPlan",
     "LayerOptions",
@@ -45,6 +47,15 @@ __all__ = [
     "plan_budget",
     "uniform_allocation",
 ]
+
+
+#: what the separable pass does with a budget (``target_macs`` / ``target_params``) when these options are not
+#: given: every form competes per layer, and plain (unweighted) relative weight errors rank the choices; no
+#: bias correction. Chosen on the mean logit error over the trained CIFAR ResNet-20 and ResNet-32 at 0.60× and
+#: 0.45× MACs (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
+BUDGET_DEFAULTS: dict[str, Any] = {"form": "auto", "weighting": None, "bias_correction": False}
+#: ... and with a uniform ``multiplier`` (or none): the MobileNet form, plain weights, biases as they are
+UNIFORM_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
 
 
 @dataclass(frozen=True)

@@ -240,18 +240,23 @@ def _pass_options(name: str, value: Any) -> dict[str, Any] | None:
     raise SurgeryError(f"{name}= takes True, False or a dict of options, got {type(value).__name__}: {value!r}")
 
 
-def _synthetic_calibration(gm: nn.Module, what: str, inputs: tuple) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """``calibration="synthetic"``: BatchNorm-matched images shaped like the example input (and a summary)."""
-    if what != "synthetic":
-        raise SurgeryError(f"calibration= takes input batches or 'synthetic', got the string {what!r}")
-    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
-        raise SurgeryError("calibration='synthetic' needs example_inputs: one batched input tensor (its shape "
-                           "without the batch dimension is the shape of the images made)")
-    from .synthetic import synthesize
+def _synthetic_calibration(gm: nn.Module, what: Any, inputs: tuple) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """``calibration="synthetic"``: BatchNorm-matched images shaped like the example input (and a summary);
+    a :class:`~fxsurgeon.synthetic.SyntheticData` already made is used as it is (``reused: True``)."""
+    from .synthetic import SyntheticData, synthesize
 
-    data = synthesize(gm, tuple(inputs[0].shape[1:]))
+    if isinstance(what, SyntheticData):
+        data, reused = what, True
+    else:
+        if what != "synthetic":
+            raise SurgeryError(f"calibration= takes input batches or 'synthetic', got the string {what!r}")
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+            raise SurgeryError("calibration='synthetic' needs example_inputs: one batched input tensor (its shape "
+                               "without the batch dimension is the shape of the images made)")
+        data, reused = synthesize(gm, tuple(inputs[0].shape[1:])), False
     summary = {"images": int(data.images.shape[0]), "steps": data.steps, "batchnorms": data.batchnorms,
-               "loss_start": data.loss_start, "loss_end": data.loss_end, "seconds": data.seconds}
+               "loss_start": data.loss_start, "loss_end": data.loss_end, "seconds": data.seconds,
+               "reused": reused}
     return data.batches(), summary
 
 
@@ -304,7 +309,8 @@ def convert(
             statistics are made first (:func:`fxsurgeon.synthesize` with its defaults, shaped like
             ``example_inputs``; seeded, so the conversion stays deterministic) and used instead, for the
             rewritten layers only (``downstream=False``); what they cost and how well they match is in
-            ``record.extras["synthetic_calibration"]``.
+            ``record.extras["synthetic_calibration"]``. A :class:`~fxsurgeon.SyntheticData` from
+            :func:`fxsurgeon.synthesize` is used the same way, so one set of images serves several budgets.
         mode: ``"eval"`` (default) or ``"train"``: the mode whose ``if self.training:`` branches the converted
             graph keeps (torch.fx fixes each such branch while tracing), and the mode verification runs both
             models in (train: under one fixed seed). Each submodule's own flag is put back afterwards; the record
@@ -406,11 +412,12 @@ def convert(
     calib_batches = original = synthetic = None
     if calibration is not None:
         from .calibrate import as_batches
+        from .synthetic import SyntheticData
 
         if on_meta:
             raise SurgeryError("calibration needs real weights; the model is on the meta device")
         with kept_state(gm):
-            if isinstance(calibration, str):
+            if isinstance(calibration, (str, SyntheticData)):
                 calibration, synthetic = _synthetic_calibration(gm, calibration, inputs)
             calib_batches = [_to_device(b, device) for b in as_batches(calibration)]
         _check_calibration(calib_batches)

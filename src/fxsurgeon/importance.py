@@ -31,9 +31,12 @@ __all__ = [
     "bn_output_scale",
     "correct_mean_shift",
     "input_channel_mean",
+    "nonnegative_least_squares",
+    "output_bn_input_mean",
     "relu_bn_mean",
     "relu_bn_rms",
     "scaled_conv",
+    "tap_fractions",
     "unscale_separable",
 ]
 
@@ -178,15 +181,102 @@ def _input_scale(gm: fx.GraphModule, src: object, channels: int) -> tuple[torch.
     return relu_bn_rms(bn, relu=relu), "relu(bn)" if relu else "bn"
 
 
+def tap_fractions(conv: nn.Conv2d, size: tuple[int, int]) -> torch.Tensor:
+    """(kh, kw): the share of the conv's output positions at which each kernel tap reads inside an input of
+    ``size`` (the rest read zero padding), for an input of spatial ``size`` (H, W).
+
+    >>> conv = nn.Conv2d(1, 1, 3, padding=1)
+    >>> tap_fractions(conv, (4, 4))[0].tolist()  # the top row of taps misses the first output row
+    [0.5625, 0.75, 0.5625]
+    """
+    out = []
+    for axis in range(2):
+        k, s, d = conv.kernel_size[axis], conv.stride[axis], conv.dilation[axis]
+        pad = conv.padding[axis] if not isinstance(conv.padding, str) else (
+            0 if conv.padding == "valid" else (d * (k - 1)) // 2)
+        n = size[axis]
+        n_out = (n + 2 * pad - d * (k - 1) - 1) // s + 1
+        frac = []
+        for tap in range(k):
+            idx = [p * s - pad + tap * d for p in range(max(n_out, 0))]
+            frac.append(sum(0 <= i < n for i in idx) / max(len(idx), 1))
+        out.append(torch.tensor(frac, dtype=torch.float64))
+    return out[0].view(-1, 1) * out[1].view(1, -1)
+
+
+#: an input mean is inferred from the BatchNorm after the conv only when its system is this well conditioned
+MAX_CONDITION = 1e4
+
+
+def output_bn_input_mean(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> torch.Tensor | None:
+    """Each input channel's mean, inferred from the running mean of the BatchNorm that reads the conv's output.
+
+    That BatchNorm remembers ``E[conv(x)]`` over the training data. For inputs whose channels have constant
+    means ``m``, ``E[conv(x)] = A m + b`` with ``A[o, i] = Σ_taps W[o, i, tap] · share of positions where the
+    tap reads inside the input`` (:func:`tap_fractions`), so ``m`` solves a least-squares system — when it is
+    determined (``C_out ≥ C_in``) and well conditioned (:data:`MAX_CONDITION`); else None. Works whatever
+    produces the input (a residual sum, a pooling), where :func:`input_channel_mean` needs ``BN(·)`` before.
+    """
+    node = _only_call(gm, names)
+    if node is None or not node.args or len(node.users) != 1 or conv.padding_mode != "zeros":
+        return None
+    bn = _module(gm, next(iter(node.users)))
+    c_out, c_in = conv.out_channels, conv.in_channels
+    if bn is None or not _usable_bn(bn, c_out) or c_out < c_in:
+        return None
+    src = node.args[0]
+    meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) != 4:
+        return None
+    w = conv.weight.detach().double()
+    a = (w * tap_fractions(conv, (int(shape[2]), int(shape[3]))).to(w.device)).sum((2, 3))
+    mu = bn.running_mean.detach().double().to(w.device)
+    if conv.bias is not None:
+        mu = mu - conv.bias.detach().double()
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(mu).all()):
+        return None
+    if _is_relu(gm, src):  # a ReLU's output: the means are ≥ 0, which pins down ill-conditioned systems
+        return nonnegative_least_squares(a, mu)
+    sv = torch.linalg.svdvals(a)
+    if float(sv[-1]) <= 0 or float(sv[0] / sv[-1]) > MAX_CONDITION:
+        return None
+    return torch.linalg.lstsq(a, mu.unsqueeze(1)).solution.squeeze(1)
+
+
+def nonnegative_least_squares(a: torch.Tensor, b: torch.Tensor, iterations: int = 3000) -> torch.Tensor:
+    """``argmin_{m ≥ 0} ||a m − b||²`` by accelerated projected gradient (FISTA), deterministic, float64.
+
+    >>> a = torch.eye(2, dtype=torch.float64)
+    >>> nonnegative_least_squares(a, torch.tensor([1.0, -2.0], dtype=torch.float64)).tolist()
+    [1.0, 0.0]
+    """
+    g = a.T @ a
+    h = a.T @ b
+    lip = float(torch.linalg.eigvalsh(g)[-1])
+    if not lip > 0:
+        return torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    m = torch.zeros_like(h)
+    z, t = m.clone(), 1.0
+    for _ in range(iterations):
+        nxt = (z - (g @ z - h) / lip).clamp_min(0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = nxt + (t - 1) / t_next * (nxt - m)
+        m, t = nxt, t_next
+    return m
+
+
 def input_channel_mean(gm: fx.GraphModule, names: list[str], conv: nn.Conv2d) -> tuple[torch.Tensor, str] | None:
-    """Expected value of each input channel of the conv called as any of ``names``, read from the BatchNorm
-    (and ReLU) that produce its input; None when the input is anything else or the conv is called twice."""
+    """Expected value of each input channel of the conv called as any of ``names``: read from the BatchNorm
+    (and ReLU) that produce its input, else inferred from the BatchNorm after it (:func:`output_bn_input_mean`);
+    None when neither is there or the conv is called twice."""
     node = _only_call(gm, names)
     if node is None or not node.args:
         return None
     bn, relu = _input_bn(gm, node.args[0], conv.in_channels)
     if bn is None:
-        return None
+        m = output_bn_input_mean(gm, names, conv)
+        return None if m is None else (m, "inferred from the following BatchNorm's running mean")
     return relu_bn_mean(bn, relu=relu), "relu(bn)" if relu else "bn"
 
 

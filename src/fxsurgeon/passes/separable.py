@@ -299,7 +299,7 @@ def _build_all(planned: list[_Planned], init: str) -> list[tuple[nn.Module, dict
 def separable(
     gm: fx.GraphModule,
     *,
-    form: str = "dw-pw",
+    form: str | None = None,
     multiplier: int | str | None = None,
     energy: float | None = None,
     init: str = "svd",
@@ -315,15 +315,16 @@ def separable(
     target_latency: float | None = None,
     allocation: str = "auto",
     calibration: Any = None,
-    weighting: str | None = None,
-    bias_correction: bool = False,
+    weighting: str | None = "default",
+    bias_correction: bool | None = None,
 ) -> PassResult:
     """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
 
     Args:
         gm: the traced model, edited in place.
         form: the separable form (see :data:`fxsurgeon.forms.FORMS`); ``"dw-pw"`` is depthwise k×k with
-            channel multiplier m followed by pointwise 1×1.
+            channel multiplier m followed by pointwise 1×1. Default: ``"dw-pw"``, or with a budget
+            ``"auto"`` (:data:`fxsurgeon.allocation.BUDGET_DEFAULTS`, like ``weighting`` and ``bias_correction``).
         multiplier: channel multiplier m (the form's rank) for every layer (default 1, MobileNet's), or
             ``"full"`` for the form's exact rank per layer (``min(C_out, k²)`` for ``dw-pw``).
         energy: instead of a fixed m, per layer the smallest m keeping this fraction of the weight's squared
@@ -364,10 +365,13 @@ def separable(
         calibration: input batches for ``allocation="data"``; ``convert(calibration=...)`` fills it in.
         weighting: ``"bn"`` weighs each output channel's error by the following BatchNorm's |γ|/√var and each
             input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.importance`; data-free)
-            when decomposing and when ranking choices; default None: plain Frobenius error.
-        bias_correction: give each approximate rewrite whose input is ``BN(·)`` or ``ReLU(BN(·))`` the conv's
+            when decomposing and when ranking choices; None: plain Frobenius error (the default).
+        bias_correction: give each approximate rewrite whose input is ``BN(·)`` or ``ReLU(BN(·))``, or whose
+            output feeds a BatchNorm, the conv's
             output mean: the shift ``(W − Ŵ) ∗ E[x]``, with E[x] read from that BatchNorm (data-free), goes
-            into the pointwise bias (:func:`fxsurgeon.importance.correct_mean_shift`).
+            into the pointwise bias (:func:`fxsurgeon.importance.correct_mean_shift`); where the input has no
+            BatchNorm of its own, E[x] is inferred from the one after the conv. Default: True with a budget,
+            else False.
 
     Forms: ``"dw-pw"`` (depthwise k×k, multiplier m → pointwise), ``"pw-dw-pw"`` (1×1 → depthwise k×k → 1×1
     from a rank-R CP decomposition, :mod:`fxsurgeon.cp`), or ``"auto"``: per layer the form with the least
@@ -386,6 +390,16 @@ def separable(
     >>> len(res.rewrites), sum(p.numel() for p in gm.parameters())
     (1, 2336)
     """
+    # options not given: a budget takes fxsurgeon.allocation.BUDGET_DEFAULTS (chosen on two trained models),
+    # a uniform multiplier keeps the MobileNet form without weighting or bias correction
+    from ..allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
+
+    base = BUDGET_DEFAULTS if target_macs is not None or target_params is not None else UNIFORM_DEFAULTS
+    defaulted = {k: base[k] for k, unset in (("form", form is None), ("weighting", weighting == "default"),
+                                             ("bias_correction", bias_correction is None)) if unset}
+    form = defaulted.get("form", form)
+    weighting = defaulted.get("weighting", weighting)
+    bias_correction = defaulted.get("bias_correction", bias_correction)
     if kernel_sizes != "all":
         if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
             raise SurgeryError(f"separable: kernel_sizes must be 'all' or a sequence of ints > 1, got {kernel_sizes!r}")
@@ -456,6 +470,7 @@ def separable(
                                              errors=allocation)
         layers = {**chosen, **layers}
         budget = budget.summary()
+        budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
         gm.meta.setdefault("fxsurgeon_extras", {})["allocation"] = budget
     planned: list[_Planned] = []
     for cand in candidates:
