@@ -259,7 +259,8 @@ def page_fuzzing() -> str:
     count_lines = "\n".join(f"| {k} | {v:,} |" for k, v in sorted(counts.items()))
     pass_lines = "\n".join(f"| {k} | {v:,} |" for k, v in sorted(d["passes"].items()))
     refusals = sorted(d["refusals"].items(), key=lambda kv: (-kv[1], kv[0]))
-    refusal_lines = "\n".join(f"| {v} | `{k}` |" for k, v in refusals) or "| 0 | – |"
+    # fuzz.py groups refusals as "Exception: <message>": the type is always the same, the message is the news
+    refusal_lines = "\n".join(f"| {v} | `{k.removeprefix('Exception: ')}` |" for k, v in refusals) or "| 0 | – |"
     failures = d["failures"]
     if failures:
         fail_text = "\n".join(f"- {d['failure_counts'][k]}× `{k}` (smallest: seed {f['seed']})"
