@@ -12,7 +12,9 @@ checks that the committed pages equal this script's output. The pages:
     docs/benchmarks/peers.md          peer_factorizations.json (benchmarks/peer_factorizations.py)
     docs/benchmarks/timm-coverage.md  timm_sweep.jsonl         (benchmarks/timm_sweep.py)
     docs/benchmarks/gpu.md            gpu_bench_*.md           (benchmarks/gpu_check.sh, as gpu_bench.py wrote them)
-    docs/benchmarks/fuzzing.md        fuzz.json                (benchmarks/fuzz.py --json)
+    docs/benchmarks/fuzzing.md        fuzz.json, load_fuzz.json (benchmarks/fuzz.py --json / --saved-files)
+    docs/benchmarks/defaults.md       defaults_two_models.json (benchmarks/defaults_two_models.py), via
+                                      benchmarks/render_defaults.py
     README.md                         the block between the ``results`` markers
 """
 
@@ -267,7 +269,7 @@ def page_fuzzing() -> str:
                               for k, f in failures.items())
     else:
         fail_text = "No property failed."
-    return f"""{_banner("fuzz.json")}
+    return f"""{_banner("fuzz.json", "load_fuzz.json")}
 # Results: property-based fuzzing
 
 `fxsurgeon.fuzz` builds random small conv nets from a JSON spec — stacked and branched convs with random
@@ -307,6 +309,40 @@ reason, figures blanked:
 {refusal_lines}
 
 {fail_text}
+{_load_fuzz_section()}"""
+
+
+def _load_fuzz_section() -> str:
+    """The saved-file fuzzer (``benchmarks/fuzz.py --saved-files``), when its summary is committed."""
+    if not (RESULTS / "load_fuzz.json").exists():
+        return ""
+    d = _load_json("load_fuzz.json")
+    seconds = sum(s["seconds"] for s in d["shards"])
+    mutation_lines = "\n".join(f"| {k} | {v:,} |" for k, v in sorted(d["mutations"].items()))
+    outcome_lines = "\n".join(f"| {k} | {v:,} |" for k, v in sorted(d["outcomes"].items()))
+    canaries = len(d["canaries_triggered"])
+    return f"""
+## Saved files
+
+`benchmarks/fuzz.py --saved-files {d['files']}` mutates real saved conversions ({", ".join(
+        f"`{b}`" for b in d["bases"])}): factory names (canaries that would create a file if imported or called),
+leaf-module and function names, keyword arguments, example-input shapes and dtypes, `format_version`, deeply
+nested JSON, any JSON value, tensors in the header, tied keys and the raw text; then loads each. Every file must
+load or be refused with a `SurgeryError`, and the canary folder must stay empty.
+
+**How it was measured.** Seeds {d['seeds']} in {len(d['shards'])} shards, {seconds / d['files'] * 1000:.0f} ms per
+file in all on a shared 2-core CPU machine. Exceptions other than `SurgeryError`: **{d['crashes']}**; canaries
+triggered: **{canaries}**; peak resident memory {d['peak_rss_mib_end']} MiB, {d['peak_rss_growth_mib']} MiB above
+what setting up the base files took. The slowest file took {d['slowest_file']['seconds']:.1f} s
+({d['slowest_file']['outcome']}).
+
+| outcome | files |
+|---|---:|
+{outcome_lines}
+
+| mutation | files |
+|---|---:|
+{mutation_lines}
 """
 
 
@@ -339,15 +375,40 @@ def readme_block() -> str:
         "",
         *lines,
         "",
+        *_two_model_lines(),
         f"Latency (one CPU thread, batch 1 / 64): original {p_orig['cpu_latency_ms']['b1']:.2f} / "
         f"{p_orig['cpu_latency_ms']['b64']:.1f} ms, `auto` at {p_auto['mac_ratio']:.2f}× MACs "
         f"{p_auto['cpu_latency_ms']['b1']:.2f} / {p_auto['cpu_latency_ms']['b64']:.1f} ms — fewer MACs is not "
-        "less time; see [GPU and benchmark](docs/gpu.md).",
+        "less time; see [GPU and benchmark](docs/gpu.md) and [latency budgets](docs/latency.md).",
         "",
         f"Coverage: {cov['ok']:,} of the {cov['traceable']:,} traceable timm architectures (≤ 200 M parameters, "
         f"timm {cov['versions']['timm']}) convert and verify with `recipes/exact.yaml`.",
         README_END,
     ])
+
+
+def _render_defaults():
+    spec = importlib.util.spec_from_file_location("fxsurgeon_render_defaults", REPO / "benchmarks" / "render_defaults.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _two_model_lines() -> list[str]:
+    """The budget defaults at 0.60× MACs on both trained models (benchmarks/defaults_two_models.py)."""
+    if not (RESULTS / "defaults_two_models.json").exists():
+        return []
+    rows = _load_json("defaults_two_models.json")["rows"]
+    out = ["With the budget defaults (`separable=dict(target_macs=0.6)`, nothing else set), from the weights alone, "
+           "on both trained models ([how the defaults were chosen](docs/accuracy-defaults.md)):", "",
+           "| model | original | MACs target | logit error | agreement | accuracy |", "|---|---:|---:|---:|---:|---:|"]
+    for m in ("resnet20", "resnet32"):
+        orig = next((r for r in rows if r["model"] == m and r["config"] == "original"), None)
+        r = next((r for r in rows if r["model"] == m and r["config"] == "auto" and r["target"] == 0.6), None)
+        if orig and r:
+            out.append(f"| {m} | {_pct(orig['accuracy'])} | 0.60× | {r['logit_error']:.3f} | "
+                       f"{r['agreement']:.1f} % | {_pct(r['accuracy'])} |")
+    return [*out, ""]
 
 
 def render_readme(text: str) -> str:
@@ -366,6 +427,7 @@ def render() -> dict[Path, str]:
         PAGES / "timm-coverage.md": page_timm(),
         PAGES / "gpu.md": page_gpu(),
         PAGES / "fuzzing.md": page_fuzzing(),
+        PAGES / "defaults.md": _render_defaults().render(),
     }
     readme = REPO / "README.md"
     pages[readme] = render_readme(readme.read_text())
