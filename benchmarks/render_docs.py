@@ -383,6 +383,7 @@ def readme_block() -> str:
         "",
         f"Coverage: {cov['ok']:,} of the {cov['traceable']:,} traceable timm architectures (≤ 200 M parameters, "
         f"timm {cov['versions']['timm']}) convert and verify with `recipes/exact.yaml`.",
+        *_load_fuzz_line(),
         README_END,
     ])
 
@@ -409,6 +410,16 @@ def _two_model_lines() -> list[str]:
             out.append(f"| {m} | {_pct(orig['accuracy'])} | 0.60× | {r['logit_error']:.3f} | "
                        f"{r['agreement']:.1f} % | {_pct(r['accuracy'])} |")
     return [*out, ""]
+
+
+def _load_fuzz_line() -> list[str]:
+    if not (RESULTS / "load_fuzz.json").exists():
+        return []
+    d = _load_json("load_fuzz.json")
+    return ["", f"Load safety: {d['files']:,} mutated saved files through `fxsurgeon.load` — {d['crashes']} exceptions "
+                f"other than `SurgeryError`, {len(d['canaries_triggered'])} canaries triggered (no code from a file "
+                f"ran), peak memory {d['peak_rss_mib_end']} MiB ({d['peak_rss_growth_mib']} MiB above setup); see "
+                "[fuzzing](docs/benchmarks/fuzzing.md#saved-files)."]
 
 
 def render_readme(text: str) -> str:
