@@ -330,6 +330,17 @@ def test_budget_defaults_are_recorded_and_options_given_win():
     assert grec.extras["allocation"]["defaults"] == {}
     assert all(r.details["form"] == "dw-pw" and "bias_correction" not in r.details
                for r in grec.rewrites if r.pass_name == "separable")
+    # a budget measured on calibration data: the MobileNet form unless the caller asks for more forms
+    from fxsurgeon.allocation import DATA_BUDGET_DEFAULTS
+
+    measured = fxsurgeon.get_record(fxsurgeon.convert(net, example_inputs=x, conv_head=False, calibration=[data[:8]],
+                                                      separable=dict(target_macs=0.8)))
+    assert measured.extras["allocation"]["defaults"] == DATA_BUDGET_DEFAULTS
+    assert {r.details["form"] for r in measured.rewrites if r.pass_name == "separable"} <= {"dw-pw"}
+    weight_only = fxsurgeon.get_record(fxsurgeon.convert(
+        net, example_inputs=x, conv_head=False, calibration=[data[:8]],
+        separable=dict(target_macs=0.8, allocation="weight")))
+    assert weight_only.extras["allocation"]["defaults"] == BUDGET_DEFAULTS
     # no budget: the MobileNet form, unchanged
     uni = fxsurgeon.get_record(fxsurgeon.convert(net, example_inputs=x, conv_head=False))
     assert all(r.details["form"] == "dw-pw" and "bias_correction" not in r.details
