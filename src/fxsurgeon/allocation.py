@@ -32,6 +32,7 @@ from torch import nn
 from .errors import SurgeryError
 from .forms import LayerChoice, conv_cost, get_form
 from .modes import eval_modes
+from .runtime import data_device_of
 
 __all__ = [
     "BUDGET_DEFAULTS",
@@ -360,18 +361,12 @@ def example_inputs_from_graph(gm: fx.GraphModule) -> tuple | None:
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
             return None
-        dev = _device_of(gm)
+        dev = data_device_of(gm)
         if meta.dtype.is_floating_point:
             out.append(torch.randn(tuple(meta.shape), dtype=meta.dtype, device=dev))
         else:
             out.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype, device=dev))
     return tuple(out)
-
-
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device if t.device.type != "meta" else None
-    return None
 
 
 def _hw(shape: Sequence[int]) -> int:

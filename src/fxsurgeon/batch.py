@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SurgeryError
+from .runtime import batch_versions
 
 __all__ = [
     "RESULT_KEYS",
@@ -1094,7 +1095,7 @@ def run_batch(
         if force or prev is None or (retry_failed and prev.get("status") in ("error", "timeout")):
             todo.append(m)
     jobs = [Job(**{**asdict(base), "model": m, "input_size": base.input_size}) for m in todo]
-    stamp = {"recipe": recipe_name, "config": config, "versions": _versions()}
+    stamp = {"recipe": recipe_name, "config": config, "versions": batch_versions()}
 
     finished: list[dict[str, Any]] = []
     bar = _progress_bar(len(jobs), len(models) - len(jobs), progress)
@@ -1201,18 +1202,6 @@ def _run_dask(jobs: list[Job], scheduler: Any, launcher: str, record: Callable) 
     finally:
         if own is not None:
             own.close()
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("fxsurgeon", "torch", "timm"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            with contextlib.suppress(ImportError):
-                mod = __import__(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
-    return out
 
 
 # --------------------------------------------------------------------------------------------- summary

@@ -544,8 +544,8 @@ def _common() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     from .cli_common import Parser
+    from .runtime import __version__
 
     parser = Parser(prog="fxsurgeon", parents=[_common()],
                     description="fxsurgeon: convert PyTorch models with torch.fx passes (separable convs, conv "

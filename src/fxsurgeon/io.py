@@ -548,9 +548,9 @@ def _versions_text(meta: dict[str, Any]) -> str:
 
 
 def _now() -> dict[str, str]:
-    from .convert import _versions
+    from .runtime import conversion_versions
 
-    return _versions()
+    return conversion_versions()
 
 
 def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, list[int]], *, check_structure: bool) -> None:

@@ -15,7 +15,6 @@ Renderers live in :mod:`fxsurgeon.report_render` (terminal, Markdown, CSV) and :
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,20 +25,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .convert import (
-    _device_of,
-    _run,
-    _to_device,
-    compare_outputs,
-    model_name,
-    normalize_inputs,
-)
+from .convert import compare_outputs
 from .errors import SurgeryError
 from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 from .record import find_record
 from .report_attrib import attribute_rewrites
 from .report_count import Counts, count_model, cross_check
+from .runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
 
 __all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
 
@@ -250,16 +243,6 @@ def _merged_names(first: list[str], second: list[str]) -> list[str]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    from . import __version__
-
-    out = {"fxsurgeon": __version__, "torch": torch.__version__}
-    for mod in ("fvcore", "timm"):
-        with contextlib.suppress(ImportError):
-            out[mod] = getattr(__import__(mod), "__version__", "unknown")
-    return out
-
-
 def load_schema() -> dict[str, Any]:
     """The JSON Schema of :meth:`SavingsReport.to_dict` (``fxsurgeon/schemas/report.schema.json``)."""
     text = resources.files("fxsurgeon").joinpath("schemas/report.schema.json").read_text(encoding="utf-8")
@@ -313,7 +296,7 @@ def _one_sample(inputs: tuple) -> tuple[int, tuple]:
 def _run_restoring(model: nn.Module, inputs: tuple, what: str) -> Any:
     modes = _modes(model)
     try:
-        return _run(model, inputs, what)
+        return run_forward(model, inputs, what)
     finally:
         _restore_modes(model, modes, model.training)
 
@@ -368,15 +351,15 @@ def savings(
     if not inputs:
         raise SurgeryError("savings() needs example_inputs: fvcore counts MACs by running the model on them")
     for what, m in (("original", original), ("converted", converted)):
-        dev = _device_of(m)
+        dev = device_of(m)
         if dev is not None and dev.type == "meta":
             raise SurgeryError(f"the {what} model is on the meta device: counting MACs needs real tensors")
-    in_orig = _to_device(inputs, _device_of(original))
-    in_conv = _to_device(inputs, _device_of(converted))
+    in_orig = to_device(inputs, device_of(original))
+    in_conv = to_device(inputs, device_of(converted))
     batch, one = _one_sample(inputs)
-    before = count_model(original, _to_device(one, _device_of(original)), what="the original model",
+    before = count_model(original, to_device(one, device_of(original)), what="the original model",
                          torch_counter=torch_cross_check)
-    after = count_model(converted, _to_device(one, _device_of(converted)), what="the converted model",
+    after = count_model(converted, to_device(one, device_of(converted)), what="the converted model",
                         torch_counter=torch_cross_check)
     record = find_record(converted)
 
@@ -411,6 +394,6 @@ def savings(
         rewrites=rows, skipped=skipped, passes=passes, unattributed=unattributed, module_depth=depth,
         macs_by_operator={"before": before.macs_by_operator(), "after": after.macs_by_operator()},
         uncounted_ops={"before": before.uncounted, "after": after.uncounted},
-        cross_check=check, versions=_versions(),
+        cross_check=check, versions=report_versions(),
         counts_before=before, counts_after=after,
     )

@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
 from ..modes import eval_modes as _eval_modes
+from ..runtime import device_of, to_device
 from .batchnorm import _downstream_batchnorms
 from .data import _forward, _rel_error, as_batches
 from .refit import _bn_frontier, _bn_streaming, _refit_frontier, _refit_streaming
@@ -169,8 +169,8 @@ def calibrate(
     if not rewrites:
         report.seconds = time.perf_counter() - t0
         return report
-    device = _device_of(converted)
-    batches = [_to_device(b, device) for b in batches]
+    device = device_of(converted)
+    batches = [to_device(b, device) for b in batches]
     with _eval_modes(converted, original), torch.no_grad():
         report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
         specs, skipped = refit_specs(converted, original, rewrites)

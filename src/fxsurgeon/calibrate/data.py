@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
+from ..runtime import device_of, to_device
 
 __all__ = ["as_batches", "output_error"]
 
@@ -64,11 +64,11 @@ def output_error(model: nn.Module, reference: nn.Module, batches: Sequence[tuple
     """Relative L2 error ``||f(x) − g(x)|| / ||g(x)||`` of ``model`` against ``reference`` over all batches."""
     from torch.utils._pytree import tree_flatten
 
-    dev = _device_of(model)
+    dev = device_of(model)
     d2 = r2 = 0.0
     with torch.no_grad():
         for b in batches:
-            b = _to_device(b, dev)
+            b = to_device(b, dev)
             out, _ = tree_flatten(_forward(model, b, "the converted model"))
             ref, _ = tree_flatten(_forward(reference, b, "the original model"))
             for o, r in zip(out, ref):

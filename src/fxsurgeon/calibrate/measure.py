@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
 from ..modes import eval_modes as _eval_modes
+from ..runtime import device_of, to_device
 from .data import _forward, as_batches
 from .separable_stats import _SeparableAccumulator
 from .solve import DEFAULT_RIDGE, residual, ridge_refit
@@ -67,7 +67,7 @@ def measure_choices(
     from ..forms import get_form
 
     batches = as_batches(calibration)
-    dev = _device_of(gm)
+    dev = device_of(gm)
     store: dict[str, list[torch.Tensor]] = {o.name: [] for o in options}
     size = dict.fromkeys(store, 0)
 
@@ -86,7 +86,7 @@ def measure_choices(
             for b in batches:
                 if all(v >= max_elements for v in size.values()):
                     break
-                _forward(gm, _to_device(b, dev), "the original model")
+                _forward(gm, to_device(b, dev), "the original model")
     finally:
         for h in handles:
             h.remove()
@@ -156,8 +156,8 @@ def output_sensitivity(
         take = samples - n if isinstance(x, torch.Tensor) and x.dim() else None
         batches.append(tuple(t[:take] if isinstance(t, torch.Tensor) and t.dim() else t for t in b) if take else b)
         n += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
-    dev = _device_of(model)
-    batches = [_to_device(b, dev) for b in batches]
+    dev = device_of(model)
+    batches = [to_device(b, dev) for b in batches]
 
     def flat(out: Any) -> torch.Tensor:
         leaves, _ = tree_flatten(out)

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _to_device
+from ..runtime import to_device
 from .data import _forward, _samples
 from .separable_stats import _SeparableAccumulator
 from .specs import LayerRefit, RefitSpec
@@ -195,7 +195,7 @@ def _refit_streaming(
     acc = _accumulator(spec, layer, _samples(batches))
     counts: tuple[int, int] | None = None
     for batch in batches:
-        batch = _to_device(batch, device)
+        batch = to_device(batch, device)
         # the first batch runs whole, to learn how often each side calls its module; later ones stop early
         ys = _capture(ref_mod, lambda b=batch: _forward(reference, b, "the original model"), inputs=False,
                       stop_after=counts[0] if counts else None)
@@ -215,12 +215,12 @@ def _refit_streaming(
 def _bn_streaming(model: nn.Module, batches: Sequence[tuple], names: Sequence[str], device: torch.device | None) -> int:
     """Exact BatchNorm statistics in network order, one pass over the data per BatchNorm (no fx needed)."""
     done = 0
-    for n in _call_order(model, _to_device(batches[0], device), names):
+    for n in _call_order(model, to_device(batches[0], device), names):
         bn = model.get_submodule(n)
         stats = _BNStats(bn)
         count = None
         for b in batches:
-            b = _to_device(b, device)
+            b = to_device(b, device)
             xs = _capture(bn, lambda b=b: _forward(model, b, "the converted model"), inputs=True, stop_after=count)
             count = count or len(xs)
             for x in xs:
