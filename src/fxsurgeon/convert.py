@@ -18,7 +18,6 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import SurgeryError
 from .graph import alias_classes, describe, mutated_inputs, propagate_shapes
-from .io import describe_tracing, infer_source, normalize_source
 from .passes import Skip, get_pass, list_passes
 from .passes.conv_head import NOMINAL_SHAPES_KEY
 from .record import RECORD_ATTR, Conversion, Verification
@@ -31,6 +30,7 @@ from .runtime import (
     run_forward,
     to_device,
 )
+from .sources import describe_tracing, infer_source, normalize_source
 from .tracing import (
     TraceReport,
     absent_args,
