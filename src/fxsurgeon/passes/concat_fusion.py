@@ -46,8 +46,8 @@ from ..graph import called_modules, describe, module_aliases, replace_module
 from ..modes import eval_modes
 from ..modules import depthwise_conv_class
 from ..runtime import device_or_cpu
-from . import register_pass
 from .base import PassResult, Rewrite, Skip
+from .registry import register_pass
 
 __all__ = ["CONCAT_FUNCTIONS", "Concat", "FusionSite", "concat_fusion", "find_concats", "second_moments"]
 
