@@ -31,16 +31,13 @@ from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 from .record import find_record
 from .report_attrib import attribute_rewrites
-from .report_count import Counts, count_model, cross_check
+from .report_count import MACS_NOTE, Counts, count_model, cross_check
 from .runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
 
 __all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
 
 #: version of the JSON the report writes (src/fxsurgeon/schemas/report.schema.json); bump on any change
 SCHEMA_VERSION = 2
-
-MACS_NOTE = ("MACs = multiply-accumulates per input sample (batch size 1), as counted by fvcore "
-             "(one multiply-add = 1 MAC; fvcore calls it a flop); PyTorch's FlopCounterMode FLOPs = 2 × MACs")
 
 #: what the fidelity figures were measured with: ``random`` weights make them meaningless (zero-initialised
 #: residual branches give 0 error for free), ``unknown`` is the Python API's default
