@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli_common import MIN_FREE_BYTES, load_model
 from .errors import SurgeryError
 from .runtime import batch_versions
 
@@ -81,9 +82,6 @@ RESULT_KEYS = (
 )
 
 STATUSES = ("ok", "skipped", "error", "timeout")
-
-#: free space below which a batch refuses to start: a result line is small, but a full disk tears lines
-MIN_FREE_BYTES = 16 * 2**20
 
 #: what the fork server imports once for all model processes
 _PRELOAD = ["torch", "timm", "fvcore.nn", "fxsurgeon", "fxsurgeon.cli", "fxsurgeon.recipes", "fxsurgeon.convert"]
@@ -338,8 +336,6 @@ def _skip_reasons(rec) -> dict[str, int]:
 
 
 def _load(spec: str, **kwargs: Any):
-    from .cli import load_model
-
     return load_model(spec, **kwargs)
 
 
