@@ -44,6 +44,7 @@ __all__ = [
     "allocate",
     "conv_shapes",
     "layer_options",
+    "max_useful_rank",
     "model_macs",
     "plan_budget",
     "uniform_allocation",
@@ -289,7 +290,7 @@ def uniform_allocation(layers: Sequence[LayerOptions], form: str, rank: int) -> 
     return Allocation(picks, macs, params, objective)
 
 
-def _max_useful_rank(form: Any, conv: nn.Conv2d, positions_in: int, positions_out: int) -> int:
+def max_useful_rank(form: Any, conv: nn.Conv2d, positions_in: int, positions_out: int) -> int:
     """Largest rank whose MACs and parameters stay below the original conv's: higher ranks are dominated."""
     orig = conv_cost(conv)
     orig_macs = orig.macs(positions_in, positions_out)
@@ -327,7 +328,7 @@ def layer_options(
     choices: list[LayerChoice] = []
     for fname in forms:
         form = get_form(fname)
-        top = _max_useful_rank(form, conv, positions_in, positions_out)
+        top = max_useful_rank(form, conv, positions_in, positions_out)
         if top >= 1:
             choices += form.choices(conv, top)
     if keep_original:

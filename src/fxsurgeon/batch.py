@@ -328,10 +328,10 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def _skip_reasons(rec) -> dict[str, int]:
-    from .record import _reason_key
+    from .record import reason_key
 
     # "groups=32 > 1" and "groups=64 > 1" are one reason here
-    counts = Counter(re.sub(r"(?<==)\d+", "N", f"{s.pass_name}: {_reason_key(s.reason)}") for s in rec.skipped)
+    counts = Counter(re.sub(r"(?<==)\d+", "N", f"{s.pass_name}: {reason_key(s.reason)}") for s in rec.skipped)
     return dict(counts.most_common(8))
 
 

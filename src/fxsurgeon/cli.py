@@ -143,13 +143,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if as_json:
         import json
 
-        from .report import _finite
+        from .report import finite_or_none
 
         data = {"weights": weights, "record": record.to_dict(), "out": written, "report": args.report,
                 "savings": None if counted is None else {
                     "params_before": counted.params_before, "params_after": counted.params_after,
                     "macs_per_sample_before": counted.macs_before, "macs_per_sample_after": counted.macs_after}}
-        print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+        print(json.dumps(finite_or_none(data), indent=2, default=str, allow_nan=False))
     return 0
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "normalize_source",
     "read_metadata",
     "replay_conversion",
+    "rewrite_keys",
     "save",
 ]
 
@@ -328,7 +329,7 @@ def _rebuild(
             original.to("meta")
             with guard(budget):
                 gm = replay_conversion(record, source, original, trust)
-            if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
+            if rewrite_keys(gm.meta["fxsurgeon"].to_dict()) != rewrite_keys(record):
                 gm = None  # a pass decided differently on meta tensors (one that needs weight values)
         except SurgeryError as exc:
             if trust != TRUST_ALL and "in the file" in str(exc):
@@ -362,7 +363,8 @@ def _rebuild(
     return gm
 
 
-def _rewrites(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+def rewrite_keys(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(pass, target, replacement) of each rewrite in a record dict: what a replay must reproduce."""
     return [(r["pass_name"], r["target"], r["after"]) for r in record["rewrites"]]
 
 
@@ -467,8 +469,8 @@ def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, l
             + _structure_diff(meta["structure"], rebuilt) + " " + hint
             + " load(..., check_structure=False) accepts a rebuild whose weights still match."
         )
-    replayed = _rewrites(gm.meta["fxsurgeon"].to_dict())
-    recorded = _rewrites(meta["record"])
+    replayed = rewrite_keys(gm.meta["fxsurgeon"].to_dict())
+    recorded = rewrite_keys(meta["record"])
     if replayed != recorded:
         diff = [f"recorded {a}, replayed {b}" for a, b in zip(recorded, replayed) if a != b]
         diff += [f"recorded {a}, replayed nothing" for a in recorded[len(replayed):]]

@@ -41,10 +41,10 @@ from torch import nn
 
 from .allocation import (
     LayerOptions,
-    _max_useful_rank,
     allocate,
     conv_shapes,
     example_inputs_from_graph,
+    max_useful_rank,
     model_macs,
 )
 from .errors import SurgeryError
@@ -172,7 +172,7 @@ class _Solver:
         cands: list[tuple[str, int]] = [ORIGINAL]
         for fname in self.forms:
             form = get_form(fname)
-            top = _max_useful_rank(form, conv, p_in, p_out)
+            top = max_useful_rank(form, conv, p_in, p_out)
             ranks = menu_ranks(form, conv, top, self.judge.grid_points, self.multiple) if top >= 1 else []
             lay.ranks[fname] = ranks
             cands += [(fname, r) for r in ranks]

@@ -34,7 +34,7 @@ from .report_attrib import attribute_rewrites
 from .report_count import MACS_NOTE, Counts, count_model, cross_check
 from .runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
 
-__all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
+__all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "finite_or_none", "load_schema", "module_rows", "savings"]
 
 #: version of the JSON the report writes (src/fxsurgeon/schemas/report.schema.json); bump on any change
 SCHEMA_VERSION = 2
@@ -162,7 +162,7 @@ class SavingsReport:
             "cross_check": self.cross_check,
             "versions": self.versions,
         }
-        return _finite(out)
+        return finite_or_none(out)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -196,13 +196,14 @@ def _saving(before: int, after: int) -> float | None:
     return 1.0 - after / before if before else None
 
 
-def _finite(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by None, through dicts, lists and tuples: strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
