@@ -18,60 +18,64 @@ PACKAGE = "fxsurgeon"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 # Lower numbers are lower layers; a module may import only from its own layer or below. A key names a module or
-# a package prefix ("fxsurgeon.passes" covers fxsurgeon.passes.*); the longest matching key wins. Layers follow
-# the pipeline: errors and runtime helpers, then maths and module builders, tracing and the record, the passes,
-# measurement (calibration, latency, counting), convert, then io, reporting, benchmarking, batch and the CLIs.
+# a package prefix ("fxsurgeon.passes" covers fxsurgeon.passes.*); the longest matching key wins. The layers follow
+# the pipeline: shared runtime helpers, then maths and module builders, tracing and the record, measurement
+# (calibration, latency, budgets), the passes that use it, convert, saving/loading, reports and benchmarks, and
+# last the command line. The facade ``fxsurgeon`` sits on top: nothing inside the package imports it.
 LAYERS: dict[str, int] = {
-    # 0: leaves — no fxsurgeon imports at all, or only each other
+    # 0: leaves shared by everything: the exception type, device/dtype/timing/version helpers, train/eval flags
     "fxsurgeon.errors": 0,
     "fxsurgeon.runtime": 0,
     "fxsurgeon.modes": 0,
-    # 1: pure maths and small module builders
+    # 1: pure maths, module builders, the forms table and the pass vocabulary (Rewrite/Skip, the registry)
     "fxsurgeon.decompose": 1,
     "fxsurgeon.fusion_math": 1,
-    "fxsurgeon.forms_dense": 1,
-    "fxsurgeon.cp": 1,
-    "fxsurgeon.forms": 1,
+    "fxsurgeon.importance": 1,
     "fxsurgeon.modules": 1,
     "fxsurgeon.heads": 1,
     "fxsurgeon.models": 1,
     "fxsurgeon.graph": 1,
-    # 2: tracing, the conversion record, sources of models and weights, recipes
+    "fxsurgeon.forms_base": 1,
+    "fxsurgeon.forms_dense": 1,
+    "fxsurgeon.cp": 1,
+    "fxsurgeon.forms": 1,
+    "fxsurgeon.passes.base": 1,
+    "fxsurgeon.passes.registry": 1,
+    # 2: tracing, the conversion record, model sources, recipe files, synthetic data, MAC counting
     "fxsurgeon.tracing": 2,
     "fxsurgeon.record": 2,
     "fxsurgeon.sources": 2,
-    "fxsurgeon.checkpoints": 2,
     "fxsurgeon.recipe_files": 2,
-    "fxsurgeon.recipes": 2,
     "fxsurgeon.synthetic": 2,
-    # 3: the passes
-    "fxsurgeon.passes": 3,
-    # 4: measurement used by convert and by the passes' options: counting, latency, calibration, allocation
-    "fxsurgeon.report_count": 4,
-    "fxsurgeon.importance": 4,
-    "fxsurgeon.latency_table": 4,
-    "fxsurgeon.latency": 4,
-    "fxsurgeon.latency_budget": 4,
-    "fxsurgeon.allotment": 4,
-    "fxsurgeon.allocation": 4,
-    "fxsurgeon.calibrate": 4,
-    # 5: convert
+    "fxsurgeon.report_scope": 2,
+    "fxsurgeon.report_count": 2,
+    # 3: measurement the passes and convert use: calibration, latency tables and judges, rank allocation
+    "fxsurgeon.calibrate": 3,
+    "fxsurgeon.latency_table": 3,
+    "fxsurgeon.latency": 3,
+    "fxsurgeon.allotment": 3,
+    "fxsurgeon.allocation": 3,
+    "fxsurgeon.latency_budget": 3,
+    # 4: the passes
+    "fxsurgeon.passes": 4,
+    # 5: convert, and recipes (which validate pass options and may call convert)
     "fxsurgeon.convert": 5,
-    # 6: saving/loading, export
+    "fxsurgeon.recipes": 5,
+    # 6: saved files: save/load and replay, file checks, exports, original checkpoints of converted models
     "fxsurgeon.io": 6,
     "fxsurgeon.filecheck": 6,
     "fxsurgeon.export": 6,
-    # 7: reports, benchmarks
+    "fxsurgeon.checkpoints": 6,
+    # 7: reports, benchmarks, fuzzers
+    "fxsurgeon.report": 7,
     "fxsurgeon.report_attrib": 7,
-    "fxsurgeon.report_scope": 7,
     "fxsurgeon.report_render": 7,
     "fxsurgeon.report_plot": 7,
-    "fxsurgeon.report": 7,
     "fxsurgeon.bench": 7,
     "fxsurgeon.bench_ort": 7,
     "fxsurgeon.fuzz": 7,
     "fxsurgeon.testing_load_fuzz": 7,
-    # 8: batch and the command line
+    # 8-10: the command line: shared helpers, then batch and the sub-CLIs, then the command that adds them
     "fxsurgeon.cli_common": 8,
     "fxsurgeon.batch": 9,
     "fxsurgeon.bench_cli": 9,
