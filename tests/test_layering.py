@@ -3,7 +3,9 @@ no upward imports between declared layers, and no submodule importing the bare `
 
 Every module is read with :mod:`ast`, not imported, so module-level and lazy (in-function) imports both count.
 Imports under ``if TYPE_CHECKING:`` are left out: they never run, so they can neither form a runtime cycle nor
-pull a high layer in at import time.
+pull a high layer in at import time. An edge goes to the module named, not to the packages above it, although
+Python runs those packages' ``__init__`` first: ``fxsurgeon.record`` importing ``fxsurgeon.passes.base`` also runs
+``fxsurgeon.passes``, which imports every pass (closed today only through lazy imports; see issue 19).
 """
 
 from __future__ import annotations
