@@ -19,7 +19,16 @@ from typing import Any
 
 import torch
 
-from .cli_common import check_output, example_input, load_model, positive, verbosity_parent
+from .cli_common import (  # noqa: F401  (HUB_HOST, MODEL_FILE_SUFFIXES, hub_reachable: still importable from cli)
+    HUB_HOST,
+    MODEL_FILE_SUFFIXES,
+    check_output,
+    example_input,
+    hub_reachable,
+    load_model,
+    positive,
+    verbosity_parent,
+)
 from .errors import SurgeryError
 
 __all__ = ["build_parser", "load_model", "main", "parse_bytes", "parse_count"]
