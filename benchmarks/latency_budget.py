@@ -127,9 +127,9 @@ def accuracy(model, x, y, batch=500) -> float:
 
 def runners(original, converted, sample, runtime, batch, device, dtype, threads):
     """Callables for the two models and the input they run on, in ``runtime``."""
-    from fxsurgeon.bench import _prepare_inputs
+    from fxsurgeon.runtime import prepare_inputs
 
-    x = _prepare_inputs((sample,), batch, device, dtype, runtime != "onnxruntime")
+    x = prepare_inputs((sample,), batch, device, dtype, runtime != "onnxruntime")
     if runtime == "onnxruntime":
         from fxsurgeon.bench_ort import ort_runner
 

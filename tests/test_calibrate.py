@@ -390,7 +390,7 @@ def test_calibrate_finds_the_record_of_a_torch_loaded_model(tmp_path):
 
 
 def test_residual_join_matches_only_sums_fed_through_at_most_a_batchnorm():
-    from fxsurgeon.calibrate.targets import _residual_join
+    from fxsurgeon.calibrate.targets import residual_join
 
     class Net(nn.Module):
         def __init__(self):
@@ -407,12 +407,12 @@ def test_residual_join_matches_only_sums_fed_through_at_most_a_batchnorm():
 
     gm = torch.fx.symbolic_trace(Net().eval())
     node = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    other, scale = _residual_join(gm, node["c1"])
+    other, scale = residual_join(gm, node["c1"])
     assert other.op == "placeholder" and scale.shape == (4,)
     torch.testing.assert_close(scale, (gm.bn1.running_var.double() + gm.bn1.eps).rsqrt() * gm.bn1.weight.double())
-    other, scale = _residual_join(gm, node["c2"])
+    other, scale = residual_join(gm, node["c2"])
     assert other.name == "add" and scale is None
-    assert _residual_join(gm, node["c3"]) is None and _residual_join(gm, node["c4"]) is None
+    assert residual_join(gm, node["c3"]) is None and residual_join(gm, node["c4"]) is None
 
 
 def test_block_targets_reach_a_block_that_refits_only_its_pointwise_conv():

@@ -77,7 +77,7 @@ def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(REPO / "recipes", target_is_directory=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    registry = dict(fxsurgeon.passes._PASSES)
+    registry = dict(fxsurgeon.passes.registry._PASSES)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__docs__"}
@@ -88,8 +88,8 @@ def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
             except Exception as exc:
                 raise AssertionError(f"{_page_id(page)}: python block {i} failed: {exc!r}\n{code}") from exc
     finally:
-        fxsurgeon.passes._PASSES.clear()
-        fxsurgeon.passes._PASSES.update(registry)
+        fxsurgeon.passes.registry._PASSES.clear()
+        fxsurgeon.passes.registry._PASSES.update(registry)
         torch.set_num_threads(threads)
 
 

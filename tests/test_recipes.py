@@ -130,7 +130,7 @@ def test_not_yaml_missing_and_not_a_mapping(tmp_path):
 
 
 def test_a_newly_registered_pass_is_picked_up(tmp_path, monkeypatch):
-    import fxsurgeon.passes as passes
+    import fxsurgeon.passes.registry as passes
 
     def toy(gm, *, level: int = 1, names: list[str] | None = None) -> PassResult:
         return PassResult(gm)

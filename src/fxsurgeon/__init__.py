@@ -9,8 +9,6 @@ report the savings and run the result.
 >>> print(fxsurgeon.summary(small))  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
 from .bench import BenchmarkResult, benchmark
 from .checkpoints import load_original_state_dict
 from .convert import convert
@@ -20,6 +18,7 @@ from .io import load, save
 from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
 from .report import SavingsReport, savings
+from .runtime import __version__
 from .synthetic import SyntheticData, synthesize
 from .tracing import trace
 

@@ -32,6 +32,7 @@ from torch import nn
 from .errors import SurgeryError
 from .forms import LayerChoice, conv_cost, get_form
 from .modes import eval_modes
+from .runtime import data_device_of
 
 __all__ = [
     "BUDGET_DEFAULTS",
@@ -44,6 +45,7 @@ __all__ = [
     "allocate",
     "conv_shapes",
     "layer_options",
+    "max_useful_rank",
     "model_macs",
     "plan_budget",
     "uniform_allocation",
@@ -294,7 +296,7 @@ def uniform_allocation(layers: Sequence[LayerOptions], form: str, rank: int) -> 
     return Allocation(picks, macs, params, objective)
 
 
-def _max_useful_rank(form: Any, conv: nn.Conv2d, positions_in: int, positions_out: int) -> int:
+def max_useful_rank(form: Any, conv: nn.Conv2d, positions_in: int, positions_out: int) -> int:
     """Largest rank whose MACs and parameters stay below the original conv's: higher ranks are dominated."""
     orig = conv_cost(conv)
     orig_macs = orig.macs(positions_in, positions_out)
@@ -332,7 +334,7 @@ def layer_options(
     choices: list[LayerChoice] = []
     for fname in forms:
         form = get_form(fname)
-        top = _max_useful_rank(form, conv, positions_in, positions_out)
+        top = max_useful_rank(form, conv, positions_in, positions_out)
         if top >= 1:
             choices += form.choices(conv, top)
     if keep_original:
@@ -366,18 +368,12 @@ def example_inputs_from_graph(gm: fx.GraphModule) -> tuple | None:
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
             return None
-        dev = _device_of(gm)
+        dev = data_device_of(gm)
         if meta.dtype.is_floating_point:
             out.append(torch.randn(tuple(meta.shape), dtype=meta.dtype, device=dev))
         else:
             out.append(torch.zeros(tuple(meta.shape), dtype=meta.dtype, device=dev))
     return tuple(out)
-
-
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device if t.device.type != "meta" else None
-    return None
 
 
 def _hw(shape: Sequence[int]) -> int:

@@ -51,7 +51,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cli_common import MIN_FREE_BYTES, load_model
 from .errors import SurgeryError
+from .runtime import batch_versions
 
 __all__ = [
     "RESULT_KEYS",
@@ -80,9 +82,6 @@ RESULT_KEYS = (
 )
 
 STATUSES = ("ok", "skipped", "error", "timeout")
-
-#: free space below which a batch refuses to start: a result line is small, but a full disk tears lines
-MIN_FREE_BYTES = 16 * 2**20
 
 #: what the fork server imports once for all model processes
 _PRELOAD = ["torch", "timm", "fvcore.nn", "fxsurgeon", "fxsurgeon.cli", "fxsurgeon.recipes", "fxsurgeon.convert"]
@@ -329,16 +328,14 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def _skip_reasons(rec) -> dict[str, int]:
-    from .record import _reason_key
+    from .record import reason_key
 
     # "groups=32 > 1" and "groups=64 > 1" are one reason here
-    counts = Counter(re.sub(r"(?<==)\d+", "N", f"{s.pass_name}: {_reason_key(s.reason)}") for s in rec.skipped)
+    counts = Counter(re.sub(r"(?<==)\d+", "N", f"{s.pass_name}: {reason_key(s.reason)}") for s in rec.skipped)
     return dict(counts.most_common(8))
 
 
 def _load(spec: str, **kwargs: Any):
-    from .cli import load_model
-
     return load_model(spec, **kwargs)
 
 
@@ -1094,7 +1091,7 @@ def run_batch(
         if force or prev is None or (retry_failed and prev.get("status") in ("error", "timeout")):
             todo.append(m)
     jobs = [Job(**{**asdict(base), "model": m, "input_size": base.input_size}) for m in todo]
-    stamp = {"recipe": recipe_name, "config": config, "versions": _versions()}
+    stamp = {"recipe": recipe_name, "config": config, "versions": batch_versions()}
 
     finished: list[dict[str, Any]] = []
     bar = _progress_bar(len(jobs), len(models) - len(jobs), progress)
@@ -1201,18 +1198,6 @@ def _run_dask(jobs: list[Job], scheduler: Any, launcher: str, record: Callable) 
     finally:
         if own is not None:
             own.close()
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("fxsurgeon", "torch", "timm"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            with contextlib.suppress(ImportError):
-                mod = __import__(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
-    return out
 
 
 # --------------------------------------------------------------------------------------------- summary

@@ -13,15 +13,11 @@ benchmarked whenever anything has to change.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import os
-import platform
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,25 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
+from .runtime import (
+    DTYPES,
+    batch_of,
+    benchmark_inputs,
+    benchmark_versions,
+    compile_options,
+    cudnn_benchmark_mode,
+    device_name,
+    dtype_name,
+    ieee_fp32,
+    model_dtype,
+    model_name,
+    parse_dtype,
+    percentile,
+    prepare_inputs,
+    resolve_device,
+    synchronize,
+    time_calls,
+)
 
 __all__ = [
     "DTYPES",
@@ -41,6 +56,8 @@ __all__ = [
     "compare",
     "cudnn_benchmark_mode",
     "device_name",
+    "dtype_name",
+    "ieee_fp32",
     "noise_warnings",
     "parse_dtype",
     "percentile",
@@ -48,194 +65,6 @@ __all__ = [
     "synchronize",
     "time_calls",
 ]
-
-#: dtype names accepted wherever a dtype is asked for (CLI ``--dtype``, ``benchmark(dtype=...)``, recipes)
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
-}
-
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` → ``torch.bfloat16``; None stays None.
-
-    >>> parse_dtype("bf16"), parse_dtype(torch.float16), parse_dtype(None)
-    (torch.bfloat16, torch.float16, None)
-    """
-    if value is None or isinstance(value, torch.dtype):
-        if isinstance(value, torch.dtype) and not value.is_floating_point:
-            raise SurgeryError(f"dtype must be a floating-point dtype, got {value}")
-        return value
-    key = str(value).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise SurgeryError(f"unknown dtype {value!r}; use one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Short label: ``torch.bfloat16`` → ``"bf16"``."""
-    return _SHORT.get(dtype, str(dtype).replace("torch.", ""))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
-
-
-def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
-    """The device to run on: ``device`` if given (``"cuda"`` → the current CUDA device), else the model's.
-
-    Raises:
-        SurgeryError: CUDA was asked for on a machine where ``torch.cuda.is_available()`` is False.
-
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    if device is None:
-        dev = _model_device(model) if model is not None else torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise SurgeryError(f"unknown device {device!r}: {exc}") from exc
-    if dev.type == "meta":
-        raise SurgeryError("cannot time a model on the meta device: it has no data; pass device='cpu' or 'cuda'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SurgeryError(
-                f"device {str(device or dev)!r} asked for, but torch.cuda.is_available() is False on this machine "
-                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use device='cpu'"
-            )
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise SurgeryError(f"device {dev} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
-
-
-def device_name(device: torch.device) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` for a CUDA device, the processor's name (or ``"cpu"``) otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return platform.processor() or platform.machine() or "cpu"
-    return str(device)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for all queued work on ``device`` (a no-op on CPU, where ops run synchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        sync = getattr(backend, "synchronize", None)
-        if sync is not None:
-            sync()
-
-
-@contextlib.contextmanager
-def cudnn_benchmark_mode(enabled: bool | None) -> Iterator[None]:
-    """Set ``torch.backends.cudnn.benchmark`` inside the block and restore it after (None: leave it)."""
-    if enabled is None:
-        yield
-        return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = bool(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
-@contextlib.contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """Full float32 precision inside the block — TF32 off for cuDNN convs and matmuls — restored after.
-
-    On Ampere and later GPUs cuDNN runs float32 convs in TF32 by default (10-bit mantissa), which moves
-    outputs by ~1e-3 relative: enough to hide or fake a difference between two models that should compute
-    the same function. Verification compares under this context; benchmarks do not use it (they measure
-    what deployment runs).
-
-    >>> with ieee_fp32():
-    ...     torch.backends.cudnn.allow_tf32
-    False
-    """
-    cudnn = torch.backends.cudnn
-    with contextlib.ExitStack() as stack:
-        # a TF32 state torch refuses to read (legacy and new APIs mixed) raises RuntimeError: leave it then
-        with contextlib.suppress(RuntimeError):
-            stack.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                                            deterministic=cudnn.deterministic, allow_tf32=False))
-        precision = torch.get_float32_matmul_precision()
-        if precision != "highest":
-            torch.set_float32_matmul_precision("highest")
-            stack.callback(torch.set_float32_matmul_precision, precision)
-        yield
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int) -> list[float]:
-    """Call ``fn()`` ``warmup`` times untimed, then ``iters`` times timed; the seconds of each timed call.
-
-    On CUDA each call is bracketed by two CUDA events recorded on the current stream of ``device`` and the
-    end event is synchronised before the next call, so a time is the call's whole latency on the GPU,
-    launch gaps included, not the time to enqueue its kernels. Elsewhere ``time.perf_counter`` brackets the
-    call and the device is synchronised before the clock is read.
-
-    >>> times = time_calls(lambda: sum(range(1000)), torch.device("cpu"), warmup=1, iters=3)
-    >>> len(times), all(t > 0 for t in times)
-    (3, True)
-    """
-    if iters < 1 or warmup < 0:
-        raise SurgeryError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device)
-            for _ in range(iters):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                fn()
-                end.record(stream)
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000.0)  # elapsed_time is in milliseconds
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0–100) with linear interpolation between order statistics (numpy's default).
-
-    >>> percentile([1.0, 2.0, 3.0, 4.0], 50), percentile([1.0, 2.0, 3.0, 4.0], 90)
-    (2.5, 3.7)
-    """
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return round(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo), 12)
 
 
 @dataclass
@@ -459,43 +288,6 @@ def compare(original: BenchmarkResult, converted: BenchmarkResult,
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
-def _normalize_inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise SurgeryError(
-        "example_inputs must be a tensor or a non-empty tuple of positional inputs, "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
-def _batch_of(inputs: tuple) -> int | None:
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return int(x.shape[0])
-    return None
-
-
-def _prepare_inputs(inputs: tuple, batch_size: int | None, device: torch.device, dtype: torch.dtype,
-                    channels_last: bool) -> tuple:
-    """Inputs at ``batch_size`` (example rows repeated cyclically), on ``device``, floats in ``dtype``."""
-    out = []
-    for x in inputs:
-        if not isinstance(x, torch.Tensor):
-            out.append(x)
-            continue
-        if batch_size is not None and x.dim() >= 1 and x.shape[0] != batch_size:
-            if x.shape[0] == 0:
-                raise SurgeryError("example_inputs have an empty batch dimension: cannot resize them")
-            x = x[torch.arange(batch_size) % x.shape[0]]
-        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(x)
-    return tuple(out)
-
-
 def _needs_copy(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> bool:
     if any(m.training for m in model.modules()):
         return True
@@ -505,18 +297,6 @@ def _needs_copy(model: nn.Module, device: torch.device, dtype: torch.dtype, chan
         if channels_last and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
             return True
     return False
-
-
-def _compile_options(compile: bool | str | dict[str, Any] | None) -> dict[str, Any] | None:
-    if compile is None or compile is False:
-        return None
-    if compile is True:
-        return {}
-    if isinstance(compile, str):
-        return {"mode": None if compile == "default" else compile}
-    if isinstance(compile, dict):
-        return dict(compile)
-    raise SurgeryError(f"compile= takes True/False, a torch.compile mode name or a dict of its options, got {compile!r}")
 
 
 def _compile_label(opts: dict[str, Any] | None) -> str | None:
@@ -541,21 +321,6 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
-def _versions(device: torch.device) -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    timm = sys.modules.get("timm")  # only when in use: importing it just for its version costs seconds
-    if timm is not None:
-        out["timm"] = str(getattr(timm, "__version__", "?"))
-    from . import __version__
-
-    out["fxsurgeon"] = __version__
-    if device.type == "cuda":
-        out["cuda"] = str(torch.version.cuda)
-        if torch.backends.cudnn.is_available():
-            out["cudnn"] = str(torch.backends.cudnn.version())
-    return out
-
-
 def _precision_settings() -> dict[str, Any]:
     """TF32 settings that change float32 speed on CUDA, for the record."""
     out: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision()}
@@ -564,12 +329,6 @@ def _precision_settings() -> dict[str, Any]:
     except RuntimeError:  # legacy and new TF32 APIs mixed: torch refuses to read the legacy flag
         out["cudnn_allow_tf32"] = "unknown"
     return out
-
-
-def _name(model: nn.Module) -> str:
-    from .convert import model_name
-
-    return model_name(model)
 
 
 @dataclass
@@ -591,19 +350,19 @@ def _prepare(model: nn.Module, example_inputs: Any, *, device, dtype, channels_l
              batch_sizes, warmup: int, iters: int, cudnn_benchmark, name: str | None) -> _Prepared:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"benchmark() takes a torch.nn.Module, got {type(model).__name__}")
-    inputs = _normalize_inputs(example_inputs)
+    inputs = benchmark_inputs(example_inputs)
     if not isinstance(iters, int) or not isinstance(warmup, int) or iters < 1 or warmup < 0:
         raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
-    example_batch = _batch_of(inputs)
+    example_batch = batch_of(inputs)
     sizes = list(batch_sizes) if batch_sizes is not None else [example_batch]
     if not sizes or any(b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1) for b in sizes):
         raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
     if batch_sizes is not None and example_batch is None:
         raise SurgeryError("batch_sizes given, but no example input has a batch dimension to resize")
     dev = resolve_device(device, model)
-    dt = parse_dtype(dtype) or _model_dtype(model)
-    compile_opts = _compile_options(compile)
-    label = name or _name(model)
+    dt = parse_dtype(dtype) or model_dtype(model)
+    compile_opts = compile_options(compile)
+    label = name or model_name(model)
 
     run_model = model
     if _needs_copy(model, dev, dt, channels_last):
@@ -634,7 +393,7 @@ def _prepare(model: nn.Module, example_inputs: Any, *, device, dtype, channels_l
             **(_precision_settings() if dev.type == "cuda" else {}),
             **({"compile_options": {k: str(v) for k, v in compile_opts.items()}} if compile_opts else {}),
         },
-        versions=_versions(dev),
+        versions=benchmark_versions(dev),
     )
     return _Prepared(fn_model, result, inputs, dev, dt, bool(channels_last), compile_opts is not None,
                      weight_bytes, sizes)
@@ -645,7 +404,7 @@ class _Timer:
 
     def __init__(self, prep: _Prepared, b: int | None) -> None:
         self.prep = prep
-        self.batch = _prepare_inputs(prep.inputs, b, prep.device, prep.dtype, prep.channels_last)
+        self.batch = prepare_inputs(prep.inputs, b, prep.device, prep.dtype, prep.channels_last)
         self.batch_size = b if b is not None else 1
         r = prep.result
         self.what = (f"benchmarking {r.model} at batch {self.batch_size} on {prep.device} ({r.dtype}"

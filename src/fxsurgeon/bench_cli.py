@@ -36,13 +36,12 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``fxsurgeon`` parser's subparsers."""
-    from .cli import _common, _positive
-    from .cli_common import add_model_options, add_recipe_options
+    from .cli_common import add_model_options, add_recipe_options, positive, verbosity_parent
 
     p = subparsers.add_parser(
         "bench", help="time the original and the converted model side by side (CUDA or CPU)",
         description=" ".join(__doc__.split("\n\n")[1].replace("`", "").split()),
-        epilog="exit codes: 0 done, 2 usage or input error", parents=[_common()],
+        epilog="exit codes: 0 done, 2 usage or input error", parents=[verbosity_parent()],
     )
     p.add_argument("model", help="timm name, package.module:factory, or a converted model saved by fxsurgeon")
     add_recipe_options(p)
@@ -57,14 +56,14 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("eager", "onnxruntime"), default="eager",
                    help="eager PyTorch (default; with --compile, torch.compile) or onnxruntime on the CPU "
                         "(both models exported to ONNX; --threads sets its intra-op threads)")
-    p.add_argument("--threads", type=_positive(int), default=None,
+    p.add_argument("--threads", type=positive(int), default=None,
                    help="CPU threads (torch.set_num_threads, or onnxruntime's intra-op threads)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1], metavar="B1,B2",
                    help="comma-separated batch sizes (default 1)")
-    p.add_argument("--warmup", type=_positive(int), default=10, help="untimed calls per batch size (default 10)")
-    p.add_argument("--iters", type=_positive(int), default=50,
+    p.add_argument("--warmup", type=positive(int), default=10, help="untimed calls per batch size (default 10)")
+    p.add_argument("--iters", type=positive(int), default=50,
                    help="timed calls per model and batch size, split over the rounds (default 50)")
-    p.add_argument("--rounds", type=_positive(int), default=5,
+    p.add_argument("--rounds", type=positive(int), default=5,
                    help="alternating rounds of original and converted calls (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
@@ -77,14 +76,13 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def _models(args: argparse.Namespace, device):
     """(original, converted, record) from MODEL + recipe, or from a saved converted MODEL."""
-    from .cli import _example_input, load_model
-    from .cli_common import activity, recipe_from_args, show_progress
+    from .cli_common import activity, example_input, load_model, recipe_from_args, show_progress
     from .convert import convert
     from .record import find_record
-    from .report_cli import _is_saved_model, _load_saved, _rebuilt_original
+    from .report_cli import is_saved_model, load_saved, rebuilt_original
 
-    if _is_saved_model(args.model):
-        converted = _load_saved(args.model, args.trust_factory)
+    if is_saved_model(args.model):
+        converted = load_saved(args.model, args.trust_factory)
         record = find_record(converted)
         if record is not None:
             if args.original is None and (args.weights or args.pretrained):
@@ -96,8 +94,8 @@ def _models(args: argparse.Namespace, device):
                 original = load_model(args.original, pretrained=args.pretrained, weights=args.weights,
                                       trust_factories=args.trust_factory)
             else:
-                original = _rebuilt_original(converted, args.model, args.trust_factory)
-            x = _example_input(original, _size(args, record), 1, args.seed)
+                original = rebuilt_original(converted, args.model, args.trust_factory)
+            x = example_input(original, _size(args, record), 1, args.seed)
             return original.to(device), converted.to(device), record, x
         model = converted  # a torch.save'd original: convert it here like a named model
     else:
@@ -106,7 +104,7 @@ def _models(args: argparse.Namespace, device):
         model = load_model(args.model, pretrained=args.pretrained, weights=args.weights,
                            trust_factories=args.trust_factory)
     recipe = recipe_from_args(args)
-    x = _example_input(model, args.input_size, 1, args.seed)
+    x = example_input(model, args.input_size, 1, args.seed)
     with activity(f"converting {args.model}", enabled=show_progress(args)):
         converted = convert(model, example_inputs=x, **recipe)
     return model.to(device), converted.to(device), converted.meta["fxsurgeon"], x
@@ -127,13 +125,12 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import benchmark_pair, parse_dtype, resolve_device, write_result
-    from .cli import _check_output
-    from .cli_common import progress, show_progress
+    from .cli_common import check_output, progress, show_progress
 
     for path in args.out:
         if not path.lower().endswith((".md", ".markdown", ".json")):
             raise SurgeryError(f"--out {path!r}: use a .md or .json file name")
-        _check_output(path, "--out")
+        check_output(path, "--out")
     dtype = parse_dtype(args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_device(device)  # refuse a missing GPU before any conversion work

@@ -24,19 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import (
-    BenchmarkResult,
-    BenchmarkRow,
-    Comparison,
-    _batch_of,
-    _name,
-    _normalize_inputs,
-    _prepare_inputs,
+from .bench import BenchmarkResult, BenchmarkRow, Comparison
+from .errors import SurgeryError
+from .runtime import (
+    batch_of,
+    benchmark_inputs,
     device_name,
+    model_name,
     percentile,
+    prepare_inputs,
     time_calls,
 )
-from .errors import SurgeryError
 
 __all__ = ["benchmark_onnxruntime", "benchmark_onnxruntime_pair", "export_onnx", "ort_runner"]
 
@@ -77,7 +75,7 @@ def export_onnx(model: nn.Module, inputs: tuple) -> bytes:
             return buf.getvalue()
         except Exception as exc:
             errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
-    raise SurgeryError(f"exporting {_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
+    raise SurgeryError(f"exporting {model_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
 
 
 @contextlib.contextmanager
@@ -119,11 +117,11 @@ def _check_settings(model: nn.Module, example_inputs: Any, batch_sizes: Sequence
                     iters: Any) -> tuple[tuple, list[int]]:
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"onnxruntime benchmarks take a torch.nn.Module, got {type(model).__name__}")
-    inputs = _normalize_inputs(example_inputs)
+    inputs = benchmark_inputs(example_inputs)
     if (isinstance(iters, bool) or isinstance(warmup, bool) or not isinstance(iters, int)
             or not isinstance(warmup, int) or iters < 1 or warmup < 0):
         raise SurgeryError(f"need iters >= 1 and warmup >= 0 (ints), got iters={iters!r}, warmup={warmup!r}")
-    sizes = list(batch_sizes) if batch_sizes is not None else [_batch_of(inputs) or 1]
+    sizes = list(batch_sizes) if batch_sizes is not None else [batch_of(inputs) or 1]
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise SurgeryError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
     return inputs, sizes
@@ -133,7 +131,7 @@ def _result(model: nn.Module, inputs: tuple, run: Any, name: str | None, warmup:
     ort = _ort()
     dev = torch.device("cpu")
     return BenchmarkResult(
-        model=name or _name(model), device="cpu", device_name=device_name(dev), dtype="fp32",
+        model=name or model_name(model), device="cpu", device_name=device_name(dev), dtype="fp32",
         channels_last=False, compile=None, input_shapes=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
         params=sum(p.numel() for p in model.parameters()),
         weights_mib=sum(p.numel() * 4 for p in model.parameters()) / 2**20,
@@ -149,7 +147,7 @@ class _OrtTimer:
 
     def __init__(self, model: nn.Module, inputs: tuple, batch_size: int, threads: int | None) -> None:
         self.batch_size = batch_size
-        self.batch = _prepare_inputs(inputs, batch_size, torch.device("cpu"), torch.float32, False)
+        self.batch = prepare_inputs(inputs, batch_size, torch.device("cpu"), torch.float32, False)
         self.run = ort_runner(model, self.batch, threads=threads)
         self.first: float | None = None
         self.ms: list[float] = []

@@ -184,7 +184,7 @@ def _original_keys(record, missing: list[str]) -> list[str]:
 def _replay_from_weights(converted: nn.Module, record, sd: dict[str, torch.Tensor],
                          missing: list[str]) -> dict[str, torch.Tensor]:
     """The converted state dict recomputed from the checkpoint: rebuild, load, replay the recorded conversion."""
-    from .io import _rewrites, build_original
+    from .io import build_original, rewrite_keys
 
     if record.source is None:
         raise SurgeryError(
@@ -203,7 +203,7 @@ def _replay_from_weights(converted: nn.Module, record, sd: dict[str, torch.Tenso
     data = record.to_dict()
     data["options"] = {k: dict(v) if isinstance(v, dict) else v for k, v in record.options.items()}
     gm = _replay_with_weights(data, record.source, original)
-    if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(data):
+    if rewrite_keys(gm.meta["fxsurgeon"].to_dict()) != rewrite_keys(data):
         raise SurgeryError(f"replaying the conversion of {record.model} on the checkpoint's weights gave different "
                            "rewrites than recorded: the conversion depended on something the record does not hold")
     out = gm.state_dict()

@@ -12,193 +12,26 @@ import argparse
 import contextlib
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .cli_common import (  # noqa: F401  (HUB_HOST, MODEL_FILE_SUFFIXES, hub_reachable: still importable from cli)
+    HUB_HOST,
+    MODEL_FILE_SUFFIXES,
+    check_output,
+    example_input,
+    hub_reachable,
+    load_model,
+    positive,
+    verbosity_parent,
+)
 from .errors import SurgeryError
 
 __all__ = ["build_parser", "load_model", "main", "parse_bytes", "parse_count"]
-
-#: suffixes taken as saved models: a pickled nn.Module (torch.save) or an fxsurgeon.save file
-MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".safetensors")
-
-
-def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None, device: str | None = None,
-               trust_factories: Sequence[str] | None = None,
-               **kwargs: Any) -> torch.nn.Module:
-    """A model in eval mode from a timm name, ``package.module:factory`` or a saved model file.
-
-    Args:
-        spec: ``resnet18`` (any ``timm.list_models()`` name, pretrained tags too), ``package.module:factory``
-            (called with ``kwargs``), or a file: ``.safetensors`` written by ``fxsurgeon.save``, or a
-            ``torch.save``-d ``nn.Module`` (``.pt`` / ``.pth``; unpickling runs code: trusted files only).
-        pretrained: timm pretrained weights (from the Hugging Face hub, or its local cache when offline).
-        weights: a state dict file loaded strictly (see :func:`fxsurgeon.checkpoints.read_state_dict`:
-            ``module.`` prefixes and ``{"state_dict": ...}`` wrappers are handled). For a converted model
-            saved by fxsurgeon, a checkpoint of the original architecture is mapped onto it
-            (:func:`fxsurgeon.load_original_state_dict`).
-        device: where to put the model (default: where it was built, the CPU).
-        trust_factories: factories a saved ``.safetensors`` file may name (see :func:`fxsurgeon.load`).
-        **kwargs: passed to ``timm.create_model`` or the factory (e.g. ``img_size=64``).
-
-    >>> model = load_model("fxsurgeon.models:resnet20")
-    >>> type(model).__name__, model.training
-    ('CifarResNet', False)
-    """
-    if os.path.isfile(spec) or spec.endswith(MODEL_FILE_SUFFIXES):
-        if kwargs or pretrained:
-            raise SurgeryError(f"{spec} is a saved model: --pretrained and build options do not apply to it")
-        model = _load_saved(spec, trust_factories)
-    elif ":" in spec:
-        import importlib
-
-        mod_name, _, attr = spec.partition(":")
-        try:
-            factory: Any = importlib.import_module(mod_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
-        except (ImportError, AttributeError) as exc:
-            raise SurgeryError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from exc
-        if pretrained:
-            raise SurgeryError(f"--pretrained applies to timm models; {spec!r} is a factory: give --weights FILE")
-        try:
-            model = factory(**kwargs)
-        except Exception as exc:
-            raise SurgeryError(f"the factory {spec!r} failed: {_first_line(exc)}; it must build the model "
-                               "with no arguments (wrap it in a function that passes them)") from exc
-    else:
-        import timm
-
-        if not timm.is_model(spec):
-            import difflib
-
-            close = difflib.get_close_matches(spec, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-            raise SurgeryError(
-                f"{spec!r} is not a timm model, a file or 'package.module:factory'{hint}"
-            )
-        model = _create_timm(spec, pretrained, kwargs)
-    if not isinstance(model, torch.nn.Module):
-        raise SurgeryError(f"{spec!r} did not produce an nn.Module but {type(model).__name__}")
-    if weights:
-        _load_weights(model, weights)
-    if device is not None:
-        from .bench import resolve_device
-
-        model = model.to(resolve_device(device))
-    return model.eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-#: where timm's pretrained weights come from; probed before a download is tried
-HUB_HOST = "huggingface.co"
-
-
-def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """Whether ``host`` answers on port 443 within ``timeout`` seconds (DNS included, which ignores socket
-    timeouts: it runs in a daemon thread that is abandoned when slow)."""
-    import socket
-    import threading
-
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
-
-
-def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
-    import timm
-
-    if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not hub_reachable()
-    with contextlib.ExitStack() as stack:
-        if offline:
-            # without the network the hub client retries for about a minute before failing: go straight to
-            # its local cache instead (for this call only, then restored)
-            from unittest import mock
-
-            with contextlib.suppress(ImportError):
-                import huggingface_hub.constants as hf_constants
-
-                stack.enter_context(mock.patch.object(hf_constants, "HF_HUB_OFFLINE", True))
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as exc:
-            where = (f"{HUB_HOST} is unreachable and they are not in the local cache" if offline
-                     else _first_line(exc))
-            raise SurgeryError(f"--pretrained: cannot get the weights of {name!r}: {where}. Give a local state "
-                               "dict with --weights FILE, or run once with network access to fill the cache") from exc
-
-
-def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torch.nn.Module:
-    if not os.path.isfile(path):
-        raise SurgeryError(f"model file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from .io import load
-
-        return load(path, trust_factories=list(trust_factories or []))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise SurgeryError(f"cannot load model file {path!r} with torch.load: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, dict):
-        raise SurgeryError(
-            f"{path!r} holds a state dict, not a model: give the architecture as MODEL and this file as --weights"
-        )
-    if not isinstance(obj, torch.nn.Module):
-        raise SurgeryError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
-    return obj
-
-
-def _load_weights(model: torch.nn.Module, path: str) -> None:
-    from .checkpoints import load_original_state_dict, read_state_dict
-    from .record import find_record
-
-    state = read_state_dict(path)
-    have = model.state_dict()
-    for key, value in have.items():
-        # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters: bookkeeping, not weights
-        if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
-    fits = set(state) == set(have) and all(tuple(state[k].shape) == tuple(have[k].shape) for k in have)
-    if find_record(model) is not None and not fits:
-        load_original_state_dict(model, state)  # a converted model given a checkpoint of its original
-        return
-    missing = sorted(set(have) - set(state))
-    unexpected = sorted(set(state) - set(have))
-    wrong = sorted(k for k in set(have) & set(state) if tuple(have[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {list(state[k].shape)}, model "
-                         f"{list(have[k].shape)})")
-        raise SurgeryError(f"weights {path!r} do not fit the model: tensors " + ", ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
 def parse_count(text: str) -> int:
@@ -225,51 +58,6 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8G or 512M")
     scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
     return int(float(m.group(1)) * scale)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {article} {kind.__name__}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-        return value
-
-    return parse
-
-
-def _check_output(path: str | None, what: str) -> None:
-    """Refuse an output we could not write before any work starts; nothing is created here."""
-    if not path:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise SurgeryError(f"{what} {path!r} is a directory; give a file name")
-    parent = p.resolve().parent
-    if not parent.is_dir():
-        raise SurgeryError(f"cannot write {what} {path!r}: folder {str(p.parent)!r} does not exist")
-    try:  # a real write, not os.access: root passes access checks on read-only file systems
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        raise SurgeryError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from exc
-    from .batch import MIN_FREE_BYTES
-
-    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
-        raise SurgeryError(f"cannot write {what} {path!r}: the disk is nearly full")
-
-
-def _example_input(model: torch.nn.Module, input_size: Sequence[int] | None, batch: int, seed: int = 0,
-                   device: Any = None) -> torch.Tensor:
-    if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        input_size = cfg.get("input_size", (3, 224, 224))
-    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
-    return x if device is None else x.to(device)
 
 
 def _save_model(converted: torch.nn.Module, path: str, spec: str, example: torch.Tensor,
@@ -299,8 +87,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .record import get_record
 
-    _check_output(args.out, "--out")
-    _check_output(args.report, "--report")
+    check_output(args.out, "--out")
+    check_output(args.report, "--report")
     if args.out:
         from .export import format_of
 
@@ -313,7 +101,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     model = load_model(args.model, pretrained=args.pretrained, weights=args.weights, device=str(device),
                        trust_factories=args.trust_factory)
     weights = weights_kind(args, args.model)
-    x = _example_input(model, args.input_size, args.batch_size, args.seed, device)
+    x = example_input(model, args.input_size, args.batch_size, args.seed, device)
     if args.synthetic_calibration:
         recipe = {**recipe, "calibration": "synthetic"}
         note(args, "calibrating on synthetic images matched to the BatchNorm statistics (about a minute on CPU) ...")
@@ -364,13 +152,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if as_json:
         import json
 
-        from .report import _finite
+        from .report import finite_or_none
 
         data = {"weights": weights, "record": record.to_dict(), "out": written, "report": args.report,
                 "savings": None if counted is None else {
                     "params_before": counted.params_before, "params_after": counted.params_after,
                     "macs_per_sample_before": counted.macs_before, "macs_per_sample_after": counted.macs_after}}
-        print(json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
+        print(json.dumps(finite_or_none(data), indent=2, default=str, allow_nan=False))
     return 0
 
 
@@ -416,7 +204,7 @@ def _add_convert(sub) -> None:
         "convert", help="convert one model and print what changed",
         description="Convert one model with a recipe, print every rewrite and skip, verify it against the "
                     "original on a random input, and optionally save it and a savings report.",
-        epilog="exit codes: 0 done, 2 usage or input error", parents=[_common()],
+        epilog="exit codes: 0 done, 2 usage or input error", parents=[verbosity_parent()],
     )
     p.add_argument("model", nargs="?", default="resnet18",
                    help="timm name, package.module:factory, or a saved model file (default: resnet18)")
@@ -431,7 +219,7 @@ def _add_convert(sub) -> None:
                    help="what goes to stdout: the readable summary (default) or one JSON document")
     p.add_argument("--report", metavar="FILE", help="write the savings report here (.md, or .json)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=_positive(int), default=1,
+    p.add_argument("--batch-size", type=positive(int), default=1,
                    help="batch of the example input (verification; MACs are per sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and example input")
     p.add_argument("--no-savings", action="store_true", help="do not count MACs for the savings line")
@@ -475,7 +263,7 @@ def _add_batch(sub) -> None:
         "batch", help="convert many timm models, each in its own process",
         description="Convert every model matching the patterns (timm.list_models), each in its own process, "
                     "appending one JSON line per model to --out. Rerunning skips models already there. "
-                    "Exit 1 when a model failed or timed out, 2 on usage errors.", parents=[_common()],
+                    "Exit 1 when a model failed or timed out, 2 on usage errors.", parents=[verbosity_parent()],
     )
     p.add_argument("patterns", nargs="+", metavar="PATTERN",
                    help="timm.list_models pattern (resnet*), model name, package.module:factory or a file")
@@ -484,15 +272,15 @@ def _add_batch(sub) -> None:
     p.add_argument("--out", help="results, one JSON line per model (appended; required)")
     p.add_argument("--summary", help="write a Markdown summary here")
     p.add_argument("--max-params", type=parse_count, metavar="N", help="skip larger models, e.g. 200M")
-    p.add_argument("--workers", type=_positive(int), default=1, help="models at a time (default 1)")
-    p.add_argument("--timeout", type=_positive(float), default=600.0, metavar="S",
+    p.add_argument("--workers", type=positive(int), default=1, help="models at a time (default 1)")
+    p.add_argument("--timeout", type=positive(float), default=600.0, metavar="S",
                    help="seconds per model before its processes are killed (default 600)")
     p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help="one input size for all (default: --image-size when the model runs at it, else its own)")
-    p.add_argument("--image-size", type=_positive(int), default=64, help="small input tried first (default 64)")
-    p.add_argument("--batch-size", type=_positive(int), default=1)
+    p.add_argument("--image-size", type=positive(int), default=64, help="small input tried first (default 64)")
+    p.add_argument("--batch-size", type=positive(int), default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive(int), help="torch threads per model (default: CPUs / workers)")
+    p.add_argument("--threads", type=positive(int), help="torch threads per model (default: CPUs / workers)")
     p.add_argument("--max-memory", type=parse_bytes, metavar="SIZE",
                    help="address-space limit per model process, e.g. 12G (torch and timm alone map about 4G): "
                         "a model over it fails alone")
@@ -527,27 +315,16 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 def _add_recipes(sub) -> None:
     p = sub.add_parser("recipes", help="list the shipped recipes, or print one",
                        description="List the recipes shipped with fxsurgeon (usable as --recipe NAME), or print "
-                                   "one to copy and edit.", parents=[_common()])
+                                   "one to copy and edit.", parents=[verbosity_parent()])
     p.add_argument("name", nargs="?", help="print this recipe's YAML")
     p.set_defaults(func=_cmd_recipes)
 
 
-def _common() -> argparse.ArgumentParser:
-    """--quiet / --verbose, accepted before or after the subcommand (SUPPRESS: the top level's value stays)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="print results and errors only: no notes, no progress bars")
-    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="more detail: every rewrite, and the traceback of an error")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     from .cli_common import Parser
+    from .runtime import __version__
 
-    parser = Parser(prog="fxsurgeon", parents=[_common()],
+    parser = Parser(prog="fxsurgeon", parents=[verbosity_parent()],
                     description="fxsurgeon: convert PyTorch models with torch.fx passes (separable convs, conv "
                                 "heads, concat fusion) that keep the trained weights, then report and benchmark.",
                     epilog="exit codes: 0 success, 1 a check failed (thresholds, failed models in a batch), "

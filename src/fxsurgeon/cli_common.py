@@ -9,6 +9,11 @@
   every output made from them);
 - :class:`Parser`: argparse with one-line usage errors (exit 2) and help text free of reST markup;
 - :func:`progress`: a tqdm bar on stderr, off with ``--quiet`` or when stderr is not a terminal.
+- :func:`load_model`, :func:`example_input`, :func:`check_output`, :func:`positive`, :func:`verbosity_parent`:
+  building the model a command names, its example input, refusing an unwritable output early, argparse types
+  and the ``--quiet`` / ``--verbose`` parent parser. They live here rather than in :mod:`fxsurgeon.cli` so that
+  :mod:`fxsurgeon.batch`, :mod:`fxsurgeon.report_cli` and :mod:`fxsurgeon.bench_cli` never import the command
+  module that imports them.
 """
 
 from __future__ import annotations
@@ -16,22 +21,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import SurgeryError
 
 __all__ = [
+    "HUB_HOST",
+    "MIN_FREE_BYTES",
+    "MODEL_FILE_SUFFIXES",
     "Parser",
     "activity",
     "add_model_options",
     "add_recipe_options",
+    "check_output",
     "device_of",
+    "example_input",
+    "hub_reachable",
+    "load_model",
     "parse_set",
+    "positive",
     "positive_int",
     "progress",
     "recipe_from_args",
+    "verbosity_parent",
     "weights_kind",
 ]
 
@@ -218,3 +237,241 @@ def iterate(items: Iterable[Any], desc: str, *, enabled: bool, total: int | None
     from tqdm.auto import tqdm
 
     yield from tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------- shared by the fxsurgeon command and its sub-CLIs
+# (they live here, not in cli.py, so batch, report_cli and bench_cli need not import the command that imports them)
+
+#: suffixes taken as saved models: a pickled nn.Module (torch.save) or an fxsurgeon.save file
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".safetensors")
+
+#: where timm's pretrained weights come from; probed before a download is tried
+HUB_HOST = "huggingface.co"
+
+#: free space below which a batch refuses to start and an --out file is refused: a result line is small, but a
+#: full disk tears lines
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def load_model(spec: str, *, pretrained: bool = False, weights: str | None = None, device: str | None = None,
+               trust_factories: Sequence[str] | None = None,
+               **kwargs: Any) -> torch.nn.Module:
+    """A model in eval mode from a timm name, ``package.module:factory`` or a saved model file.
+
+    Args:
+        spec: ``resnet18`` (any ``timm.list_models()`` name, pretrained tags too), ``package.module:factory``
+            (called with ``kwargs``), or a file: ``.safetensors`` written by ``fxsurgeon.save``, or a
+            ``torch.save``-d ``nn.Module`` (``.pt`` / ``.pth``; unpickling runs code: trusted files only).
+        pretrained: timm pretrained weights (from the Hugging Face hub, or its local cache when offline).
+        weights: a state dict file loaded strictly (see :func:`fxsurgeon.checkpoints.read_state_dict`:
+            ``module.`` prefixes and ``{"state_dict": ...}`` wrappers are handled). For a converted model
+            saved by fxsurgeon, a checkpoint of the original architecture is mapped onto it
+            (:func:`fxsurgeon.load_original_state_dict`).
+        device: where to put the model (default: where it was built, the CPU).
+        trust_factories: factories a saved ``.safetensors`` file may name (see :func:`fxsurgeon.load`).
+        **kwargs: passed to ``timm.create_model`` or the factory (e.g. ``img_size=64``).
+
+    >>> model = load_model("fxsurgeon.models:resnet20")
+    >>> type(model).__name__, model.training
+    ('CifarResNet', False)
+    """
+    if os.path.isfile(spec) or spec.endswith(MODEL_FILE_SUFFIXES):
+        if kwargs or pretrained:
+            raise SurgeryError(f"{spec} is a saved model: --pretrained and build options do not apply to it")
+        model = _load_saved(spec, trust_factories)
+    elif ":" in spec:
+        import importlib
+
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory: Any = importlib.import_module(mod_name)
+            for part in attr.split("."):
+                factory = getattr(factory, part)
+        except (ImportError, AttributeError) as exc:
+            raise SurgeryError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from exc
+        if pretrained:
+            raise SurgeryError(f"--pretrained applies to timm models; {spec!r} is a factory: give --weights FILE")
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:
+            raise SurgeryError(f"the factory {spec!r} failed: {_first_line(exc)}; it must build the model "
+                               "with no arguments (wrap it in a function that passes them)") from exc
+    else:
+        import timm
+
+        if not timm.is_model(spec):
+            import difflib
+
+            close = difflib.get_close_matches(spec, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+            raise SurgeryError(
+                f"{spec!r} is not a timm model, a file or 'package.module:factory'{hint}"
+            )
+        model = _create_timm(spec, pretrained, kwargs)
+    if not isinstance(model, torch.nn.Module):
+        raise SurgeryError(f"{spec!r} did not produce an nn.Module but {type(model).__name__}")
+    if weights:
+        _load_weights(model, weights)
+    if device is not None:
+        from .bench import resolve_device
+
+        model = model.to(resolve_device(device))
+    return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """Whether ``host`` answers on port 443 within ``timeout`` seconds (DNS included, which ignores socket
+    timeouts: it runs in a daemon thread that is abandoned when slow)."""
+    import socket
+    import threading
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or not hub_reachable()
+    with contextlib.ExitStack() as stack:
+        if offline:
+            # without the network the hub client retries for about a minute before failing: go straight to
+            # its local cache instead (for this call only, then restored)
+            from unittest import mock
+
+            with contextlib.suppress(ImportError):
+                import huggingface_hub.constants as hf_constants
+
+                stack.enter_context(mock.patch.object(hf_constants, "HF_HUB_OFFLINE", True))
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:
+            where = (f"{HUB_HOST} is unreachable and they are not in the local cache" if offline
+                     else _first_line(exc))
+            raise SurgeryError(f"--pretrained: cannot get the weights of {name!r}: {where}. Give a local state "
+                               "dict with --weights FILE, or run once with network access to fill the cache") from exc
+
+
+def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torch.nn.Module:
+    if not os.path.isfile(path):
+        raise SurgeryError(f"model file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from .io import load
+
+        return load(path, trust_factories=list(trust_factories or []))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SurgeryError(f"cannot load model file {path!r} with torch.load: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict):
+        raise SurgeryError(
+            f"{path!r} holds a state dict, not a model: give the architecture as MODEL and this file as --weights"
+        )
+    if not isinstance(obj, torch.nn.Module):
+        raise SurgeryError(f"{path!r} holds a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    from .checkpoints import load_original_state_dict, read_state_dict
+    from .record import find_record
+
+    state = read_state_dict(path)
+    have = model.state_dict()
+    for key, value in have.items():
+        # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters: bookkeeping, not weights
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
+    fits = set(state) == set(have) and all(tuple(state[k].shape) == tuple(have[k].shape) for k in have)
+    if find_record(model) is not None and not fits:
+        load_original_state_dict(model, state)  # a converted model given a checkpoint of its original
+        return
+    missing = sorted(set(have) - set(state))
+    unexpected = sorted(set(state) - set(have))
+    wrong = sorted(k for k in set(have) & set(state) if tuple(have[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {list(state[k].shape)}, model "
+                         f"{list(have[k].shape)})")
+        raise SurgeryError(f"weights {path!r} do not fit the model: tensors " + ", ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def positive(kind):
+    """An argparse ``type=`` that parses with ``kind`` (int, float) and refuses values <= 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {article} {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    return parse
+
+
+def check_output(path: str | None, what: str) -> None:
+    """Refuse an output we could not write before any work starts; nothing is created here."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise SurgeryError(f"{what} {path!r} is a directory; give a file name")
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise SurgeryError(f"cannot write {what} {path!r}: folder {str(p.parent)!r} does not exist")
+    try:  # a real write, not os.access: root passes access checks on read-only file systems
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise SurgeryError(f"cannot write {what} {path!r}: {exc.strerror or exc}") from exc
+    if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
+        raise SurgeryError(f"cannot write {what} {path!r}: the disk is nearly full")
+
+
+def example_input(model: torch.nn.Module, input_size: Sequence[int] | None, batch: int, seed: int = 0,
+                  device: Any = None) -> torch.Tensor:
+    """A seeded random batch at ``input_size`` (default: the timm config's, else 3×224×224), on ``device``."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = cfg.get("input_size", (3, 224, 224))
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    return x if device is None else x.to(device)
+
+
+def verbosity_parent() -> argparse.ArgumentParser:
+    """--quiet / --verbose, accepted before or after the subcommand (SUPPRESS: the top level's value stays)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print results and errors only: no notes, no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="more detail: every rewrite, and the traceback of an error")
+    return p

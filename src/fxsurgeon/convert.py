@@ -8,8 +8,7 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -17,16 +16,21 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from . import __version__
-from .bench import ieee_fp32
 from .errors import SurgeryError
 from .graph import alias_classes, describe, mutated_inputs, propagate_shapes
-from .io import describe_tracing, infer_source, normalize_source
-from .modes import modes as _modes
-from .modes import restore_modes as _restore_modes
 from .passes import Skip, get_pass, list_passes
 from .passes.conv_head import NOMINAL_SHAPES_KEY
 from .record import RECORD_ATTR, Conversion, Verification
+from .runtime import (
+    conversion_versions,
+    device_of,
+    kept_state,
+    model_name,
+    normalize_inputs,
+    run_forward,
+    to_device,
+)
+from .sources import describe_tracing, infer_source, normalize_source
 from .tracing import (
     TraceReport,
     absent_args,
@@ -53,56 +57,6 @@ _CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features"
                   "global_pool", "drop_rate", "feature_info", "grad_checkpointing")
 
 
-def model_name(model: nn.Module) -> str:
-    """timm architecture name when there is one, else the class name."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
-        return str(cfg["architecture"])
-    return type(model).__name__
-
-
-def normalize_inputs(example_inputs: Any) -> tuple:
-    """A tensor or a sequence of tensors → a tuple; anything else is a SurgeryError saying what it got."""
-    if example_inputs is None:
-        return ()
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise SurgeryError(
-        f"example_inputs must be a tensor or a tuple of positional inputs, got {type(example_inputs).__name__}"
-    )
-
-
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return None
-
-
-def _to_device(inputs: tuple, device: torch.device | None) -> tuple:
-    if device is None or device.type == "meta":
-        return inputs
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
-@contextmanager
-def kept_state(model: nn.Module, only: set[int] | None = None) -> Iterator[None]:
-    """Run the block, then put back every buffer of ``model`` (or those whose ``id`` is in ``only``) as it was,
-    and every submodule's train/eval flag: forwards fxsurgeon runs leave no trace (running statistics, counters).
-    """
-    flags = _modes(model)
-    saved = [(b, b.detach().clone()) for b in model.buffers() if only is None or id(b) in only]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                if b.shape == v.shape and not b.is_inference():
-                    b.copy_(v)
-        _restore_modes(model, flags, model.training)
-
-
 def forward_written_buffers(gm: fx.GraphModule) -> set[int]:
     """``id``s of the buffers a forward of ``gm`` may write: those the graph writes in place (``count.add_(1)``)
     and those of called modules that are not torch's own (a custom leaf may update its state)."""
@@ -124,37 +78,6 @@ def forward_written_buffers(gm: fx.GraphModule) -> set[int]:
             if not type(mod).__module__.startswith("torch."):
                 out.update(id(b) for b in mod.buffers())
     return out
-
-
-def _run(model: nn.Module, inputs: tuple, what: str, mode: str = "eval") -> Any:
-    """Forward without grad in ``mode`` (train: under a fixed seed, so two models draw the same random numbers);
-    buffers and train/eval flags are put back after. A failure names what was running."""
-    with kept_state(model):
-        model.train(mode == "train")
-        try:
-            # TF32 (cuDNN's float32 default on Ampere+) moves outputs ~1e-3: compare in full float32
-            with torch.no_grad(), ieee_fp32(), _seeded(mode == "train", _device_of(model)):
-                return model(*inputs)
-        except SurgeryError:
-            raise
-        except Exception as exc:
-            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-            dtypes = [str(x.dtype) if isinstance(x, torch.Tensor) else "-" for x in inputs]
-            raise SurgeryError(
-                f"{what} failed on example_inputs of shapes {shapes}, dtypes {dtypes}: {type(exc).__name__}: "
-                f"{exc}. Check that the inputs have the shape and dtype the model expects."
-            ) from exc
-
-
-@contextmanager
-def _seeded(on: bool, device: torch.device | None) -> Iterator[None]:
-    if not on:
-        yield
-        return
-    cuda = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(0)
-        yield
 
 
 def compare_outputs(reference: Any, output: Any) -> tuple[float, float]:
@@ -364,7 +287,7 @@ def convert(
     verify = bool(inputs) if verify is None else verify
     if verify and not inputs:
         raise SurgeryError("verify=True needs example_inputs")
-    device = _device_of(model)
+    device = device_of(model)
     on_meta = device is not None and device.type == "meta"
     if on_meta and verify:
         raise SurgeryError(
@@ -385,7 +308,7 @@ def convert(
             )
     # on meta, shapes still propagate: the example inputs become meta tensors of the same shapes
     inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs) if on_meta or meta_inputs \
-        else _to_device(inputs, device)
+        else to_device(inputs, device)
     seconds: dict[str, float] = {}
 
     reference = None
@@ -394,7 +317,7 @@ def convert(
         # no_grad blocks in forward, train/eval branches — all that torch.fx may leave out of the graph
         t = time.perf_counter()
         ref_model = model if inplace else private_copy(model)
-        reference = _run(ref_model, inputs, "the original model", baked)
+        reference = run_forward(ref_model, inputs, "the original model", baked)
         del ref_model
         seconds["reference"] = time.perf_counter() - t
 
@@ -419,7 +342,7 @@ def convert(
         with kept_state(gm):
             if isinstance(calibration, (str, SyntheticData)):
                 calibration, synthetic = _synthetic_calibration(gm, calibration, inputs)
-            calib_batches = [_to_device(b, device) for b in as_batches(calibration)]
+            calib_batches = [to_device(b, device) for b in as_batches(calibration)]
         _check_calibration(calib_batches)
         original = copy.deepcopy(gm)  # the targets of the refit: the traced model before any pass
 
@@ -437,7 +360,7 @@ def convert(
     traced_error = None
     if verify:
         # what tracing alone changed: the traced copy, before any pass, against the caller's model
-        traced_error = compare_outputs(reference, _run(gm, inputs, "the traced model", baked))[1]
+        traced_error = compare_outputs(reference, run_forward(gm, inputs, "the traced model", baked))[1]
         tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(_loosest_dtype(reference, gm), 1e-4)
         if not traced_error <= tol:
             raise SurgeryError(_traced_differs(model, traced_error, tol, hooked, gm, report))
@@ -512,7 +435,7 @@ def convert(
 
     if verify:
         t = time.perf_counter()
-        output = _run(gm, inputs, "the converted model", baked)
+        output = run_forward(gm, inputs, "the converted model", baked)
         nonfinite = nonfinite_mismatch(reference, output)
         max_abs, rel = compare_outputs(reference, output)
         dtype = _output_dtype(reference)
@@ -536,7 +459,7 @@ def convert(
     record.params_before = params_before
     record.params_after = sum(p.numel() for p in gm.parameters())
     record.seconds = seconds
-    record.versions = _versions()
+    record.versions = conversion_versions()
     gm.meta["fxsurgeon"] = record
     setattr(gm, RECORD_ATTR, record)  # survives torch.save/torch.load, which rebuild ``meta`` empty
     # GraphModule.__deepcopy__ keeps only graph-referenced attributes, plus those listed under this meta key
@@ -790,15 +713,4 @@ def _dropped_by_trace(model: nn.Module, gm: fx.GraphModule) -> list[Skip]:
         if not any(n in kept for n in names):
             out.append(Skip(names[0], "not used by the traced forward: torch.fx leaves it out of the "
                                       "converted model", pass_name="trace", details={"module": describe(mod)}))
-    return out
-
-
-def _versions() -> dict[str, str]:
-    out = {"fxsurgeon": __version__, "torch": torch.__version__}
-    try:
-        import timm
-
-        out["timm"] = timm.__version__
-    except ImportError:
-        pass
     return out

@@ -3,103 +3,21 @@
 A form is registered by name (``"dw-pw"`` here; ``"pw-dw-pw"`` in :mod:`fxsurgeon.cp`) and answers two
 questions for one conv: what every rank would cost and lose (:meth:`Form.choices`, data-free, from the
 weight alone), and the module for one rank (:meth:`Form.build`). The separable pass, budget allocation and
-save/load replay all go through this table, so a new form needs no change to them.
+save/load replay all go through this table, so a new form needs no change to them. The table and the protocol
+live in :mod:`fxsurgeon.forms_base`; this module re-exports them and registers every built-in form.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from torch import nn
 
 from .decompose import separable_error_curve
-from .errors import SurgeryError
+from .forms_base import FORMS, Form, LayerChoice, auto_forms, conv_cost, get_form, register_form
 from .modules import make_separable
 
-__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "get_form", "register_form"]
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """One way to rewrite one conv.
-
-    Attributes:
-        form: registered form name.
-        rank: the form's size knob (channel multiplier m for ``dw-pw``, CP rank R for ``pw-dw-pw``).
-        params: weight parameters of the replacement (bias excluded).
-        macs_in: MACs per *input* spatial position (a pointwise conv that runs before the stride).
-        macs_out: MACs per *output* spatial position.
-        error: squared Frobenius error of the weight approximation, data-free (``nan`` if unknown).
-        exact: the replacement computes the same function (up to float rounding).
-    """
-
-    form: str
-    rank: int
-    params: int
-    macs_in: int
-    macs_out: int
-    error: float
-    exact: bool
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def macs(self, positions_in: int, positions_out: int) -> int:
-        """MACs (fvcore's "flops": one multiply-add each) at the given input/output spatial sizes (H·W)."""
-        return self.macs_in * positions_in + self.macs_out * positions_out
-
-
-def conv_cost(conv: nn.Conv2d) -> LayerChoice:
-    """The original conv as a choice: its weights and MACs per output position, zero error."""
-    c_out, c_in_g, kh, kw = conv.weight.shape
-    n = c_out * c_in_g * kh * kw
-    return LayerChoice("original", 0, n, 0, n, 0.0, True)
-
-
-class Form(Protocol):
-    name: str
-
-    def full_rank(self, conv: nn.Conv2d) -> int:
-        """The rank at which the form is exact (or the form's natural cap)."""
-        ...
-
-    def cost(self, conv: nn.Conv2d, rank: int) -> LayerChoice:
-        """Cost at ``rank`` without computing the error (``error`` is ``nan``)."""
-        ...
-
-    def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
-        """Every rank 1 … max_rank (form's default cap when None) with its cost and data-free error."""
-        ...
-
-    def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
-        """The replacement module at ``rank`` and record details; ``details["exact"]`` says if it is exact."""
-        ...
-
-
-FORMS: dict[str, Form] = {}
-
-
-def register_form(cls: type) -> type:
-    """Class decorator: instantiate and register a form under ``cls.name``."""
-    FORMS[cls.name] = cls()
-    return cls
-
-
-def auto_forms(latency: bool = False) -> list[str]:
-    """The forms ``form="auto"`` chooses among: every registered form under a latency target, else those
-    meant to compete on MACs (a form with ``in_mac_auto = False``, such as the dense low-rank ones of
-    :mod:`fxsurgeon.forms_dense`, is there for speed and joins only when speed is measured).
-
-    >>> auto_forms()
-    ['dw-pw', 'pw-dw-pw']
-    """
-    return sorted(n for n, f in FORMS.items() if latency or getattr(f, "in_mac_auto", True))
-
-
-def get_form(name: str) -> Form:
-    try:
-        return FORMS[name]
-    except KeyError:
-        raise SurgeryError(f"unknown separable form {name!r}; known: {', '.join(sorted(FORMS))}") from None
+__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
 
 
 @register_form
@@ -148,6 +66,7 @@ class DepthwisePointwise:
 
 
 
-# The CP and dense forms register themselves on import; they need the table above, so they come last.
+# The CP and dense forms register themselves (in forms_base's table) on import; last, so that FORMS keeps
+# dw-pw first, as it always has.
 from . import cp as _cp  # noqa: E402, F401
 from . import forms_dense as _dense  # noqa: E402, F401

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .forms import LayerChoice, register_form
+from .forms_base import LayerChoice, register_form
 from .modules import depthwise_conv_class
 
 __all__ = [

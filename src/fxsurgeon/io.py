@@ -46,7 +46,17 @@ from .filecheck import (
     json_depth,
     validate_metadata,
 )
-from .sources import TRUST_ALL, check_timm_name, check_trust_patterns, resolve_factory, resolve_symbol
+from .sources import (
+    TRUST_ALL,
+    check_timm_name,
+    check_trust_patterns,
+    describe_tracing,
+    infer_source,
+    json_path_error,
+    normalize_source,
+    resolve_factory,
+    resolve_symbol,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,6 +68,7 @@ __all__ = [
     "normalize_source",
     "read_metadata",
     "replay_conversion",
+    "rewrite_keys",
     "save",
 ]
 
@@ -67,93 +78,6 @@ _META_KEY = "fxsurgeon"
 
 
 # ----------------------------------------------------------------------------------------------- sources
-
-
-def _qualified(obj: Any) -> str:
-    """``"package.module:Qual.name"`` for an importable function or class."""
-    return f"{obj.__module__}:{obj.__qualname__}"
-
-
-def _json_path_error(value: Any, where: str) -> str | None:
-    """Where inside ``value`` something is not plain JSON (dict with str keys, list, str, number, bool, None)."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return None
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            bad = _json_path_error(v, f"{where}[{i}]")
-            if bad:
-                return bad
-        return None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return f"{where} has a non-string key {k!r}"
-            bad = _json_path_error(v, f"{where}[{k!r}]")
-            if bad:
-                return bad
-        return None
-    return f"{where} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
-
-
-def normalize_source(source: Any) -> dict[str, Any]:
-    """A model source in its canonical form ``{"timm": name | "factory": "pkg.mod:fn", "kwargs": {...}}``.
-
-    Accepts a timm model name (``"resnet18"``), a factory spec (``"package.module:function"``), an importable
-    function or class, or a dict with ``"timm"`` or ``"factory"`` and optional ``"kwargs"`` (JSON values).
-
-    >>> normalize_source("resnet18")
-    {'timm': 'resnet18', 'kwargs': {}}
-    >>> normalize_source({"factory": "fxsurgeon.models:resnet20", "kwargs": {"num_classes": 100}})
-    {'factory': 'fxsurgeon.models:resnet20', 'kwargs': {'num_classes': 100}}
-    """
-    if callable(source) and not isinstance(source, str):
-        qualname = getattr(source, "__qualname__", "")
-        if not getattr(source, "__module__", None) or not qualname or "<" in qualname:
-            raise SurgeryError(
-                f"source {source!r} cannot be imported by name (a lambda or a local function?); "
-                "give a module-level factory, or 'package.module:function'"
-            )
-        source = _qualified(source)
-    if isinstance(source, str):
-        source = {"factory": source} if ":" in source else {"timm": source}
-    if not isinstance(source, dict):
-        raise SurgeryError(
-            f"source must be a timm name, 'package.module:function', a factory function or a dict, got "
-            f"{type(source).__name__}: {source!r}"
-        )
-    kinds = [k for k in ("timm", "factory") if k in source]
-    extra = set(source) - {"timm", "factory", "kwargs"}
-    if len(kinds) != 1 or extra or not isinstance(source[kinds[0]], str):
-        raise SurgeryError(
-            f"source dict needs exactly one of 'timm' (a model name) or 'factory' ('package.module:function') "
-            f"and optionally 'kwargs', got {source!r}"
-        )
-    kwargs = dict(source.get("kwargs") or {})
-    bad = _json_path_error(kwargs, "source kwargs")
-    if bad:
-        raise SurgeryError(f"{bad}: source kwargs must be JSON values (str, number, bool, None, list, dict)")
-    kind = kinds[0]
-    if kind == "factory" and ":" not in source[kind]:
-        raise SurgeryError(f"factory {source[kind]!r} is not of the form 'package.module:function'")
-    return {kind: source[kind], "kwargs": kwargs}
-
-
-def infer_source(model: nn.Module) -> dict[str, Any] | None:
-    """The source of a model built by ``timm.create_model``: its architecture, ``num_classes`` and ``in_chans``.
-
-    Other keyword arguments given to ``create_model`` cannot be read back from the model; :func:`save`
-    rebuilds from this source before writing and refuses when the rebuilt architecture differs, asking for
-    an explicit ``source=``. Returns None for models that do not come from timm.
-    """
-    cfg = getattr(model, "pretrained_cfg", None)
-    if not type(model).__module__.startswith("timm.") or not isinstance(cfg, dict) or not cfg.get("architecture"):
-        return None
-    kwargs: dict[str, Any] = {}
-    for attr in ("num_classes", "in_chans"):
-        value = getattr(model, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            kwargs[attr] = value
-    return {"timm": str(cfg["architecture"]), "kwargs": kwargs}
 
 
 def build_original(source: dict[str, Any], *, trust_factories: Iterable[str] | None = None,
@@ -210,44 +134,6 @@ def _maker(source: dict[str, Any], trust: Iterable[str] | str, model: nn.Module 
         return model
 
     return make
-
-
-# ----------------------------------------------------------------------------------------------- tracing
-
-
-def _input_spec(x: Any) -> dict[str, Any]:
-    if isinstance(x, torch.Tensor):
-        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
-    if _json_path_error(x, "") is None:
-        return {"value": x}
-    return {"type": f"{type(x).__module__}.{type(x).__qualname__}"}
-
-
-def describe_tracing(
-    leaf_modules: Iterable[type] | None,
-    autowrap_functions: Iterable[Callable] | None,
-    concrete_args: dict[str, Any] | None,
-    inputs: tuple,
-) -> dict[str, Any]:
-    """JSON-ready account of how ``convert()`` traced the model, for the record and for :func:`load`.
-
-    Types and functions are named ``"package.module:qualname"``; ``concrete_args`` is kept as is when it is
-    plain JSON and described by ``repr`` otherwise (such a conversion cannot be replayed by :func:`load`);
-    example inputs keep only their shapes and dtypes.
-    """
-    out: dict[str, Any] = {}
-    if leaf_modules:
-        out["leaf_modules"] = [_qualified(t) for t in leaf_modules]
-    if autowrap_functions:
-        out["autowrap_functions"] = [_qualified(f) for f in autowrap_functions]
-    if concrete_args:
-        if _json_path_error(concrete_args, "concrete_args") is None:
-            out["concrete_args"] = dict(concrete_args)
-        else:
-            out["concrete_args_repr"] = repr(concrete_args)
-    if inputs:
-        out["example_inputs"] = [_input_spec(x) for x in inputs]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- structure
@@ -443,7 +329,7 @@ def _rebuild(
             original.to("meta")
             with guard(budget):
                 gm = replay_conversion(record, source, original, trust)
-            if _rewrites(gm.meta["fxsurgeon"].to_dict()) != _rewrites(record):
+            if rewrite_keys(gm.meta["fxsurgeon"].to_dict()) != rewrite_keys(record):
                 gm = None  # a pass decided differently on meta tensors (one that needs weight values)
         except SurgeryError as exc:
             if trust != TRUST_ALL and "in the file" in str(exc):
@@ -477,7 +363,8 @@ def _rebuild(
     return gm
 
 
-def _rewrites(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+def rewrite_keys(record: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(pass, target, replacement) of each rewrite in a record dict: what a replay must reproduce."""
     return [(r["pass_name"], r["target"], r["after"]) for r in record["rewrites"]]
 
 
@@ -548,9 +435,9 @@ def _versions_text(meta: dict[str, Any]) -> str:
 
 
 def _now() -> dict[str, str]:
-    from .convert import _versions
+    from .runtime import conversion_versions
 
-    return _versions()
+    return conversion_versions()
 
 
 def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, list[int]], *, check_structure: bool) -> None:
@@ -582,8 +469,8 @@ def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, l
             + _structure_diff(meta["structure"], rebuilt) + " " + hint
             + " load(..., check_structure=False) accepts a rebuild whose weights still match."
         )
-    replayed = _rewrites(gm.meta["fxsurgeon"].to_dict())
-    recorded = _rewrites(meta["record"])
+    replayed = rewrite_keys(gm.meta["fxsurgeon"].to_dict())
+    recorded = rewrite_keys(meta["record"])
     if replayed != recorded:
         diff = [f"recorded {a}, replayed {b}" for a, b in zip(recorded, replayed) if a != b]
         diff += [f"recorded {a}, replayed nothing" for a in recorded[len(replayed):]]
@@ -689,7 +576,7 @@ def save(converted: nn.Module, path: str | os.PathLike, *, source: Any = None, c
     # the raw options, not to_dict()'s JSON-ready descriptions: a set or object must be refused, not replayed
     data["options"] = {name: _without_data(opts) for name, opts in record.options.items()}
     for where in ("options", "tracing"):
-        bad = _json_path_error(data[where], f"record {where}")
+        bad = json_path_error(data[where], f"record {where}")
         if bad:
             raise SurgeryError(f"{bad}: the recipe must be plain JSON to be saved without pickling")
     if "concrete_args_repr" in record.tracing:

@@ -24,8 +24,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .bench import (
-    _compile_options,
+from .errors import SurgeryError
+from .runtime import (
+    compile_options,
     cudnn_benchmark_mode,
     device_name,
     dtype_name,
@@ -34,7 +35,6 @@ from .bench import (
     resolve_device,
     time_calls,
 )
-from .errors import SurgeryError
 
 __all__ = [
     "LatencyJudge",
@@ -239,7 +239,7 @@ class LatencyJudge:
         if self.cache_dir is not None and self.cache_dir is not False and not isinstance(self.cache_dir, (str, os.PathLike)):
             raise SurgeryError(f"latency_aware: cache_dir must be a directory path, or False for no disk cache, "
                                f"got {self.cache_dir!r}")
-        _compile_options(self.compile)  # a SurgeryError for a wrong type
+        compile_options(self.compile)  # a SurgeryError for a wrong type
 
     @classmethod
     def from_options(cls, latency_aware: bool | dict[str, Any] | LatencyJudge | None,

@@ -41,19 +41,19 @@ from torch import nn
 
 from .allocation import (
     LayerOptions,
-    _max_useful_rank,
     allocate,
     conv_shapes,
     example_inputs_from_graph,
+    max_useful_rank,
     model_macs,
 )
-from .bench import _compile_options, dtype_name, parse_dtype, resolve_device
 from .errors import SurgeryError
 from .forms import LayerChoice, auto_forms, conv_cost, get_form
 from .forms_dense import rank_grid
 from .graph import replace_module
 from .latency import LatencyJudge, call_site_inputs, has_shapes, interleaved_ratio, model_ms
 from .latency_table import ORIGINAL, LatencyTable, hardware_multiple
+from .runtime import compile_options, dtype_name, parse_dtype, resolve_device
 
 __all__ = ["LatencyPlan", "budget_latency", "menu_ranks"]
 
@@ -172,7 +172,7 @@ class _Solver:
         cands: list[tuple[str, int]] = [ORIGINAL]
         for fname in self.forms:
             form = get_form(fname)
-            top = _max_useful_rank(form, conv, p_in, p_out)
+            top = max_useful_rank(form, conv, p_in, p_out)
             ranks = menu_ranks(form, conv, top, self.judge.grid_points, self.multiple) if top >= 1 else []
             lay.ranks[fname] = ranks
             cands += [(fname, r) for r in ranks]
@@ -272,7 +272,7 @@ def budget_latency(
     multiple = judge.rank_multiple or hardware_multiple(dev)
     table = LatencyTable(judge, dev, dtype, cl, batch, cache_dir=judge.cache_dir)
     solver = _Solver(gm, judge, table, forms, multiple, second)
-    compile_opts = _compile_options(judge.compile)
+    compile_opts = compile_options(judge.compile)
 
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}
     shapes = conv_shapes(gm, convs)

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import device_name, dtype_name
 from .errors import SurgeryError
 from .forms import get_form
+from .runtime import device_name, dtype_name
 
 __all__ = [
     "CACHE_ENV",

@@ -12,7 +12,7 @@ from torch import nn
 from .errors import SurgeryError
 from .passes.base import Rewrite, Skip
 
-__all__ = ["Conversion", "Verification", "get_record", "summary"]
+__all__ = ["Conversion", "Verification", "get_record", "reason_key", "summary"]
 
 SCHEMA_VERSION = 1
 
@@ -153,9 +153,9 @@ class Conversion:
                 lines.append(f"    … {len(self.rewrites) - len(shown)} more")
         if self.skipped:
             lines.append("  skipped:")
-            by_reason = Counter((s.pass_name, _reason_key(s.reason)) for s in self.skipped)
+            by_reason = Counter((s.pass_name, reason_key(s.reason)) for s in self.skipped)
             for (pname, reason), n in by_reason.most_common():
-                example = next(s for s in self.skipped if s.pass_name == pname and _reason_key(s.reason) == reason)
+                example = next(s for s in self.skipped if s.pass_name == pname and reason_key(s.reason) == reason)
                 lines.append(f"    {pname}: {n}× {example.reason} (e.g. {example.target})")
         v = self.verification
         if v is not None:
@@ -186,7 +186,7 @@ def _jsonable(obj: Any) -> Any:
     return f"<{type(obj).__name__}>"
 
 
-def _reason_key(reason: str) -> str:
+def reason_key(reason: str) -> str:
     """Group skips whose reasons differ only in figures: keep the text before the first colon or digit run."""
     head = reason.split(":", 1)[0]
     return head if len(head) < len(reason) else reason

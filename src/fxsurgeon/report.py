@@ -15,7 +15,6 @@ Renderers live in :mod:`fxsurgeon.report_render` (terminal, Markdown, CSV) and :
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,28 +25,19 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .convert import (
-    _device_of,
-    _run,
-    _to_device,
-    compare_outputs,
-    model_name,
-    normalize_inputs,
-)
+from .convert import compare_outputs
 from .errors import SurgeryError
 from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 from .record import find_record
 from .report_attrib import attribute_rewrites
-from .report_count import Counts, count_model, cross_check
+from .report_count import MACS_NOTE, Counts, count_model, cross_check
+from .runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
 
-__all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "load_schema", "module_rows", "savings"]
+__all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "finite_or_none", "load_schema", "module_rows", "savings"]
 
 #: version of the JSON the report writes (src/fxsurgeon/schemas/report.schema.json); bump on any change
 SCHEMA_VERSION = 2
-
-MACS_NOTE = ("MACs = multiply-accumulates per input sample (batch size 1), as counted by fvcore "
-             "(one multiply-add = 1 MAC; fvcore calls it a flop); PyTorch's FlopCounterMode FLOPs = 2 × MACs")
 
 #: what the fidelity figures were measured with: ``random`` weights make them meaningless (zero-initialised
 #: residual branches give 0 error for free), ``unknown`` is the Python API's default
@@ -172,7 +162,7 @@ class SavingsReport:
             "cross_check": self.cross_check,
             "versions": self.versions,
         }
-        return _finite(out)
+        return finite_or_none(out)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -206,13 +196,14 @@ def _saving(before: int, after: int) -> float | None:
     return 1.0 - after / before if before else None
 
 
-def _finite(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by None, through dicts, lists and tuples: strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
@@ -247,16 +238,6 @@ def _merged_names(first: list[str], second: list[str]) -> list[str]:
             out.insert(i, n)
             seen.add(n)
         prev = n
-    return out
-
-
-def _versions() -> dict[str, str]:
-    from . import __version__
-
-    out = {"fxsurgeon": __version__, "torch": torch.__version__}
-    for mod in ("fvcore", "timm"):
-        with contextlib.suppress(ImportError):
-            out[mod] = getattr(__import__(mod), "__version__", "unknown")
     return out
 
 
@@ -313,7 +294,7 @@ def _one_sample(inputs: tuple) -> tuple[int, tuple]:
 def _run_restoring(model: nn.Module, inputs: tuple, what: str) -> Any:
     modes = _modes(model)
     try:
-        return _run(model, inputs, what)
+        return run_forward(model, inputs, what)
     finally:
         _restore_modes(model, modes, model.training)
 
@@ -368,15 +349,15 @@ def savings(
     if not inputs:
         raise SurgeryError("savings() needs example_inputs: fvcore counts MACs by running the model on them")
     for what, m in (("original", original), ("converted", converted)):
-        dev = _device_of(m)
+        dev = device_of(m)
         if dev is not None and dev.type == "meta":
             raise SurgeryError(f"the {what} model is on the meta device: counting MACs needs real tensors")
-    in_orig = _to_device(inputs, _device_of(original))
-    in_conv = _to_device(inputs, _device_of(converted))
+    in_orig = to_device(inputs, device_of(original))
+    in_conv = to_device(inputs, device_of(converted))
     batch, one = _one_sample(inputs)
-    before = count_model(original, _to_device(one, _device_of(original)), what="the original model",
+    before = count_model(original, to_device(one, device_of(original)), what="the original model",
                          torch_counter=torch_cross_check)
-    after = count_model(converted, _to_device(one, _device_of(converted)), what="the converted model",
+    after = count_model(converted, to_device(one, device_of(converted)), what="the converted model",
                         torch_counter=torch_cross_check)
     record = find_record(converted)
 
@@ -411,6 +392,6 @@ def savings(
         rewrites=rows, skipped=skipped, passes=passes, unattributed=unattributed, module_depth=depth,
         macs_by_operator={"before": before.macs_by_operator(), "after": after.macs_by_operator()},
         uncounted_ops={"before": before.uncounted, "after": after.uncounted},
-        cross_check=check, versions=_versions(),
+        cross_check=check, versions=report_versions(),
         counts_before=before, counts_after=after,
     )

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import SurgeryError
 
-__all__ = ["add_report_command", "parse_fraction", "run_report"]
+__all__ = ["add_report_command", "is_saved_model", "load_saved", "parse_fraction", "rebuilt_original", "run_report"]
 
 _PICKLE_SUFFIXES = (".pt", ".pth")
 
@@ -55,8 +55,7 @@ def _nonneg_float(text: str) -> float:
 
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on the ``fxsurgeon`` parser's subparsers."""
-    from .cli import _common
-    from .cli_common import add_model_options, add_recipe_options
+    from .cli_common import add_model_options, add_recipe_options, verbosity_parent
 
     p = subparsers.add_parser(
         "report", help="parameters, MACs and fidelity of a conversion; gate CI on thresholds",
@@ -65,7 +64,7 @@ def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
                     "converted model saved by fxsurgeon. MACs are fvcore's count: one multiply-add = 1 MAC. "
                     "Fidelity measured with random weights says nothing about a trained model: every output "
                     "says so, and --max-rel-error on random weights needs --allow-random.",
-        epilog="exit codes: 0 ok, 1 a threshold missed, 2 usage or input error", parents=[_common()])
+        epilog="exit codes: 0 ok, 1 a threshold missed, 2 usage or input error", parents=[verbosity_parent()])
     p.add_argument("model", help="timm name, package.module:factory, or a converted model saved by fxsurgeon")
     add_recipe_options(p)
     p.add_argument("--original", metavar="MODEL",
@@ -108,12 +107,13 @@ def _format(args: argparse.Namespace) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
-def _is_saved_model(spec: str) -> bool:
+def is_saved_model(spec: str) -> bool:
+    """Whether ``spec`` names a saved (converted) model file rather than an architecture."""
     path = Path(spec)
     return path.suffix.lower() in (*_PICKLE_SUFFIXES, ".safetensors") or path.is_file()
 
 
-def _load_saved(spec: str, trust: list[str] | None = None) -> nn.Module:
+def load_saved(spec: str, trust: list[str] | None = None) -> nn.Module:
     """A converted model from a torch.save'd ``.pt`` / ``.pth`` file or a file written by ``fxsurgeon.save``."""
     path = Path(spec)
     if not path.is_file():
@@ -144,7 +144,7 @@ def _record(model: nn.Module):
         return None
 
 
-def _rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = None) -> nn.Module:
+def rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = None) -> nn.Module:
     """The original architecture of a saved converted model, from its record (weights random: MACs only)."""
     rec = _record(converted)
     if rec is None:
@@ -208,13 +208,13 @@ def _write(path: str, text: str) -> None:
 
 
 def _original_spec(args: argparse.Namespace) -> nn.Module:
-    from .cli import load_model
+    from .cli_common import load_model
 
-    if _is_saved_model(args.original):
+    if is_saved_model(args.original):
         if args.weights or args.pretrained:
             raise SurgeryError(f"--original {args.original} is a saved model with its weights: --weights and "
                                "--pretrained do not apply to it")
-        return _load_saved(args.original, args.trust_factory)
+        return load_saved(args.original, args.trust_factory)
     return load_model(args.original, pretrained=args.pretrained, weights=args.weights,
                       trust_factories=args.trust_factory)
 
@@ -229,15 +229,14 @@ def _random_gate(args: argparse.Namespace, weights: str) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: build or load, count, render, gate."""
-    from .cli import load_model
-    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
+    from .cli_common import activity, device_of, load_model, recipe_from_args, show_progress, weights_kind
     from .convert import convert
     from .report import savings
 
     _check_outputs(args)
     fmt = _format(args)
     device = device_of(args)
-    saved = _is_saved_model(args.model)
+    saved = is_saved_model(args.model)
     if saved:
         if args.recipe or args.overrides:
             raise SurgeryError("--recipe applies to an original MODEL (so does --set); this one is already converted")
@@ -253,11 +252,11 @@ def run_report(args: argparse.Namespace) -> int:
                     "model: give its trained weights (--weights FILE or --pretrained), leave --original out "
                     "to report the conversion record's own verification, or --allow-random")
             _random_gate(args, weights)
-        converted = _load_saved(args.model, args.trust_factory)
+        converted = load_saved(args.model, args.trust_factory)
         if measured:
             original = _original_spec(args)
         else:
-            original = _rebuilt_original(converted, args.model, args.trust_factory)
+            original = rebuilt_original(converted, args.model, args.trust_factory)
             rec = _record(converted)
             # the record's verification was measured with the weights the conversion had
             weights = (rec.extras.get("weights") if rec is not None else None) or "unknown"

@@ -26,7 +26,11 @@ from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 from .report_scope import ScopedGraph, scoped
 
-__all__ = ["REASONS", "Counts", "count_model", "cross_check", "inclusive_torch_flops", "op_category"]
+__all__ = ["MACS_NOTE", "REASONS", "Counts", "count_model", "cross_check", "inclusive_torch_flops", "op_category"]
+
+#: the unit line every report prints (STYLE.md: units are labelled)
+MACS_NOTE = ("MACs = multiply-accumulates per input sample (batch size 1), as counted by fvcore "
+             "(one multiply-add = 1 MAC; fvcore calls it a flop); PyTorch's FlopCounterMode FLOPs = 2 × MACs")
 
 _MATMUL = {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "einsum", "_scaled_mm"}
 

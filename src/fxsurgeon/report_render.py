@@ -12,7 +12,7 @@ import io
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from .record import _reason_key
+from .record import reason_key
 
 if TYPE_CHECKING:
     from .report import SavingsReport
@@ -155,10 +155,10 @@ _CROSS_HEADERS = ["op", "fvcore MACs before", "torch FLOPs before", "fvcore MACs
 
 def _skip_groups(skipped: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
     """Skips grouped by pass and reason (figures aside), most frequent first: (count, first skip, whole)."""
-    counts = Counter((s["pass"], _reason_key(s["reason"])) for s in skipped)
+    counts = Counter((s["pass"], reason_key(s["reason"])) for s in skipped)
     first: dict[tuple[str, str], dict[str, Any]] = {}
     for s in skipped:
-        first.setdefault((s["pass"], _reason_key(s["reason"])), s)
+        first.setdefault((s["pass"], reason_key(s["reason"])), s)
     return {key: (n, first[key]) for key, n in counts.most_common()}
 
 
@@ -168,7 +168,7 @@ def _details(summary: str, body: str) -> str:
 
 def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
     """Markdown for a GitHub job summary or PR comment; tables longer than ``max_rows`` are cut, saying so."""
-    from .report import MACS_NOTE
+    from .report_count import MACS_NOTE
 
     def cut(rows: list) -> tuple[list, str]:
         extra = f"\n\n… {len(rows) - max_rows} more rows in the JSON report" if len(rows) > max_rows else ""
@@ -217,7 +217,7 @@ def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
 
 def to_table(r: SavingsReport) -> str:
     """Plain-text report for a terminal: totals, fidelity, passes, modules, uncounted ops, cross-check."""
-    from .report import MACS_NOTE
+    from .report_count import MACS_NOTE
 
     out = [f"fxsurgeon savings report: {r.model} (inputs {_shapes(r)}, weights {r.weights})", MACS_NOTE, ""]
     if r.random_weights:

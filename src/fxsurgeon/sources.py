@@ -14,6 +14,10 @@ module or calls a function named there unless the caller allowed it. Allowed by 
 Everything else needs a trust pattern from the caller: an exact ``"package.module:function"`` or a whole module
 ``"package.module:*"``, which covers the module and its submodules (``load(path, trust_factories=["mypkg.models:*"])``, CLI ``--trust-factory``). A
 ``source=`` or ``model=`` the caller passes to ``load`` is the caller's own choice and is trusted as given.
+
+The other direction lives here too: :func:`normalize_source`, :func:`infer_source` and :func:`describe_tracing` put
+a model's source and tracing options into the JSON form that ``convert()`` records and ``save`` writes (they sit
+below both, so ``convert`` need not import :mod:`fxsurgeon.io`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch
+from torch import nn
 
 from .errors import SurgeryError
 
@@ -31,6 +38,11 @@ __all__ = [
     "TRUST_ALL",
     "check_timm_name",
     "check_trust_patterns",
+    "describe_tracing",
+    "infer_source",
+    "json_path_error",
+    "normalize_source",
+    "qualified_name",
     "resolve_factory",
     "resolve_symbol",
 ]
@@ -207,3 +219,128 @@ def resolve_symbol(spec: Any, trust: Iterable[str] | str, what: str, want_type: 
         kind = f"a {want_type.__name__} subclass" if want_type is not None else "a Python function"
         raise SurgeryError(f"{what} {spec!r} in the file is {type(obj).__name__} {obj!r:.60}, not {kind}; refused")
     return obj
+
+
+# ------------------------------------------------------------------ naming sources and tracing for the record
+
+
+def qualified_name(obj: Any) -> str:
+    """``"package.module:Qual.name"`` for an importable function or class."""
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def json_path_error(value: Any, where: str) -> str | None:
+    """Where inside ``value`` something is not plain JSON (dict with str keys, list, str, number, bool, None)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = json_path_error(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has a non-string key {k!r}"
+            bad = json_path_error(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    return f"{where} is a {type(value).__module__}.{type(value).__qualname__} ({value!r:.80})"
+
+
+def normalize_source(source: Any) -> dict[str, Any]:
+    """A model source in its canonical form ``{"timm": name | "factory": "pkg.mod:fn", "kwargs": {...}}``.
+
+    Accepts a timm model name (``"resnet18"``), a factory spec (``"package.module:function"``), an importable
+    function or class, or a dict with ``"timm"`` or ``"factory"`` and optional ``"kwargs"`` (JSON values).
+
+    >>> normalize_source("resnet18")
+    {'timm': 'resnet18', 'kwargs': {}}
+    >>> normalize_source({"factory": "fxsurgeon.models:resnet20", "kwargs": {"num_classes": 100}})
+    {'factory': 'fxsurgeon.models:resnet20', 'kwargs': {'num_classes': 100}}
+    """
+    if callable(source) and not isinstance(source, str):
+        qualname = getattr(source, "__qualname__", "")
+        if not getattr(source, "__module__", None) or not qualname or "<" in qualname:
+            raise SurgeryError(
+                f"source {source!r} cannot be imported by name (a lambda or a local function?); "
+                "give a module-level factory, or 'package.module:function'"
+            )
+        source = qualified_name(source)
+    if isinstance(source, str):
+        source = {"factory": source} if ":" in source else {"timm": source}
+    if not isinstance(source, dict):
+        raise SurgeryError(
+            f"source must be a timm name, 'package.module:function', a factory function or a dict, got "
+            f"{type(source).__name__}: {source!r}"
+        )
+    kinds = [k for k in ("timm", "factory") if k in source]
+    extra = set(source) - {"timm", "factory", "kwargs"}
+    if len(kinds) != 1 or extra or not isinstance(source[kinds[0]], str):
+        raise SurgeryError(
+            f"source dict needs exactly one of 'timm' (a model name) or 'factory' ('package.module:function') "
+            f"and optionally 'kwargs', got {source!r}"
+        )
+    kwargs = dict(source.get("kwargs") or {})
+    bad = json_path_error(kwargs, "source kwargs")
+    if bad:
+        raise SurgeryError(f"{bad}: source kwargs must be JSON values (str, number, bool, None, list, dict)")
+    kind = kinds[0]
+    if kind == "factory" and ":" not in source[kind]:
+        raise SurgeryError(f"factory {source[kind]!r} is not of the form 'package.module:function'")
+    return {kind: source[kind], "kwargs": kwargs}
+
+
+def infer_source(model: nn.Module) -> dict[str, Any] | None:
+    """The source of a model built by ``timm.create_model``: its architecture, ``num_classes`` and ``in_chans``.
+
+    Other keyword arguments given to ``create_model`` cannot be read back from the model; :func:`save`
+    rebuilds from this source before writing and refuses when the rebuilt architecture differs, asking for
+    an explicit ``source=``. Returns None for models that do not come from timm.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not type(model).__module__.startswith("timm.") or not isinstance(cfg, dict) or not cfg.get("architecture"):
+        return None
+    kwargs: dict[str, Any] = {}
+    for attr in ("num_classes", "in_chans"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            kwargs[attr] = value
+    return {"timm": str(cfg["architecture"]), "kwargs": kwargs}
+
+
+def _input_spec(x: Any) -> dict[str, Any]:
+    if isinstance(x, torch.Tensor):
+        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    if json_path_error(x, "") is None:
+        return {"value": x}
+    return {"type": f"{type(x).__module__}.{type(x).__qualname__}"}
+
+
+def describe_tracing(
+    leaf_modules: Iterable[type] | None,
+    autowrap_functions: Iterable[Callable] | None,
+    concrete_args: dict[str, Any] | None,
+    inputs: tuple,
+) -> dict[str, Any]:
+    """JSON-ready account of how ``convert()`` traced the model, for the record and for :func:`load`.
+
+    Types and functions are named ``"package.module:qualname"``; ``concrete_args`` is kept as is when it is
+    plain JSON and described by ``repr`` otherwise (such a conversion cannot be replayed by :func:`load`);
+    example inputs keep only their shapes and dtypes.
+    """
+    out: dict[str, Any] = {}
+    if leaf_modules:
+        out["leaf_modules"] = [qualified_name(t) for t in leaf_modules]
+    if autowrap_functions:
+        out["autowrap_functions"] = [qualified_name(f) for f in autowrap_functions]
+    if concrete_args:
+        if json_path_error(concrete_args, "concrete_args") is None:
+            out["concrete_args"] = dict(concrete_args)
+        else:
+            out["concrete_args_repr"] = repr(concrete_args)
+    if inputs:
+        out["example_inputs"] = [_input_spec(x) for x in inputs]
+    return out

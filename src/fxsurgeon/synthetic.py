@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _device_of
 from .errors import SurgeryError
 from .modes import eval_modes as _eval_modes
+from .runtime import device_of
 
 __all__ = ["DEFAULT_COUNT", "DEFAULT_LR", "DEFAULT_STEPS", "SyntheticData", "synthesize"]
 
@@ -128,7 +128,7 @@ def synthesize(
     if not bns:
         raise SurgeryError(f"synthesize: {type(model).__name__} has no BatchNorm with running statistics to match; "
                            "pass real calibration data instead")
-    dev = _device_of(model) or torch.device("cpu")
+    dev = device_of(model) or torch.device("cpu")
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     t0 = time.perf_counter()

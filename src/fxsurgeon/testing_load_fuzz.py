@@ -42,9 +42,9 @@ CANARY_MODULE = "fxsurgeon_load_fuzz_canary"
 
 def make_base_files(folder: Path, kinds: Sequence[str] = ("resnet20", "fuzznet", "timm")) -> list[Path]:
     """Real saved conversions to mutate: CIFAR ResNet-20, two FuzzNets, timm's ``test_resnet`` (when timm is)."""
-    import fxsurgeon
-
+    from .convert import convert
     from .fuzz import FuzzNet, RandomDraw, generate_spec
+    from .io import save
 
     torch.manual_seed(0)
     out = []
@@ -52,16 +52,16 @@ def make_base_files(folder: Path, kinds: Sequence[str] = ("resnet20", "fuzznet",
         from .models import resnet20
 
         path = folder / "base_resnet20.safetensors"
-        fxsurgeon.save(fxsurgeon.convert(resnet20(), source=resnet20, example_inputs=torch.randn(1, 3, 32, 32)), path)
+        save(convert(resnet20(), source=resnet20, example_inputs=torch.randn(1, 3, 32, 32)), path)
         out.append(path)
     if "fuzznet" in kinds:
         for seed in (3, 11):
             spec = generate_spec(RandomDraw(random.Random(seed)), max_ops=6)
             x = torch.randn(1, *spec["input"])
             path = folder / f"base_fuzznet{seed}.safetensors"
-            small = fxsurgeon.convert(FuzzNet(spec), example_inputs=x,
+            small = convert(FuzzNet(spec), example_inputs=x,
                                       source={"factory": "fxsurgeon.fuzz:FuzzNet", "kwargs": {"spec": spec}})
-            fxsurgeon.save(small, path)
+            save(small, path)
             out.append(path)
     if "timm" in kinds:
         try:
@@ -71,7 +71,7 @@ def make_base_files(folder: Path, kinds: Sequence[str] = ("resnet20", "fuzznet",
         if timm is not None and timm.is_model("test_resnet"):
             model = timm.create_model("test_resnet")
             path = folder / "base_timm_test_resnet.safetensors"
-            fxsurgeon.save(fxsurgeon.convert(model, example_inputs=torch.randn(1, 3, 64, 64)), path)
+            save(convert(model, example_inputs=torch.randn(1, 3, 64, 64)), path)
             out.append(path)
     return out
 
@@ -322,11 +322,11 @@ class LoadFuzzer:
 
     def run_one(self, rng: random.Random, path: Path) -> dict[str, Any]:
         """Mutate, load, classify: ``refused`` (SurgeryError), ``loaded``, or ``CRASH`` (anything else)."""
-        import fxsurgeon
+        from .io import load
 
         mutations = self.mutate(rng, path)
         try:
-            fxsurgeon.load(path)
+            load(path)
             outcome: dict[str, Any] = {"outcome": "loaded"}
         except SurgeryError as exc:
             outcome = {"outcome": "refused", "message": str(exc).splitlines()[0][:300],

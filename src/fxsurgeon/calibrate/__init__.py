@@ -16,7 +16,7 @@ millions of positions), so memory does not grow with the amount of data.
 * A :class:`~fxsurgeon.modules.SeparableConv2d` (either form) is refit from the im2col statistics of its
   input: the last pointwise weights, the depthwise filters and (pointwise → depthwise → pointwise) the first
   1×1 conv alternate, each step an exact least-squares solve on the same statistics
-  (:class:`_SeparableAccumulator`).
+  (:class:`SeparableAccumulator`).
 * Block targets (``targets="block"``, the default): a layer whose output joins a residual sum, directly or
   through a BatchNorm (a ResNet block's last conv), is refit so the *sum* matches the original's,
   ``Y* = Y + (S − S')/a`` with S, S' the other operand in the original and converted models and a the
@@ -36,7 +36,7 @@ millions of positions), so memory does not grow with the amount of data.
 
 Then the statistics of BatchNorm layers downstream of the rewrites are re-estimated exactly, in network
 order, and kept when that lowers the model's output error on the calibration data (``bn="auto"``). GraphModules
-run node by node over all batches at once (each node once per batch, :class:`_Stepper`); other models, or
+run node by node over all batches at once (each node once per batch, :class:`Stepper`); other models, or
 data too large to hold, re-run the network up to each layer batch by batch.
 
 The package, one idea per module: ``solve`` (least-squares maths), ``data`` (batches, errors), ``specs`` (what to

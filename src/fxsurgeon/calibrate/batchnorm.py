@@ -9,18 +9,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..modes import eval_modes as _eval_modes
+from ..runtime import device_of, to_device
 from .data import as_batches
-from .refit import _bn_frontier, _bn_streaming
+from .refit import bn_frontier, bn_streaming
 
-__all__ = ["reestimate_batchnorm"]
+__all__ = ["downstream_batchnorms", "reestimate_batchnorm"]
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def _downstream_batchnorms(model: nn.Module, targets: Iterable[str]) -> list[str]:
+def downstream_batchnorms(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """BatchNorm modules whose input depends on any of ``targets`` (all of them if ``model`` is not fx)."""
     all_bn = [n for n, m in model.named_modules() if isinstance(m, _BN) and m.track_running_stats
               and m.running_mean is not None]
@@ -67,10 +67,10 @@ def reestimate_batchnorm(model: nn.Module, batches: Any, names: Iterable[str] | 
     names = [n for n in names if getattr(model.get_submodule(n), "running_mean", None) is not None]
     if not names:
         return 0
-    dev = _device_of(model)
+    dev = device_of(model)
     with _eval_modes(model), torch.no_grad():
         if isinstance(model, fx.GraphModule):
-            done, _ = _bn_frontier(model, [_to_device(b, dev) for b in batches], names)
+            done, _ = bn_frontier(model, [to_device(b, dev) for b in batches], names)
         else:
-            done = _bn_streaming(model, batches, names, dev)
+            done = bn_streaming(model, batches, names, dev)
     return done

@@ -10,15 +10,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
 from ..modes import eval_modes as _eval_modes
-from .batchnorm import _downstream_batchnorms
-from .data import _forward, _rel_error, as_batches
-from .refit import _bn_frontier, _bn_streaming, _refit_frontier, _refit_streaming
+from ..runtime import device_of, to_device
+from .batchnorm import downstream_batchnorms
+from .data import as_batches, forward_batch, rel_error_of_outputs
+from .refit import bn_frontier, bn_streaming, refit_frontier, refit_streaming
 from .solve import DEFAULT_RIDGE
 from .specs import CalibrationReport, RefitSpec, downstream_candidates, refit_specs
-from .stepper import _call_order, _containing_nodes, _peak_bytes
+from .stepper import call_order, containing_nodes, peak_bytes
 
 __all__ = ["annotate_record", "calibrate"]
 
@@ -46,7 +46,7 @@ def _choose_mode(
             raise SurgeryError("calibrate: mode='frontier' needs both models as torch.fx graphs")
         return "streaming", None
     if mode == "auto":
-        need = (_peak_bytes(converted, batches[0]) + _peak_bytes(ref_gm, batches[0])) * len(batches)
+        need = (peak_bytes(converted, batches[0]) + peak_bytes(ref_gm, batches[0])) * len(batches)
         if need > FRONTIER_MAX_BYTES:
             return "streaming", None
     return "frontier", ref_gm
@@ -64,16 +64,16 @@ def _downstream_specs(converted: nn.Module, reference: nn.Module, ref_gm: fx.Gra
         return []
     if ref_gm is not None and isinstance(converted, fx.GraphModule):
         reached: set[fx.Node] = set()
-        todo = [n for s in specs for n in _containing_nodes(converted, s.layer)]
+        todo = [n for s in specs for n in containing_nodes(converted, s.layer)]
         while todo:
             for user in todo.pop().users:
                 if user not in reached:
                     reached.add(user)
                     todo.append(user)
-        keep = [n for n in names if len(sites := _containing_nodes(converted, n)) == 1 and sites[0] in reached
-                and _containing_nodes(ref_gm, n)]
+        keep = [n for n in names if len(sites := containing_nodes(converted, n)) == 1 and sites[0] in reached
+                and containing_nodes(ref_gm, n)]
     else:
-        order = _call_order(converted, batch, [s.layer for s in specs] + names)
+        order = call_order(converted, batch, [s.layer for s in specs] + names)
         first = min(order.index(s.layer) for s in specs)
         wanted = set(names)
         keep = [n for n in order[first + 1:] if n in wanted]
@@ -169,8 +169,8 @@ def calibrate(
     if not rewrites:
         report.seconds = time.perf_counter() - t0
         return report
-    device = _device_of(converted)
-    batches = [_to_device(b, device) for b in batches]
+    device = device_of(converted)
+    batches = [to_device(b, device) for b in batches]
     with _eval_modes(converted, original), torch.no_grad():
         report.mode, ref_gm = _choose_mode(converted, original, batches, mode)
         specs, skipped = refit_specs(converted, original, rewrites)
@@ -179,31 +179,31 @@ def calibrate(
             specs += more
             # an exact rewrite's module refit downstream (a conv head) is no longer "nothing to refit"
             skipped = [x for x in skipped if x.target not in {s.layer for s in more}]
-        order = _call_order(converted, batches[0], [s.layer for s in specs])
+        order = call_order(converted, batches[0], [s.layer for s in specs])
         by_layer = {s.layer: s for s in specs}
         specs = [by_layer[n] for n in order]
-        before = [_forward(converted, b, "the converted model") for b in batches]
+        before = [forward_batch(converted, b, "the converted model") for b in batches]
         if report.mode == "frontier":
-            results, after, ref_out = _refit_frontier(converted, ref_gm, batches, specs, float(ridge),
+            results, after, ref_out = refit_frontier(converted, ref_gm, batches, specs, float(ridge),
                                                       block=targets == "block", relu=relu)
         else:
-            ref_out = [_forward(original, b, "the original model") for b in batches]
-            results = [_refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
-            after = [_forward(converted, b, "the converted model") for b in batches]
+            ref_out = [forward_batch(original, b, "the original model") for b in batches]
+            results = [refit_streaming(converted, original, batches, s, float(ridge), None) for s in specs]
+            after = [forward_batch(converted, b, "the converted model") for b in batches]
         rank = {n: i for i, n in enumerate(order)}
         report.layers = sorted(results, key=lambda r: rank.get(r.layer, -1)) + skipped
-        report.output_error_before = _rel_error(before, ref_out)
+        report.output_error_before = rel_error_of_outputs(before, ref_out)
         del before
-        err = _rel_error(after, ref_out)
+        err = rel_error_of_outputs(after, ref_out)
         if bn is not False:
-            bns = _downstream_batchnorms(converted, [r.target for r in rewrites])
+            bns = downstream_batchnorms(converted, [r.target for r in rewrites])
             saved = {n: {k: v.clone() for k, v in converted.get_submodule(n).state_dict().items()} for n in bns}
             if report.mode == "frontier":
-                count, with_bn = _bn_frontier(converted, batches, bns)
+                count, with_bn = bn_frontier(converted, batches, bns)
             else:
-                count = _bn_streaming(converted, batches, bns, None)
-                with_bn = [_forward(converted, b, "the converted model") for b in batches]
-            err_bn = _rel_error(with_bn, ref_out) if count else err
+                count = bn_streaming(converted, batches, bns, None)
+                with_bn = [forward_batch(converted, b, "the converted model") for b in batches]
+            err_bn = rel_error_of_outputs(with_bn, ref_out) if count else err
             keep = bool(count) and (bn is True or err_bn < err)
             report.batchnorm = {"modules": count, "output_error_without": err, "output_error_with": err_bn,
                                 "kept": keep}

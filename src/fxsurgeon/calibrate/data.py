@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
+from ..runtime import device_of, to_device
 
-__all__ = ["as_batches", "output_error"]
+__all__ = ["StopForward", "as_batches", "forward_batch", "output_error", "rel_error_of_outputs", "sample_count"]
 
 
 def as_batches(calibration: Any) -> list[tuple]:
@@ -48,10 +48,10 @@ def as_batches(calibration: Any) -> list[tuple]:
     return out
 
 
-def _forward(model: nn.Module, batch: tuple, what: str) -> Any:
+def forward_batch(model: nn.Module, batch: tuple, what: str) -> Any:
     try:
         return model(*batch)
-    except _Stop:
+    except StopForward:
         raise
     except Exception as exc:
         hint = ""
@@ -64,13 +64,13 @@ def output_error(model: nn.Module, reference: nn.Module, batches: Sequence[tuple
     """Relative L2 error ``||f(x) − g(x)|| / ||g(x)||`` of ``model`` against ``reference`` over all batches."""
     from torch.utils._pytree import tree_flatten
 
-    dev = _device_of(model)
+    dev = device_of(model)
     d2 = r2 = 0.0
     with torch.no_grad():
         for b in batches:
-            b = _to_device(b, dev)
-            out, _ = tree_flatten(_forward(model, b, "the converted model"))
-            ref, _ = tree_flatten(_forward(reference, b, "the original model"))
+            b = to_device(b, dev)
+            out, _ = tree_flatten(forward_batch(model, b, "the converted model"))
+            ref, _ = tree_flatten(forward_batch(reference, b, "the original model"))
             for o, r in zip(out, ref):
                 if isinstance(r, torch.Tensor) and r.is_floating_point():
                     d2 += float((o.double() - r.double()).pow(2).sum())
@@ -78,15 +78,15 @@ def output_error(model: nn.Module, reference: nn.Module, batches: Sequence[tuple
     return math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook once everything needed from this forward is captured: the rest is not run."""
 
 
-def _samples(batches: Sequence[tuple]) -> int:
+def sample_count(batches: Sequence[tuple]) -> int:
     return sum(int(b[0].shape[0]) if isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in batches)
 
 
-def _rel_error(outputs: Sequence[Any], references: Sequence[Any]) -> float:
+def rel_error_of_outputs(outputs: Sequence[Any], references: Sequence[Any]) -> float:
     """Relative L2 error over all floating-point output tensors of all batches."""
     from torch.utils._pytree import tree_flatten
 

@@ -10,15 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..convert import _device_of, _to_device
 from ..errors import SurgeryError
 from ..modes import eval_modes as _eval_modes
-from .data import _forward, as_batches
-from .separable_stats import _SeparableAccumulator
+from ..runtime import device_of, to_device
+from .data import as_batches, forward_batch
+from .separable_stats import SeparableAccumulator
 from .solve import DEFAULT_RIDGE, residual, ridge_refit
-from .specs import RefitSpec, _is_refittable, separable_refittable
-from .stats import _Accumulator
-from .stepper import _capture
+from .specs import RefitSpec, is_refittable, separable_refittable
+from .stats import Accumulator
+from .stepper import capture_module
 
 __all__ = ["measure_choices", "output_sensitivity"]
 
@@ -28,9 +28,9 @@ MEASURE_MAX_ELEMENTS = 2**21
 
 
 def _last_refittable(module: nn.Module) -> nn.Module | None:
-    if _is_refittable(module):
+    if is_refittable(module):
         return module
-    if isinstance(module, nn.Sequential) and len(module) and _is_refittable(module[-1]):
+    if isinstance(module, nn.Sequential) and len(module) and is_refittable(module[-1]):
         return module[-1]
     return None
 
@@ -67,7 +67,7 @@ def measure_choices(
     from ..forms import get_form
 
     batches = as_batches(calibration)
-    dev = _device_of(gm)
+    dev = device_of(gm)
     store: dict[str, list[torch.Tensor]] = {o.name: [] for o in options}
     size = dict.fromkeys(store, 0)
 
@@ -86,7 +86,7 @@ def measure_choices(
             for b in batches:
                 if all(v >= max_elements for v in size.values()):
                     break
-                _forward(gm, _to_device(b, dev), "the original model")
+                forward_batch(gm, to_device(b, dev), "the original model")
     finally:
         for h in handles:
             h.remove()
@@ -100,7 +100,7 @@ def measure_choices(
             x = torch.cat(xs)
             y = conv(x)
             yy = float(y.double().pow(2).sum())
-            shared: _SeparableAccumulator | None = None  # input-patch statistics: the same for every choice
+            shared: SeparableAccumulator | None = None  # input-patch statistics: the same for every choice
             choices = []
             for c in o.choices:
                 if c.form == "original" or c.exact or yy == 0:
@@ -111,7 +111,7 @@ def measure_choices(
                 spec = RefitSpec(o.name, o.name, o.name, kind="separable")
                 if separable_refittable(module):
                     # one alternation: a cheaper estimate of what calibration leaves, for ranking choices
-                    acc = _SeparableAccumulator(spec, module, iterations=1)
+                    acc = SeparableAccumulator(spec, module, iterations=1)
                     if shared is not None and shared.gram.shape == acc.gram.shape:
                         acc.gram, acc.cross, acc.yy, acc.n = shared.gram, shared.cross, shared.yy, shared.n
                     else:
@@ -124,8 +124,8 @@ def measure_choices(
                     if last is None:  # nothing to refit: the plain output error
                         err = float((module(x) - y).double().pow(2).sum())
                     else:
-                        acc = _Accumulator(spec, last)
-                        feats = _capture(last, lambda m=module, x=x: m(x), inputs=True, stop_after=1)
+                        acc = Accumulator(spec, last)
+                        feats = capture_module(last, lambda m=module, x=x: m(x), inputs=True, stop_after=1)
                         acc.add(feats[0], y)
                         w = ridge_refit(acc.gram, acc.cross, acc.w0, ridge)
                         err = min(residual(acc.gram, acc.cross, acc.yy, w), residual(acc.gram, acc.cross, acc.yy, acc.w0))
@@ -156,8 +156,8 @@ def output_sensitivity(
         take = samples - n if isinstance(x, torch.Tensor) and x.dim() else None
         batches.append(tuple(t[:take] if isinstance(t, torch.Tensor) and t.dim() else t for t in b) if take else b)
         n += int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
-    dev = _device_of(model)
-    batches = [_to_device(b, dev) for b in batches]
+    dev = device_of(model)
+    batches = [to_device(b, dev) for b in batches]
 
     def flat(out: Any) -> torch.Tensor:
         leaves, _ = tree_flatten(out)
@@ -166,7 +166,7 @@ def output_sensitivity(
 
     out: dict[str, float] = {}
     with _eval_modes(model), torch.no_grad():
-        clean = [flat(_forward(model, b, "the model")) for b in batches]
+        clean = [flat(forward_batch(model, b, "the model")) for b in batches]
         norm2 = sum(float(c.pow(2).sum()) for c in clean)
         for name in names:
             gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -177,7 +177,7 @@ def output_sensitivity(
 
             h = model.get_submodule(name).register_forward_hook(hook)
             try:
-                moved = sum(float((flat(_forward(model, b, "the model")) - c).pow(2).sum())
+                moved = sum(float((flat(forward_batch(model, b, "the model")) - c).pow(2).sum())
                             for b, c in zip(batches, clean))
             finally:
                 h.remove()

@@ -8,11 +8,11 @@ import math
 import torch
 from torch import nn
 
-from .solve import _cg, residual, ridge_cg, ridge_refit
-from .specs import LayerRefit, RefitSpec, _conv_padding
-from .stats import _ADD_MAX_ELEMENTS, _rows, _Statistics, _write_back
+from .solve import conjugate_gradient, residual, ridge_cg, ridge_refit
+from .specs import LayerRefit, RefitSpec, conv_padding
+from .stats import ADD_MAX_ELEMENTS, RefitStatistics, as_rows, write_back
 
-__all__ = ["DEPTHWISE_MAX_UNKNOWNS", "REFIT_REDUCE", "SEPARABLE_ITERATIONS"]
+__all__ = ["DEPTHWISE_MAX_UNKNOWNS", "REFIT_REDUCE", "SEPARABLE_ITERATIONS", "SeparableAccumulator"]
 
 
 #: most depthwise unknowns (C_dw·k²) the depthwise step solves for; above, the pointwise step only
@@ -23,7 +23,7 @@ SEPARABLE_ITERATIONS = 4
 REFIT_REDUCE = True
 
 
-class _SeparableAccumulator(_Statistics):
+class SeparableAccumulator(RefitStatistics):
     """Refit a SeparableConv2d's depthwise and last pointwise weights from statistics of its *input* patches.
 
     With P = the im2col patches of the block's input (over the depthwise conv's window, stride, padding and
@@ -53,14 +53,14 @@ class _SeparableAccumulator(_Statistics):
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         dw = self.dw
         per_sample = self.gram.shape[0] * max(1, y[0].numel() // max(y.shape[1], 1)) if y.dim() > 1 else 1
-        step = max(1, _ADD_MAX_ELEMENTS // max(per_sample, 1))
+        step = max(1, ADD_MAX_ELEMENTS // max(per_sample, 1))
         if x.shape[0] > step and y.shape[0] == x.shape[0]:
             return all(self._add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
         prec = torch.float64 if x.dtype == torch.float64 else torch.float32
         cols = torch.nn.functional.unfold(x.detach().to(prec), dw.kernel_size, dilation=dw.dilation,
-                                          padding=_conv_padding(dw), stride=dw.stride)
+                                          padding=conv_padding(dw), stride=dw.stride)
         z = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        t = _rows(y, False).to(prec)
+        t = as_rows(y, False).to(prec)
         if t.shape[0] != z.shape[0] or t.shape[1] != self.cross.shape[1]:
             self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the block's input "
                                 f"{tuple(x.shape)}")
@@ -141,7 +141,7 @@ class _SeparableAccumulator(_Statistics):
 
             # large: conjugate gradients from the current filters, without forming the matrix; an inexact
             # inner step is fine (the best (D, W) is kept by its true error)
-            return _cg(matvec, diag, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
+            return conjugate_gradient(matvec, diag, rhs, d0.reshape(-1), ridge, start=d.reshape(-1)).reshape(c_dw, k2)
 
         dp = self.gram.shape[0] - self.has_bias  # input patch width, C_in·k²
         c_in = dp // k2
@@ -170,7 +170,7 @@ class _SeparableAccumulator(_Statistics):
 
             pp_blocks = torch.diagonal(pp.reshape(c_mid, mult, c_mid, mult), dim1=0, dim2=2).permute(2, 0, 1)
             diag = torch.einsum("cjJ,cjt,itT,cJT->ci", pp_blocks, d3, gp_blocks, d3).reshape(-1)
-            return _cg(matvec, diag, rhs, t0.reshape(-1), ridge, start=t.reshape(-1)).reshape(c_mid, c_in)
+            return conjugate_gradient(matvec, diag, rhs, t0.reshape(-1), ridge, start=t.reshape(-1)).reshape(c_mid, c_in)
 
         before = error(d0, w0)
         best = (before, d0, w0, t0)
@@ -201,6 +201,6 @@ class _SeparableAccumulator(_Statistics):
             dw.weight.copy_(d.reshape(dw.weight.shape).to(dw.weight.dtype))
             if t is not None:
                 self.red.weight.copy_(t.reshape(self.red.weight.shape).to(self.red.weight.dtype))
-        _write_back(pw, w, self.has_bias)
+        write_back(pw, w, self.has_bias)
         info.refit = True
         return info

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_RIDGE", "residual", "ridge_cg", "ridge_refit"]
+__all__ = ["DEFAULT_RIDGE", "conjugate_gradient", "residual", "ridge_cg", "ridge_refit"]
 
 
 #: default ridge: λ as a fraction of the mean eigenvalue of ZᵀZ. Small enough to leave a well-determined
@@ -52,11 +52,11 @@ def ridge_cg(
     >>> torch.allclose(ridge_cg(g, c, torch.zeros(8, dtype=torch.float64), 0.0, iterations=50), x)
     True
     """
-    return _cg(lambda v: gram @ v, torch.diagonal(gram), cross, w0, ridge, start=start, iterations=iterations,
+    return conjugate_gradient(lambda v: gram @ v, torch.diagonal(gram), cross, w0, ridge, start=start, iterations=iterations,
                tol=tol)
 
 
-def _cg(
+def conjugate_gradient(
     matvec: Any, diag: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float, *,
     start: torch.Tensor | None = None, iterations: int = 60, tol: float = 1e-6,
 ) -> torch.Tensor:

@@ -14,7 +14,9 @@ __all__ = [
     "CalibrationReport",
     "LayerRefit",
     "RefitSpec",
+    "conv_padding",
     "downstream_candidates",
+    "is_refittable",
     "refit_specs",
     "separable_refittable",
 ]
@@ -95,7 +97,7 @@ class CalibrationReport:
         return d
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """Explicit (ph, pw) zero padding of a conv, or None when unfold cannot express it."""
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -109,7 +111,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return (int(conv.padding[0]), int(conv.padding[1]))
 
 
-def _is_refittable(mod: nn.Module) -> bool:
+def is_refittable(mod: nn.Module) -> bool:
     """A layer linear in its weights whose inputs can be laid out as rows: Linear, or a groups=1 Conv2d."""
     if isinstance(mod, nn.Linear):
         return type(mod).forward is nn.Linear.forward
@@ -117,7 +119,7 @@ def _is_refittable(mod: nn.Module) -> bool:
         return False
     if type(mod)._conv_forward is not nn.Conv2d._conv_forward:
         return False
-    pad = _conv_padding(mod)
+    pad = conv_padding(mod)
     return pad is not None and (mod.padding_mode == "zeros" or pad == (0, 0))
 
 
@@ -165,9 +167,9 @@ def refit_specs(converted: nn.Module, reference: nn.Module, rewrites: Iterable[A
                 specs.append(RefitSpec(target, target, target, kind="separable"))
                 seen.add(target)
                 continue
-            if _is_refittable(mod):
+            if is_refittable(mod):
                 pairs = [(target, target)]
-            elif isinstance(mod, nn.Sequential) and len(mod) and _is_refittable(mod[-1]):
+            elif isinstance(mod, nn.Sequential) and len(mod) and is_refittable(mod[-1]):
                 last = list(mod._modules)[-1]
                 pairs = [(f"{target}.{last}", target)]
             else:
@@ -178,7 +180,7 @@ def refit_specs(converted: nn.Module, reference: nn.Module, rewrites: Iterable[A
             if layer in seen:
                 continue
             seen.add(layer)
-            if not _has_module(converted, layer) or not _is_refittable(converted.get_submodule(layer)):
+            if not _has_module(converted, layer) or not is_refittable(converted.get_submodule(layer)):
                 skipped.append(LayerRefit(target, layer, ref, reason="not a plain groups=1 conv or Linear in the "
                                           "converted model"))
             elif not _has_module(reference, ref):
@@ -192,7 +194,7 @@ def downstream_candidates(converted: nn.Module, reference: nn.Module, rewrites: 
                           specs: Iterable[RefitSpec]) -> list[str]:
     """Layers of ``converted`` no rewrite replaced that can be refit against the same-named original module.
 
-    A candidate is a refittable layer (a plain groups=1 conv or a Linear, :func:`_is_refittable`) that is
+    A candidate is a refittable layer (a plain groups=1 conv or a Linear, :func:`is_refittable`) that is
     neither a refit layer already nor inside a non-exact rewrite's replacement, and whose original namesake
     is refittable with the same weights' size and outputs (a 1×1 conv may stand for a Linear: an exact conv
     head). Whether it lies downstream of a rewrite is decided by the caller, which knows the graph or the
@@ -209,17 +211,17 @@ def downstream_candidates(converted: nn.Module, reference: nn.Module, rewrites: 
                 taken.add(target)
     out = []
     for name, mod in converted.named_modules():
-        if not name or name in taken or any(name.startswith(p) for p in inside) or not _is_refittable(mod):
+        if not name or name in taken or any(name.startswith(p) for p in inside) or not is_refittable(mod):
             continue
         if not _has_module(reference, name):
             continue
         ref = reference.get_submodule(name)
-        if not _is_refittable(ref) or ref.weight.numel() != mod.weight.numel() \
+        if not is_refittable(ref) or ref.weight.numel() != mod.weight.numel() \
                 or ref.weight.shape[0] != mod.weight.shape[0] or (ref.bias is None) != (mod.bias is None):
             continue
         if isinstance(ref, nn.Conv2d) and (not isinstance(mod, nn.Conv2d) or ref.weight.shape != mod.weight.shape
                                            or ref.stride != mod.stride or ref.dilation != mod.dilation
-                                           or _conv_padding(ref) != _conv_padding(mod)):
+                                           or conv_padding(ref) != conv_padding(mod)):
             continue
         if isinstance(ref, nn.Linear) and isinstance(mod, nn.Conv2d) and mod.kernel_size != (1, 1):
             continue
@@ -250,14 +252,14 @@ def separable_refittable(module: nn.Module) -> bool:
         return False
     dw, pw = module.depthwise, module.pointwise
     red = getattr(module, "reduce", None) if "reduce" in module._modules else None
-    if not (_plain_conv(dw) and _plain_conv(pw) and _is_refittable(pw) and pw.kernel_size == (1, 1)):
+    if not (_plain_conv(dw) and _plain_conv(pw) and is_refittable(pw) and pw.kernel_size == (1, 1)):
         return False
-    if dw.padding_mode != "zeros" or _conv_padding(dw) is None or dw.groups != dw.in_channels:
+    if dw.padding_mode != "zeros" or conv_padding(dw) is None or dw.groups != dw.in_channels:
         return False
     if red is not None and not (_plain_conv(red) and red.kernel_size == (1, 1) and red.stride == (1, 1)
-                                and _conv_padding(red) == (0, 0) and red.bias is None and red.groups == 1):
+                                and conv_padding(red) == (0, 0) and red.bias is None and red.groups == 1):
         return False
-    if dw.bias is not None or pw.stride != (1, 1) or _conv_padding(pw) != (0, 0):
+    if dw.bias is not None or pw.stride != (1, 1) or conv_padding(pw) != (0, 0):
         return False
     c_in = red.in_channels if red is not None else dw.in_channels
     k2 = dw.kernel_size[0] * dw.kernel_size[1]

@@ -9,12 +9,21 @@ import torch
 from torch import nn
 
 from .solve import residual, ridge_refit
-from .specs import LayerRefit, RefitSpec, _conv_padding
+from .specs import LayerRefit, RefitSpec, conv_padding
 
-__all__ = ["DOWNSTREAM_ROWS_PER_UNKNOWN", "rows_cap"]
+__all__ = [
+    "ADD_MAX_ELEMENTS",
+    "DOWNSTREAM_ROWS_PER_UNKNOWN",
+    "Accumulator",
+    "BNStats",
+    "RefitStatistics",
+    "as_rows",
+    "rows_cap",
+    "write_back",
+]
 
 
-def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
+def as_rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
     """Activations → (samples, features): channels last for a conv's output, last axis for a Linear."""
     t = t.detach()
     if not linear:
@@ -25,11 +34,11 @@ def _rows(t: torch.Tensor, linear: bool) -> torch.Tensor:
 def _input_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """A layer's input → (samples, weight columns): im2col patches for a k×k conv (the weight's layout)."""
     if isinstance(layer, nn.Linear):
-        return _rows(x, True)
-    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and _conv_padding(layer) == (0, 0):
-        return _rows(x, False)
+        return as_rows(x, True)
+    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and conv_padding(layer) == (0, 0):
+        return as_rows(x, False)
     cols = torch.nn.functional.unfold(x.detach(), layer.kernel_size, dilation=layer.dilation,
-                                      padding=_conv_padding(layer), stride=layer.stride)
+                                      padding=conv_padding(layer), stride=layer.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -38,7 +47,7 @@ def _input_rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 DOWNSTREAM_ROWS_PER_UNKNOWN = 10
 
 #: rows × columns handled at once when accumulating (bounds the memory of unfolded k×k inputs)
-_ADD_MAX_ELEMENTS = 2**25
+ADD_MAX_ELEMENTS = 2**25
 
 
 def rows_cap(columns: int) -> int:
@@ -92,7 +101,7 @@ class _Sampler:
         return x[idx], y[idx]
 
 
-def _write_back(layer: nn.Module, w: torch.Tensor, has_bias: bool) -> None:
+def write_back(layer: nn.Module, w: torch.Tensor, has_bias: bool) -> None:
     """Copy a solution ``w`` (d × c: input columns, then the bias row when ``has_bias``) into a conv or Linear."""
     with torch.no_grad():
         core = w[:-1] if has_bias else w
@@ -101,7 +110,7 @@ def _write_back(layer: nn.Module, w: torch.Tensor, has_bias: bool) -> None:
             layer.bias.copy_(w[-1].to(layer.bias.dtype))
 
 
-class _Statistics:
+class RefitStatistics:
     """ZᵀZ, ZᵀY and ||Y||² of one refit, fed batch by batch (rows of Z: the unknowns' inputs, plus a constant
     column when there is a bias), and what the refit reports."""
 
@@ -117,7 +126,7 @@ class _Statistics:
         self.info = LayerRefit(spec.target, spec.layer, spec.reference, downstream=spec.downstream)
         self.gram_given = False
 
-    def reuse_gram(self, other: _Statistics) -> None:
+    def reuse_gram(self, other: RefitStatistics) -> None:
         """Take ``other``'s ZᵀZ (the same inputs, seeded subset and layer): only ZᵀY and ||Y||² are gathered."""
         self.gram, self.gram_given = other.gram, True
 
@@ -150,7 +159,7 @@ class _Statistics:
         return None
 
 
-class _Accumulator(_Statistics):
+class Accumulator(RefitStatistics):
     """The statistics of one refit layer (a groups=1 conv or a Linear), then the refit itself."""
 
     def __init__(self, spec: RefitSpec, layer: nn.Module, samples: int | None = None) -> None:
@@ -174,10 +183,10 @@ class _Accumulator(_Statistics):
     def _add(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         # k×k convs unfold into C·k² columns per position: go through the batch in slices to bound memory
         cols = self.w0.shape[0] * (1 if self.linear else max(1, x[0].numel() // max(x.shape[1], 1)))
-        step = max(1, _ADD_MAX_ELEMENTS // max(cols, 1)) if x.dim() > 1 and x.shape[0] > 1 else max(x.shape[0], 1)
+        step = max(1, ADD_MAX_ELEMENTS // max(cols, 1)) if x.dim() > 1 and x.shape[0] > 1 else max(x.shape[0], 1)
         if x.dim() > 1 and x.shape[0] > step and y.shape[0] == x.shape[0]:
             return all(self._add(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
-        z, t = _input_rows(x, self.layer), _rows(y, self.linear)
+        z, t = _input_rows(x, self.layer), as_rows(y, self.linear)
         if t.shape[0] != z.shape[0] or t.shape[1] != self.w0.shape[1] or z.shape[1] + self.has_bias != self.w0.shape[0]:
             self.info.reason = (f"the original's output {tuple(y.shape)} does not line up with the layer's input "
                                 f"{tuple(x.shape)}")
@@ -208,12 +217,12 @@ class _Accumulator(_Statistics):
             info.reason = "the refit did not lower the error; weights kept"
             return info
         info.error_after = math.sqrt(after / self.yy)
-        _write_back(self.layer, w, self.has_bias)
+        write_back(self.layer, w, self.has_bias)
         info.refit = True
         return info
 
 
-class _BNStats:
+class BNStats:
     """Exact per-channel mean and variance of a BatchNorm's input over all the calibration data."""
 
     def __init__(self, bn: nn.Module) -> None:

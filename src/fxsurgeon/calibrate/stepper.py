@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from .data import _forward, _Stop
+from .data import StopForward, forward_batch
 
 
 class _Capture:
@@ -30,25 +30,25 @@ class _Capture:
             raise SurgeryError(f"calibration: {type(mod).__name__} takes or returns {type(t).__name__}, not a tensor")
         self.items.append(t.detach())
         if self.stop_after is not None and len(self.items) >= self.stop_after:
-            raise _Stop
+            raise StopForward
 
     def remove(self) -> None:
         self.handle.remove()
 
 
-def _capture(module: nn.Module, fn: Any, *, inputs: bool, stop_after: int | None) -> list[torch.Tensor]:
+def capture_module(module: nn.Module, fn: Any, *, inputs: bool, stop_after: int | None) -> list[torch.Tensor]:
     """Run ``fn()`` with a capture hook on ``module``; what it saw, per call."""
     cap = _Capture(module, inputs=inputs, stop_after=stop_after)
     try:
         fn()
-    except _Stop:
+    except StopForward:
         pass
     finally:
         cap.remove()
     return cap.items
 
 
-def _call_order(model: nn.Module, batch: tuple, names: Sequence[str]) -> list[str]:
+def call_order(model: nn.Module, batch: tuple, names: Sequence[str]) -> list[str]:
     """``names`` sorted by when ``model`` first calls them (network order), uncalled ones last."""
     order: dict[str, int] = {}
     handles = []
@@ -58,14 +58,14 @@ def _call_order(model: nn.Module, batch: tuple, names: Sequence[str]) -> list[st
         handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            _forward(model, batch, "the converted model")
+            forward_batch(model, batch, "the converted model")
     finally:
         for h in handles:
             h.remove()
     return sorted(names, key=lambda n: order.get(n, len(names) + 1))
 
 
-class _Stepper:
+class Stepper:
     """Runs a GraphModule node by node over *all* batches at once ("frontier" execution).
 
     Only live values are kept (fx's last-use analysis), so memory is the widest cut of the graph times
@@ -147,15 +147,15 @@ class _Stepper:
         return total
 
 
-def _containing_nodes(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+def containing_nodes(gm: fx.GraphModule, name: str) -> list[fx.Node]:
     """call_module nodes whose module is ``name`` or contains it (a leaf module)."""
     return [n for n in gm.graph.nodes if n.op == "call_module"
             and (str(n.target) == name or name.startswith(str(n.target) + "."))]
 
 
-def _peak_bytes(gm: fx.GraphModule, batch: tuple) -> int:
+def peak_bytes(gm: fx.GraphModule, batch: tuple) -> int:
     """Largest live activation memory of one batch through ``gm`` (for choosing frontier execution)."""
-    st = _Stepper(gm, [batch])
+    st = Stepper(gm, [batch])
     peak = 0
     while st.pos < len(st.nodes):
         st.step()

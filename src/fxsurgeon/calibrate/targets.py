@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from .stepper import _Stepper
+from .stepper import Stepper
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -39,7 +39,7 @@ def _bn_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor]
     return nxt, scale
 
 
-def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
+def residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
     """Where ``node``'s output joins a residual sum: ``(other operand of the add, per-channel scale)``.
 
     Matches ``node → add`` and ``node → BatchNorm (eval statistics) → add``; the scale is the BatchNorm's
@@ -60,7 +60,7 @@ def _residual_join(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Te
     return (b if a is node else a), scale
 
 
-def _gives_output_of(gm: fx.GraphModule, node: fx.Node, layer: str) -> bool:
+def gives_output_of(gm: fx.GraphModule, node: fx.Node, layer: str) -> bool:
     """Whether ``node``'s value is ``layer``'s output: the layer itself, or a Sequential (nested) ending with it."""
     name = str(node.target)
     while name != layer:
@@ -79,18 +79,18 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.ReLU
 
 
-def _relu_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
+def relu_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor | None] | None:
     """Where ``node``'s output reaches a ReLU: ``(the ReLU's input node, the BatchNorm scale between or None)``.
 
     Matches ``node → [BatchNorm] → [residual sum] → ReLU``, every step the only user of the one before (the
-    sum as :func:`_residual_join` accepts it).
+    sum as :func:`residual_join` accepts it).
     """
     head, scale = node, None
     after = _bn_after(gm, node)
     if after is not None:
         head, scale = after
     nxt = _only_user(head)
-    if nxt is not None and _residual_join(gm, node) is not None:
+    if nxt is not None and residual_join(gm, node) is not None:
         head, nxt = nxt, _only_user(nxt)
     if nxt is None or not _is_relu(gm, nxt):
         return None
@@ -117,7 +117,7 @@ def _relax_for_relu(y: torch.Tensor, pred: torch.Tensor, v: torch.Tensor, scale:
     return relaxed, int(dead.sum())
 
 
-def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
+def block_targets(cs: Stepper, rs: Stepper, c_join: tuple, r_join: tuple, ys: list[list[torch.Tensor]]) -> bool:
     """Shift the layer's targets so the residual sum after it matches the original's (in place).
 
     With s the other operand of the sum and a the BatchNorm scale between (1 without one), the original
@@ -147,7 +147,7 @@ def _block_targets(cs: _Stepper, rs: _Stepper, c_join: tuple, r_join: tuple, ys:
     return True
 
 
-class _ReluTargets:
+class ReluTargets:
     """Targets for a layer before a ReLU, relaxed around the layer's current output (:func:`_relax_for_relu`),
     and the error of that output as the ReLU sees it.
 
@@ -158,7 +158,7 @@ class _ReluTargets:
     makes :attr:`error` None.
     """
 
-    def __init__(self, rs: _Stepper, r_head: fx.Node, scale: torch.Tensor | None) -> None:
+    def __init__(self, rs: Stepper, r_head: fx.Node, scale: torch.Tensor | None) -> None:
         self.rs, self.r_head, self.scale = rs, r_head, scale
         self.err = self.norm = 0.0
         self.dead = self.total = 0
@@ -187,7 +187,7 @@ class _ReluTargets:
         return math.sqrt(self.err / self.norm)
 
 
-def _outputs(cs: _Stepper, node: fx.Node, ys_all: list[list[Any]], relu: _ReluTargets) -> _ReluTargets:
+def layer_outputs(cs: Stepper, node: fx.Node, ys_all: list[list[Any]], relu: ReluTargets) -> ReluTargets:
     """Run the layer's node on every batch (current weights) through ``relu``, for its error."""
     for i, ys in enumerate(ys_all):
         relu(i, ys, cs.call(node, i))

@@ -45,8 +45,9 @@ from ..fusion_math import (
 from ..graph import called_modules, describe, module_aliases, replace_module
 from ..modes import eval_modes
 from ..modules import depthwise_conv_class
-from . import register_pass
+from ..runtime import device_or_cpu
 from .base import PassResult, Rewrite, Skip
+from .registry import register_pass
 
 __all__ = ["CONCAT_FUNCTIONS", "Concat", "FusionSite", "concat_fusion", "find_concats", "second_moments"]
 
@@ -639,12 +640,6 @@ def _add_module(gm: fx.GraphModule, scope: str, base: str, module: nn.Module) ->
     return name
 
 
-def _model_device(gm: fx.GraphModule) -> torch.device:
-    for t in (*gm.parameters(), *gm.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _identity_conv(channels: int, dtype: torch.dtype, device: torch.device) -> nn.Conv2d:
     # skip_init: a random init of a C×C weight that is overwritten at once costs more than the whole pass
     conv = torch.nn.utils.skip_init(nn.Conv2d, channels, channels, 1, bias=False, device=device, dtype=dtype)
@@ -777,7 +772,7 @@ def concat_fusion(
 
 def _identity(gm: fx.GraphModule, concats: list[Concat], skipped: list[Skip]) -> PassResult:
     rewrites: list[Rewrite] = []
-    device = _model_device(gm)
+    device = device_or_cpu(gm)
     params = list(gm.parameters())
     trainable = not params or any(p.requires_grad for p in params)  # a frozen model gets frozen fusions
     for concat in concats:

@@ -46,8 +46,8 @@ from ..graph import (
 )
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
-from . import register_pass
 from .base import PassResult, Rewrite, Skip
+from .registry import register_pass
 
 __all__ = ["Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
 

@@ -46,8 +46,8 @@ from ..importance import (
 )
 from ..latency import LatencyJudge
 from ..modules import depthwise_conv_class
-from . import register_pass
 from .base import PassResult, Rewrite, Skip
+from .registry import register_pass
 
 __all__ = ["Candidate", "find_candidates", "separable"]
 

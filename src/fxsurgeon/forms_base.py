@@ -1,0 +1,100 @@
+"""The table of separable forms and what a form answers: :class:`LayerChoice`, the :class:`Form` protocol,
+:data:`FORMS` with :func:`register_form` / :func:`get_form` / :func:`auto_forms`.
+
+Kept apart from :mod:`fxsurgeon.forms` (which re-exports all of it and defines ``dw-pw``) so that the forms of
+:mod:`fxsurgeon.cp` and :mod:`fxsurgeon.forms_dense` register themselves without importing the module that
+imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One way to rewrite one conv.
+
+    Attributes:
+        form: registered form name.
+        rank: the form's size knob (channel multiplier m for ``dw-pw``, CP rank R for ``pw-dw-pw``).
+        params: weight parameters of the replacement (bias excluded).
+        macs_in: MACs per *input* spatial position (a pointwise conv that runs before the stride).
+        macs_out: MACs per *output* spatial position.
+        error: squared Frobenius error of the weight approximation, data-free (``nan`` if unknown).
+        exact: the replacement computes the same function (up to float rounding).
+    """
+
+    form: str
+    rank: int
+    params: int
+    macs_in: int
+    macs_out: int
+    error: float
+    exact: bool
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def macs(self, positions_in: int, positions_out: int) -> int:
+        """MACs (fvcore's "flops": one multiply-add each) at the given input/output spatial sizes (H·W)."""
+        return self.macs_in * positions_in + self.macs_out * positions_out
+
+
+def conv_cost(conv: nn.Conv2d) -> LayerChoice:
+    """The original conv as a choice: its weights and MACs per output position, zero error."""
+    c_out, c_in_g, kh, kw = conv.weight.shape
+    n = c_out * c_in_g * kh * kw
+    return LayerChoice("original", 0, n, 0, n, 0.0, True)
+
+
+class Form(Protocol):
+    name: str
+
+    def full_rank(self, conv: nn.Conv2d) -> int:
+        """The rank at which the form is exact (or the form's natural cap)."""
+        ...
+
+    def cost(self, conv: nn.Conv2d, rank: int) -> LayerChoice:
+        """Cost at ``rank`` without computing the error (``error`` is ``nan``)."""
+        ...
+
+    def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
+        """Every rank 1 … max_rank (form's default cap when None) with its cost and data-free error."""
+        ...
+
+    def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
+        """The replacement module at ``rank`` and record details; ``details["exact"]`` says if it is exact."""
+        ...
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register_form(cls: type) -> type:
+    """Class decorator: instantiate and register a form under ``cls.name``."""
+    FORMS[cls.name] = cls()
+    return cls
+
+
+def auto_forms(latency: bool = False) -> list[str]:
+    """The forms ``form="auto"`` chooses among: every registered form under a latency target, else those
+    meant to compete on MACs (a form with ``in_mac_auto = False``, such as the dense low-rank ones of
+    :mod:`fxsurgeon.forms_dense`, is there for speed and joins only when speed is measured).
+
+    >>> auto_forms()
+    ['dw-pw', 'pw-dw-pw']
+    """
+    return sorted(n for n, f in FORMS.items() if latency or getattr(f, "in_mac_auto", True))
+
+
+def get_form(name: str) -> Form:
+    try:
+        return FORMS[name]
+    except KeyError:
+        raise SurgeryError(f"unknown separable form {name!r}; known: {', '.join(sorted(FORMS))}") from None
