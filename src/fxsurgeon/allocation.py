@@ -36,7 +36,6 @@ from .runtime import data_device_of
 
 __all__ = [
     "BUDGET_DEFAULTS",
-    "DATA_BUDGET_DEFAULTS",
     "UNIFORM_DEFAULTS",
     "Allocation",
     "BudgetPlan",
@@ -53,15 +52,13 @@ __all__ = [
 
 
 #: what the separable pass does with a budget (``target_macs`` / ``target_params``) when these options are not
-#: given: every form competes per layer, and plain (unweighted) relative weight errors rank the choices; no
-#: bias correction. Chosen on the mean logit error over the trained CIFAR ResNet-20 and ResNet-32 at 0.60× and
-#: 0.45× MACs (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
-BUDGET_DEFAULTS: dict[str, Any] = {"form": "auto", "weighting": None, "bias_correction": False}
-#: ... and when calibration data measures every choice (``allocation`` "auto"/"data"/"sensitivity" with
-#: ``calibration``): the MobileNet form. Measuring each CP rank on data is a least-squares refit per candidate;
-#: with every form competing, the ResNet-20 with four calibration images took 771 s instead of 105 s, and the
-#: two-model comparison above was made without data. ``form="auto"`` stays available with data.
-DATA_BUDGET_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
+#: given: the MobileNet form, plain (unweighted) relative weight errors rank the choices, no bias correction.
+#: ``weighting`` and ``bias_correction`` were chosen on the mean logit error over the trained CIFAR ResNet-20 and
+#: ResNet-32 at 0.60× and 0.45× MACs (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
+#: ``form="auto"`` (the CP form competing per layer) had a far lower logit error on both, but fitting CP at every
+#: rank on the grid costs minutes per wide layer: torchvision's resnet18 at 224×224 did not finish in 25 minutes
+#: on 2 cores, and the ResNet-20 with calibration data took 771 s instead of 105 s. It is one option away.
+BUDGET_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
 #: ... and with a uniform ``multiplier`` (or none): the MobileNet form, plain weights, biases as they are
 UNIFORM_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
 

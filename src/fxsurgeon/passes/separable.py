@@ -323,10 +323,9 @@ def separable(
     Args:
         gm: the traced model, edited in place.
         form: the separable form (see :data:`fxsurgeon.forms.FORMS`); ``"dw-pw"`` is depthwise k×k with
-            channel multiplier m followed by pointwise 1×1. Default: ``"dw-pw"``, or with a budget from the
-            weights alone ``"auto"`` (:data:`fxsurgeon.allocation.BUDGET_DEFAULTS`, like ``weighting`` and
-            ``bias_correction``; with calibration data measuring the choices,
-            :data:`~fxsurgeon.allocation.DATA_BUDGET_DEFAULTS`).
+            channel multiplier m followed by pointwise 1×1. Default: ``"dw-pw"`` (with a budget,
+            :data:`fxsurgeon.allocation.BUDGET_DEFAULTS`, like ``weighting`` and ``bias_correction``);
+            ``"auto"`` lets every registered form compete per layer — more accuracy per MAC, more time.
         multiplier: channel multiplier m (the form's rank) for every layer (default 1, MobileNet's), or
             ``"full"`` for the form's exact rank per layer (``min(C_out, k²)`` for ``dw-pw``).
         energy: instead of a fixed m, per layer the smallest m keeping this fraction of the weight's squared
@@ -394,12 +393,9 @@ def separable(
     """
     # options not given: a budget takes fxsurgeon.allocation.BUDGET_DEFAULTS (chosen on two trained models),
     # a uniform multiplier keeps the MobileNet form without weighting or bias correction
-    from ..allocation import BUDGET_DEFAULTS, DATA_BUDGET_DEFAULTS, UNIFORM_DEFAULTS
+    from ..allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
 
-    if target_macs is None and target_params is None:
-        base = UNIFORM_DEFAULTS
-    else:  # every choice measured on data costs a refit each: the CP ranks only when asked for
-        base = BUDGET_DEFAULTS if calibration is None or allocation == "weight" else DATA_BUDGET_DEFAULTS
+    base = BUDGET_DEFAULTS if target_macs is not None or target_params is not None else UNIFORM_DEFAULTS
     defaulted = {k: base[k] for k, unset in (("form", form is None), ("weighting", weighting == "default"),
                                              ("bias_correction", bias_correction is None)) if unset}
     form = defaulted.get("form", form)
