@@ -58,6 +58,7 @@ __all__ = [
     "device_name",
     "dtype_name",
     "ieee_fp32",
+    "interleaved_rounds",
     "noise_warnings",
     "parse_dtype",
     "percentile",
@@ -524,6 +525,29 @@ NOISY_P90_RATIO = 1.5
 UNSTABLE_SPREAD = 0.15
 
 
+def interleaved_rounds(t_o: Any, t_c: Any, rounds: int, per_round: int,
+                       progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Time two warmed-up timers (``.time(n)`` → that many call times) in ``rounds`` alternating rounds of
+    ``per_round`` calls; each round's speed-up is the ratio of the medians (first / second timer). Returns the
+    per-round speed-ups with their median, min, max and spread, as :attr:`Comparison.rounds` holds them."""
+    speedups = []
+    for r in range(rounds):
+        # alternate which model goes first, so neither always runs right after the other's cache use
+        first, second = (t_o, t_c) if r % 2 == 0 else (t_c, t_o)
+        a = first.time(per_round)
+        c = second.time(per_round)
+        o_times, c_times = (a, c) if first is t_o else (c, a)
+        speedups.append(percentile(o_times, 50) / percentile(c_times, 50))
+        if progress is not None:
+            progress(1)
+    med = percentile(speedups, 50)
+    return {
+        "rounds": rounds, "iters_per_round": per_round, "speedups": speedups, "speedup_median": med,
+        "speedup_min": min(speedups), "speedup_max": max(speedups),
+        "spread": (max(speedups) - min(speedups)) / med if med else None,
+    }
+
+
 def benchmark_pair(
     original: nn.Module,
     converted: nn.Module,
@@ -571,22 +595,7 @@ def benchmark_pair(
             t_o, t_c = _Timer(prep_o, b), _Timer(prep_c, b)
             t_o.warm(warmup)
             t_c.warm(warmup)
-            speedups = []
-            for r in range(rounds):
-                # alternate which model goes first, so neither always runs right after the other's cache use
-                first, second = (t_o, t_c) if r % 2 == 0 else (t_c, t_o)
-                a = first.time(per_round)
-                c = second.time(per_round)
-                o_times, c_times = (a, c) if first is t_o else (c, a)
-                speedups.append(percentile(o_times, 50) / percentile(c_times, 50))
-                if progress is not None:
-                    progress(1)
-            med = percentile(speedups, 50)
-            stability[t_o.batch_size] = {
-                "rounds": rounds, "iters_per_round": per_round, "speedups": speedups, "speedup_median": med,
-                "speedup_min": min(speedups), "speedup_max": max(speedups),
-                "spread": (max(speedups) - min(speedups)) / med if med else None,
-            }
+            stability[t_o.batch_size] = interleaved_rounds(t_o, t_c, rounds, per_round, progress)
             prep_o.result.rows.append(t_o.row(warmup))
             prep_c.result.rows.append(t_c.row(warmup))
             del t_o, t_c

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import BenchmarkResult, BenchmarkRow, Comparison
+from .bench import BenchmarkResult, BenchmarkRow, Comparison, interleaved_rounds
 from .errors import SurgeryError
 from .runtime import (
     batch_of,
@@ -249,18 +249,7 @@ def benchmark_onnxruntime_pair(
             res_c = _result(converted, inputs, t_c.run, name or res_o.model, warmup, iters)
         t_o.warm(warmup)
         t_c.warm(warmup)
-        speedups = []
-        for r in range(rounds):
-            first, second = (t_o, t_c) if r % 2 == 0 else (t_c, t_o)
-            a, c = first.time(per_round), second.time(per_round)
-            o_ms, c_ms = (a, c) if first is t_o else (c, a)
-            speedups.append(percentile(o_ms, 50) / percentile(c_ms, 50))
-            if progress is not None:
-                progress(1)
-        med = percentile(speedups, 50)
-        stability[b] = {"rounds": rounds, "iters_per_round": per_round, "speedups": speedups,
-                        "speedup_median": med, "speedup_min": min(speedups), "speedup_max": max(speedups),
-                        "spread": (max(speedups) - min(speedups)) / med if med else None}
+        stability[b] = interleaved_rounds(t_o, t_c, rounds, per_round, progress)
         res_o.rows.append(t_o.row(warmup))
         res_c.rows.append(t_c.row(warmup))
     return Comparison(res_o, res_c, dict(conversion or {}), rounds=stability)
