@@ -280,15 +280,9 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
             raise SurgeryError(f"{spec} is a saved model: --pretrained and build options do not apply to it")
         model = _load_saved(spec, trust_factories)
     elif ":" in spec:
-        import importlib
+        from .sources import TRUST_ALL, resolve_factory
 
-        mod_name, _, attr = spec.partition(":")
-        try:
-            factory: Any = importlib.import_module(mod_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
-        except (ImportError, AttributeError) as exc:
-            raise SurgeryError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from exc
+        factory = resolve_factory(spec, TRUST_ALL)  # the user named it on the command line: trusted
         if pretrained:
             raise SurgeryError(f"--pretrained applies to timm models; {spec!r} is a factory: give --weights FILE")
         try:
