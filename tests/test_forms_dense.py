@@ -18,17 +18,11 @@ from fxsurgeon.forms_dense import (
     spatial_svd_error_curve,
     tucker2_factors,
 )
+from test_cp import CONV_VARIANTS as CP_CONV_VARIANTS
 
+# the CP form's conv variants, plus non-square and 5×5 kernels (the dense forms take any k×k)
 CONV_VARIANTS = [
-    dict(padding=1),
-    dict(stride=2, padding=1),
-    dict(padding=2, dilation=2),
-    dict(padding=1, bias=True),
-    dict(padding="same"),
-    dict(padding=1, padding_mode="reflect"),
-    dict(padding=1, padding_mode="circular"),
-    dict(padding=1, padding_mode="replicate", stride=2),
-    dict(padding=(1, 0), stride=(1, 2)),
+    *CP_CONV_VARIANTS,
     dict(kernel_size=(3, 5), padding=(1, 2)),
     dict(kernel_size=5, padding=0, stride=(2, 1)),
 ]
