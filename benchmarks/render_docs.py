@@ -176,10 +176,7 @@ def _sweep() -> tuple[list[dict], list[dict], dict]:
 
 def _coverage_table(results: list[dict], total: int, max_params: int) -> str:
     """The sweep's own table (``benchmarks/timm_sweep.py``), loaded from its file: one definition of it."""
-    spec = importlib.util.spec_from_file_location("fxsurgeon_timm_sweep", REPO / "benchmarks" / "timm_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.coverage_table(results, total, max_params)
+    return _benchmark_script("timm_sweep").coverage_table(results, total, max_params)
 
 
 def _coverage_numbers() -> dict:
@@ -388,8 +385,9 @@ def readme_block() -> str:
     ])
 
 
-def _render_defaults():
-    spec = importlib.util.spec_from_file_location("fxsurgeon_render_defaults", REPO / "benchmarks" / "render_defaults.py")
+def _benchmark_script(name: str):
+    """A script beside this one (``benchmarks/<name>.py``), loaded as a module: its own definitions, not a copy."""
+    spec = importlib.util.spec_from_file_location(f"fxsurgeon_{name}", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -438,7 +436,7 @@ def render() -> dict[Path, str]:
         PAGES / "timm-coverage.md": page_timm(),
         PAGES / "gpu.md": page_gpu(),
         PAGES / "fuzzing.md": page_fuzzing(),
-        PAGES / "defaults.md": _render_defaults().render(),
+        PAGES / "defaults.md": _benchmark_script("render_defaults").render(),
     }
     readme = REPO / "README.md"
     pages[readme] = render_readme(readme.read_text())
