@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "fxsurgeon.cp": 1,
     "fxsurgeon.forms": 1,
     "fxsurgeon.passes.base": 1,
+    "fxsurgeon.passes.options": 1,
     "fxsurgeon.passes.registry": 1,
     # 2: tracing, the conversion record, model sources, recipe files, synthetic data, MAC counting
     "fxsurgeon.tracing": 2,

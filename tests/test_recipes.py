@@ -12,7 +12,8 @@ from torch import nn
 import fxsurgeon
 from fxsurgeon import SurgeryError
 from fxsurgeon.passes import PassInfo, PassResult
-from fxsurgeon.recipes import _matches, allowed_keys, load_recipe, validate_recipe
+from fxsurgeon.passes.options import matches_hint as _matches
+from fxsurgeon.recipes import allowed_keys, load_recipe, validate_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

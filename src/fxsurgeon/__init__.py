@@ -15,7 +15,7 @@ from .convert import convert
 from .errors import SurgeryError
 from .heads import class_map
 from .io import load, save
-from .passes import PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
+from .passes import PassOptions, PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
 from .report import SavingsReport, savings
 from .runtime import __version__
@@ -25,6 +25,7 @@ from .tracing import trace
 __all__ = [
     "BenchmarkResult",
     "Conversion",
+    "PassOptions",
     "PassResult",
     "Rewrite",
     "SavingsReport",

@@ -412,7 +412,7 @@ def convert(
             gm.recompile()
         record.rewrites += result.rewrites
         record.skipped += result.skipped
-        record.extras.update(gm.meta.pop("fxsurgeon_extras", None) or {})  # pass-level figures (e.g. budgets)
+        record.extras.update(result.figures)  # pass-level figures (e.g. budgets)
         seconds[name] = time.perf_counter() - t
 
     gm.meta.pop(NOMINAL_SHAPES_KEY, None)

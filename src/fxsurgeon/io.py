@@ -27,7 +27,6 @@ import copy
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -169,11 +168,6 @@ def _structure_diff(saved: list[str], rebuilt: list[str], limit: int = 6) -> str
 # ----------------------------------------------------------------------------------------------- replay
 
 
-def _escape(name: str) -> str:
-    """fnmatch pattern matching exactly ``name``."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def _without_data(options: dict[str, Any]) -> dict[str, Any]:
     """Pass options as saved: calibration batches are data, not recipe; the weights they shaped are in the file."""
     out = dict(options)
@@ -182,40 +176,6 @@ def _without_data(options: dict[str, Any]) -> dict[str, Any]:
         size = len(data) if isinstance(data, (list, tuple)) else 1
         out["calibration_omitted"] = f"{size} batch(es) not stored; their effect is in the saved weights"
     return out
-
-
-def _replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Module) -> dict[str, Any]:
-    """Options reproducing exactly the recorded separable rewrites on the freshly built ``model``.
-
-    Every recorded layer gets its recorded form and rank through ``layers=`` (which forces the rewrite
-    whatever its profitability); every other spatial conv is excluded by name; data-driven choices
-    (``energy=``, budgets) are therefore not recomputed, and ``init="random"`` skips the SVDs.
-    """
-    layers: dict[str, dict[str, Any]] = {}
-    for i, r in enumerate(rewrites):
-        d = r.get("details", {})
-        rank, form = d.get("rank"), d.get("form", options.get("form", "dw-pw"))
-        if type(rank) is not int or rank < 1:
-            raise SurgeryError(f"separable rewrite of '{r['target']}' records no positive integer rank (field "
-                               f"'record'['rewrites'][{i}]['details']['rank'] is {rank!r:.40}); it cannot be replayed")
-        if not isinstance(form, str):
-            raise SurgeryError(f"separable rewrite of '{r['target']}': field 'record'['rewrites'][{i}]['details']"
-                               f"['form'] must be a string, got {form!r:.40}")
-        layers[r["target"]] = {"form": form, "rank": rank}
-    groups: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            groups.setdefault(id(mod), []).append(name)
-    exclude = [_escape(n) for names in groups.values() if not set(names) & set(layers) for n in names]
-    return {"layers": layers, "exclude": exclude, "include_stem": True, "kernel_sizes": "all", "init": "random"}
-
-
-#: pass name → fn(recorded options, recorded rewrites of that pass, rebuilt original) → replay options.
-#: Passes without an entry are replayed with their recorded options, which suits passes whose result is
-#: determined by the architecture alone; :func:`load` checks that the replayed rewrites match in any case.
-REPLAYERS: dict[str, Callable[[dict[str, Any], list[dict], nn.Module], dict[str, Any]]] = {
-    "separable": _replay_separable,
-}
 
 
 def _example_inputs(specs: list[dict[str, Any]], model: nn.Module) -> tuple:
@@ -404,7 +364,7 @@ def replay_conversion(record: dict[str, Any], source: dict[str, Any], model: nn.
     needs_shapes = False
     for name, opts in record["options"].items():
         done = [r for r in record["rewrites"] if r.get("pass_name") == name]
-        replay = REPLAYERS.get(name)
+        replay = get_pass(name).replay
         # data-driven options are not replayed: their effect is in the saved weights
         opts = {k: v for k, v in opts.items() if k not in ("calibration_omitted", "calibration")}
         passes[name] = replay(opts, done, model) if replay else dict(opts)

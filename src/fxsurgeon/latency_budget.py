@@ -506,7 +506,7 @@ def _bracket(points: list[tuple[float, float]], target: float) -> float | None:
     Once one check is fast enough and another too slow, the secant through them is a better guide than the
     efficiency of the last check alone (which overshoots back and forth on a noisy machine).
 
-    >>> _bracket([(10.0, 0.5), (40.0, 0.8)], 0.6), _bracket([(10.0, 0.5)], 0.6)
+    >>> round(_bracket([(10.0, 0.5), (40.0, 0.8)], 0.6), 9), _bracket([(10.0, 0.5)], 0.6)
     (20.0, None)
     """
     fast = [p for p in points if p[1] <= target]

@@ -49,12 +49,16 @@ class Skip:
 
 @dataclass
 class PassResult:
-    """What one pass did to a GraphModule, which it edited in place."""
+    """What one pass did to a GraphModule, which it edited in place: its rewrites, its skips with their reasons,
+    and figures about the whole pass (a budget's allocation) that belong to no single rewrite."""
 
     graph_module: fx.GraphModule
     rewrites: list[Rewrite] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     pass_name: str = ""
+    #: pass-level figures for the conversion record's ``extras`` (e.g. ``{"allocation": budget summary}``);
+    #: JSON-serialisable
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.stamp(self.pass_name)

@@ -27,7 +27,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -47,9 +47,10 @@ from ..modes import eval_modes
 from ..modules import depthwise_conv_class
 from ..runtime import device_or_cpu
 from .base import PassResult, Rewrite, Skip
+from .options import OptionError, PassOptions
 from .registry import register_pass
 
-__all__ = ["CONCAT_FUNCTIONS", "Concat", "FusionSite", "concat_fusion", "find_concats", "second_moments"]
+__all__ = ["CONCAT_FUNCTIONS", "Concat", "ConcatFusionOptions", "FusionSite", "concat_fusion", "find_concats", "second_moments"]
 
 #: call_function targets that concatenate a sequence of tensors: ``(tensors, dim=0)``
 CONCAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat, torch.concatenate}
@@ -682,44 +683,32 @@ def _describe_concat(concat: Concat) -> str:
 
 def _check_options(mode: str, out_channels: Any, ratio: Any, force: bool) -> None:
     if not isinstance(mode, str) or mode not in ("identity", "reduce"):
-        raise SurgeryError(f"concat_fusion: mode must be 'identity' or 'reduce', got {mode!r}")
+        raise OptionError(f"concat_fusion: mode must be 'identity' or 'reduce', got {mode!r}")
     if not isinstance(force, bool):
-        raise SurgeryError(f"concat_fusion: force must be True or False, got {force!r}")
+        raise OptionError(f"concat_fusion: force must be True or False, got {force!r}")
     if mode == "identity":
         given = [k for k, v in (("out_channels", out_channels), ("ratio", ratio)) if v is not None]
         if given or force:
-            raise SurgeryError(
+            raise OptionError(
                 f"concat_fusion: {', '.join(given) or 'force'} only applies to mode='reduce' "
                 "(identity mode keeps every channel)"
             )
         return
     if not isinstance(force, bool):
-        raise SurgeryError(f"concat_fusion: force must be True or False, got {force!r}")
+        raise OptionError(f"concat_fusion: force must be True or False, got {force!r}")
     if (out_channels is None) == (ratio is None):
-        raise SurgeryError("concat_fusion: mode='reduce' needs exactly one of out_channels= or ratio=")
+        raise OptionError("concat_fusion: mode='reduce' needs exactly one of out_channels= or ratio=")
     if out_channels is not None and (isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1):
-        raise SurgeryError(f"concat_fusion: out_channels must be an int >= 1, got {out_channels!r}")
+        raise OptionError(f"concat_fusion: out_channels must be an int >= 1, got {out_channels!r}")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
-        raise SurgeryError(f"concat_fusion: ratio must be a number in (0, 1], got {ratio!r}")
+        raise OptionError(f"concat_fusion: ratio must be a number in (0, 1], got {ratio!r}")
 
 
-@register_pass(order=200, needs_shapes=True, default=False)
-def concat_fusion(
-    gm: fx.GraphModule,
-    *,
-    mode: str = "identity",
-    out_channels: int | None = None,
-    ratio: float | None = None,
-    calibration: Any = None,
-    force: bool = False,
-    exclude: Iterable[str] | None = None,
-) -> PassResult:
-    """Add a 1×1 fusion conv after every channel concatenation: exact identity, or channel-reducing.
+@dataclass(frozen=True)
+class ConcatFusionOptions(PassOptions):
+    """Options of the :func:`concat_fusion` pass (frozen; build one with keywords or :meth:`from_dict`).
 
-    Needs ``ShapeProp`` shapes (``convert(..., example_inputs=...)``). Off by default: identity mode adds cost.
-
-    Args:
-        gm: the traced model, edited in place.
+    Attributes:
         mode: ``"identity"``: ``Conv2d(C, C, 1, bias=False)`` set to the identity after the concat (exact,
             C²·H·W more MACs per sample). ``"reduce"``: ``Conv2d(C, r, 1, bias=False)`` before the concat's
             first channel-mixing consumers, which are narrowed to r input channels.
@@ -734,6 +723,42 @@ def concat_fusion(
             more (skipped by default, with the figures).
         exclude: fnmatch patterns of concats to leave alone, matched against the record target
             (``"<module>:<node>"``), the enclosing module's name and the node name.
+    """
+
+    pass_name: ClassVar[str] = "concat_fusion"
+
+    mode: str = "identity"
+    out_channels: int | None = None
+    ratio: float | None = None
+    calibration: Any = None
+    force: bool = False
+    exclude: Iterable[str] | None = None
+
+    def validate(self) -> None:
+        _check_options(self.mode, self.out_channels, self.ratio, self.force)
+        exclude = self.exclude
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        if exclude is not None and not isinstance(exclude, Iterable):
+            raise OptionError(f"concat_fusion: exclude must be a list of fnmatch patterns, got {exclude!r}",
+                              key="exclude")
+        exclude = list(exclude or ())
+        for i, pattern in enumerate(exclude):
+            if not isinstance(pattern, str):
+                raise OptionError(f"concat_fusion: exclude[{i}] must be a string (an fnmatch pattern of qualified "
+                                  f"names), got {type(pattern).__name__}: {pattern!r}", key="exclude")
+        object.__setattr__(self, "exclude", exclude)
+
+
+@register_pass(order=200, needs_shapes=True, default=False, options=ConcatFusionOptions)
+def concat_fusion(gm: fx.GraphModule, options: ConcatFusionOptions | None = None, /, **kwargs: Any) -> PassResult:
+    """Add a 1×1 fusion conv after every channel concatenation: exact identity, or channel-reducing.
+
+    Needs ``ShapeProp`` shapes (``convert(..., example_inputs=...)``). Off by default: identity mode adds cost.
+
+    Args:
+        gm: the traced model, edited in place.
+        options: a :class:`ConcatFusionOptions`, or its fields as keyword arguments (not both).
 
     Returns:
         A :class:`PassResult`. Rewrites name the concat (``"<module>:<node>"``); their details carry the new
@@ -754,16 +779,9 @@ def concat_fusion(
     >>> res.rewrites[0].exact, res.rewrites[0].details["added_params"]
     (True, 9216)
     """
-    _check_options(mode, out_channels, ratio, force)
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    if exclude is not None and not isinstance(exclude, Iterable):
-        raise SurgeryError(f"concat_fusion: exclude must be a list of fnmatch patterns, got {exclude!r}")
-    exclude = list(exclude or ())
-    for i, pattern in enumerate(exclude):
-        if not isinstance(pattern, str):
-            raise SurgeryError(f"concat_fusion: exclude[{i}] must be a string (an fnmatch pattern of qualified "
-                               f"names), got {type(pattern).__name__}: {pattern!r}")
+    o = ConcatFusionOptions.coerce(options, kwargs)
+    mode, out_channels, ratio, calibration, force, exclude = (o.mode, o.out_channels, o.ratio, o.calibration,
+                                                              o.force, o.exclude)
     concats, skipped = find_concats(gm, exclude=exclude or ())
     if mode == "identity":
         return _identity(gm, concats, skipped)

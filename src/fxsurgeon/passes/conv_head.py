@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -47,9 +47,10 @@ from ..graph import (
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
 from .base import PassResult, Rewrite, Skip
+from .options import PassOptions
 from .registry import register_pass
 
-__all__ = ["Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
+__all__ = ["ConvHeadOptions", "Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
 
 #: ``gm.meta`` key convert() sets while the shapes come from a nominal-size probe (channels and ranks only)
 NOMINAL_SHAPES_KEY = "fxsurgeon_nominal_shapes"
@@ -1184,8 +1185,24 @@ def _derive_shapes(gm: fx.GraphModule) -> tuple[str | None, str | None]:
 # -------------------------------------------------------------------------------------------------- pass
 
 
-@register_pass(order=100, needs_shapes=True, default=True)
-def conv_head(gm: fx.GraphModule, *, fully_convolutional: bool = False) -> PassResult:
+@dataclass(frozen=True)
+class ConvHeadOptions(PassOptions):
+    """Options of the :func:`conv_head` pass.
+
+    Attributes:
+        fully_convolutional: move the convs before the pool (pool → conv becomes conv → pool), exact by
+            linearity where only linear per-position operations lie between (dropout becomes channel
+            dropout, which pools to exactly the original's distribution). Refused with the reason, and the
+            plain form used, where a norm or nonlinearity sits between pool and classifier.
+    """
+
+    pass_name: ClassVar[str] = "conv_head"
+
+    fully_convolutional: bool = False
+
+
+@register_pass(order=100, needs_shapes=True, default=True, options=ConvHeadOptions)
+def conv_head(gm: fx.GraphModule, options: ConvHeadOptions | None = None, /, **kwargs: Any) -> PassResult:
     """Swap a Linear classifier after global average pooling for a 1×1 conv (exact).
 
     Matches: the model's single classifier (a Linear with no layer with weights after it) whose input comes
@@ -1199,10 +1216,7 @@ def conv_head(gm: fx.GraphModule, *, fully_convolutional: bool = False) -> PassR
 
     Args:
         gm: the traced model, edited in place.
-        fully_convolutional: move the convs before the pool (pool → conv becomes conv → pool), exact by
-            linearity where only linear per-position operations lie between (dropout becomes channel
-            dropout, which pools to exactly the original's distribution). Refused with the reason, and the
-            plain form used, where a norm or nonlinearity sits between pool and classifier.
+        options: a :class:`ConvHeadOptions` (``fully_convolutional``), or its fields as keywords (not both).
 
     Needs: shapes from ShapeProp to confirm window/mean pools and squeezes (``convert()`` provides them with
     ``example_inputs``; for timm models they are derived from ``pretrained_cfg``); ``AdaptiveAvgPool2d(1)`` /
@@ -1218,10 +1232,7 @@ def conv_head(gm: fx.GraphModule, *, fully_convolutional: bool = False) -> PassR
     >>> gm(torch.randn(4, 128, 7, 7)).shape
     torch.Size([4, 10])
     """
-    if not isinstance(fully_convolutional, bool):
-        from ..errors import SurgeryError
-
-        raise SurgeryError(f"conv_head: fully_convolutional must be True or False, got {fully_convolutional!r}")
+    fully_convolutional = ConvHeadOptions.coerce(options, kwargs).fully_convolutional
     _expand_classifier_head(gm)
     shapes, no_shapes = ("shape_prop", None) if _has_shapes(gm) else (None, None)
     ctx = _context(gm)

@@ -6,13 +6,13 @@ that a pass module registers itself without importing the package that imports i
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SurgeryError
 from .base import PassResult
+from .options import PassOptions, options_from_signature
 
 __all__ = ["PassInfo", "get_pass", "list_passes", "register_pass"]
 
@@ -27,6 +27,12 @@ class PassInfo:
         order: passes run in ascending order.
         needs_shapes: run ``ShapeProp`` (``node.meta["tensor_meta"]``) before this pass.
         default: enabled when ``convert()`` is called without this keyword.
+        options_class: the pass's frozen :class:`~fxsurgeon.passes.options.PassOptions` dataclass, the one
+            place its options are declared and validated; derived from ``fn``'s keyword-only parameters when
+            the pass registers none.
+        replay: ``replay(recorded options, recorded rewrites of this pass, rebuilt original) -> options``
+            that rebuild the same modules when a saved model is loaded (:func:`fxsurgeon.io.load`); None: the
+            recorded options replay as they are (passes whose result the architecture alone determines).
     """
 
     name: str
@@ -34,42 +40,45 @@ class PassInfo:
     order: int
     needs_shapes: bool
     default: bool
+    options_class: type[PassOptions] | None = None
+    replay: Callable[[dict[str, Any], list[dict], Any], dict[str, Any]] | None = None
+
+    def option_class(self) -> type[PassOptions]:
+        """The options dataclass (derived from ``fn``'s signature, once, if none was registered)."""
+        if self.options_class is None:
+            object.__setattr__(self, "options_class", options_from_signature(self.name, self.fn))
+        return self.options_class
 
     def options(self) -> dict[str, Any]:
-        """Keyword options and their defaults, from the function's signature."""
-        sig = inspect.signature(self.fn)
-        return {
-            p.name: p.default
-            for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        """Option name → default, in declaration order."""
+        return self.option_class().defaults()
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Unknown keys, and flags (options annotated ``bool``) given anything but a bool (``"no"`` is truthy: it
-        must not act as True)."""
-        allowed = self.options()
-        flags = {p.name for p in inspect.signature(self.fn).parameters.values() if p.annotation in ("bool", bool)}
-        for key in options:
-            if key not in allowed:
-                raise SurgeryError(
-                    f"unknown option {key!r} for pass {self.name!r}; allowed: {', '.join(sorted(allowed))}"
-                )
-            if key in flags and not isinstance(options[key], bool):
-                raise SurgeryError(f"{self.name}: {key} must be True or False, got "
-                                   f"{type(options[key]).__name__}: {options[key]!r}")
+    def check_options(self, options: dict[str, Any], *, strict: bool = False) -> PassOptions:
+        """Validate ``options`` through the options dataclass; returns the options object.
+
+        Raises :class:`~fxsurgeon.passes.options.OptionError` (a ``SurgeryError``) for an unknown key, a flag
+        that is not a bool (``"no"`` is truthy: it must not act as True), or a value the pass refuses.
+        """
+        return self.option_class().from_dict(options, strict=strict)
 
 
 _PASSES: dict[str, PassInfo] = {}
 
 
 def register_pass(
-    name: str | None = None, *, order: int = 100, needs_shapes: bool = False, default: bool = False
+    name: str | None = None, *, order: int = 100, needs_shapes: bool = False, default: bool = False,
+    options: type[PassOptions] | None = None, replay: Callable[..., dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., PassResult]], Callable[..., PassResult]]:
-    """Decorator registering a pass function under ``name`` (default: the function's name)."""
+    """Decorator registering a pass function under ``name`` (default: the function's name).
+
+    ``options`` is the pass's options dataclass and ``replay`` its replay hook (see :class:`PassInfo`).
+    """
+    if options is not None and not (isinstance(options, type) and issubclass(options, PassOptions)):
+        raise SurgeryError(f"register_pass(options=...) takes a PassOptions dataclass, got {options!r}")
 
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         key = name or fn.__name__
-        _PASSES[key] = PassInfo(key, fn, order, needs_shapes, default)
+        _PASSES[key] = PassInfo(key, fn, order, needs_shapes, default, options, replay)
         return fn
 
     return deco

@@ -19,12 +19,14 @@ import operator
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from functools import partial
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
 from ..allotment import allot, check_form, layer_positions
 from ..decompose import multiplier_for_energy
 from ..errors import SurgeryError
@@ -47,9 +49,11 @@ from ..importance import (
 from ..latency import LatencyJudge
 from ..modules import depthwise_conv_class
 from .base import PassResult, Rewrite, Skip
+from .options import OptionError, PassOptions
 from .registry import register_pass
+from .separable_replay import replay_separable
 
-__all__ = ["Candidate", "find_candidates", "separable"]
+__all__ = ["Candidate", "SeparableOptions", "find_candidates", "separable"]
 
 
 @dataclass
@@ -176,36 +180,41 @@ def _check_options(multiplier, energy, init, kernel_sizes) -> None:
     if multiplier is not None and multiplier != "full" and (
         not isinstance(multiplier, int) or isinstance(multiplier, bool) or multiplier < 1
     ):
-        raise SurgeryError(f"separable: multiplier must be an int >= 1 or 'full', got {multiplier!r}")
+        raise OptionError(f"separable: multiplier must be an int >= 1 or 'full', got {multiplier!r}",
+                          key="multiplier")
     if energy is not None:
         if multiplier is not None:
-            raise SurgeryError("separable: give either multiplier= or energy=, not both")
+            raise OptionError("separable: give either multiplier= or energy=, not both", key="energy")
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-            raise SurgeryError(f"separable: energy must be a number in (0, 1], got {energy!r}")
+            raise OptionError(f"separable: energy must be a number in (0, 1], got {energy!r}", key="energy")
     if init not in ("svd", "random"):
-        raise SurgeryError(f"separable: init must be 'svd' or 'random', got {init!r}")
+        raise OptionError(f"separable: init must be 'svd' or 'random', got {init!r}", key="init")
     if kernel_sizes != "all" and (
         isinstance(kernel_sizes, (str, bytes))
         or not all(isinstance(k, int) and not isinstance(k, bool) and k > 1 for k in kernel_sizes)
     ):
-        raise SurgeryError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}")
+        raise OptionError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}",
+                          key="kernel_sizes")
 
 
 _LAYER_KEYS = {"form", "rank"}
 
 
-def _check_names(gm: fx.GraphModule, kernel_sizes: Any, exclude: Any, layers: Any, allocation: Any) -> None:
-    """The options that name things: an empty kernel list, a non-string pattern, a layer that is not there or an
-    entry key that is not read, an unknown allocation — each refused, naming the option."""
+def _check_option_values(kernel_sizes: Any, exclude: Any, allocation: Any) -> None:
     if kernel_sizes != "all" and not kernel_sizes:
-        raise SurgeryError("separable: kernel_sizes=[] matches no conv; give sizes such as [3] or 'all'")
+        raise OptionError("separable: kernel_sizes=[] matches no conv; give sizes such as [3] or 'all'",
+                          key="kernel_sizes")
     for i, pattern in enumerate(exclude or ()):
         if not isinstance(pattern, str):
-            raise SurgeryError(f"separable: exclude[{i}] must be a string (an fnmatch pattern of qualified names), "
-                               f"got {type(pattern).__name__}: {pattern!r}")
+            raise OptionError(f"separable: exclude[{i}] must be a string (an fnmatch pattern of qualified names), "
+                              f"got {type(pattern).__name__}: {pattern!r}", key="exclude")
     if not (isinstance(allocation, str) and allocation in ("auto", "weight", "data", "sensitivity")):
-        raise SurgeryError(f"separable: allocation must be 'auto', 'weight', 'data' or 'sensitivity', got "
-                           f"{allocation!r}")
+        raise OptionError(f"separable: allocation must be 'auto', 'weight', 'data' or 'sensitivity', got "
+                          f"{allocation!r}", key="allocation")
+
+
+def _check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
+    """``layers`` names convs of this model, each entry with keys the pass reads; refused otherwise."""
     convs = {n for n, m in gm.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)}
     for name, spec in (layers or {}).items():
         if not isinstance(name, str) or name not in convs:
@@ -295,33 +304,11 @@ def _build_all(planned: list[_Planned], init: str) -> list[tuple[nn.Module, dict
         return list(pool.map(lambda p: _build_one(p, init), planned))
 
 
-@register_pass(order=300, needs_shapes=True, default=True)
-def separable(
-    gm: fx.GraphModule,
-    *,
-    form: str | None = None,
-    multiplier: int | str | None = None,
-    energy: float | None = None,
-    init: str = "svd",
-    kernel_sizes: str | Iterable[int] = (3,),
-    include_stem: bool = False,
-    include_unprofitable: bool | None = None,
-    exclude: Iterable[str] | None = None,
-    layers: dict[str, dict[str, Any]] | None = None,
-    latency_aware: bool | dict[str, Any] = False,
-    device: str | None = None,
-    target_macs: float | None = None,
-    target_params: float | None = None,
-    target_latency: float | None = None,
-    allocation: str = "auto",
-    calibration: Any = None,
-    weighting: str | None = "default",
-    bias_correction: bool | None = None,
-) -> PassResult:
-    """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
+@dataclass(frozen=True)
+class SeparableOptions(PassOptions):
+    """Options of the :func:`separable` pass (frozen; build one with keywords or :meth:`from_dict`).
 
-    Args:
-        gm: the traced model, edited in place.
+    Attributes:
         form: the separable form (see :data:`fxsurgeon.forms.FORMS`); ``"dw-pw"`` is depthwise k×k with
             channel multiplier m followed by pointwise 1×1. Default: ``"dw-pw"`` (with a budget,
             :data:`fxsurgeon.allocation.BUDGET_DEFAULTS`, like ``weighting`` and ``bias_correction``);
@@ -373,6 +360,90 @@ def separable(
             into the pointwise bias (:func:`fxsurgeon.importance.correct_mean_shift`); where the input has no
             BatchNorm of its own, E[x] is inferred from the one after the conv. Default: True with a budget,
             else False.
+    """
+
+    pass_name: ClassVar[str] = "separable"
+
+    form: str | None = None
+    multiplier: int | str | None = None
+    energy: float | None = None
+    init: str = "svd"
+    kernel_sizes: str | Iterable[int] = (3,)
+    include_stem: bool = False
+    include_unprofitable: bool | None = None
+    exclude: Iterable[str] | None = None
+    layers: dict[str, dict[str, Any]] | None = None
+    latency_aware: bool | dict[str, Any] = False
+    device: str | torch.device | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    allocation: str = "auto"
+    calibration: Any = None
+    weighting: str | None = "default"
+    bias_correction: bool | None = None
+
+    def validate(self) -> None:
+        # options not given: a budget takes fxsurgeon.allocation.BUDGET_DEFAULTS (chosen on two trained models),
+        # a uniform multiplier keeps the MobileNet form without weighting or bias correction
+        budget = self.target_macs is not None or self.target_params is not None
+        base = BUDGET_DEFAULTS if budget else UNIFORM_DEFAULTS
+        defaulted = {k: base[k] for k, unset in (("form", self.form is None), ("weighting", self.weighting == "default"),
+                                                 ("bias_correction", self.bias_correction is None)) if unset}
+        set_ = partial(object.__setattr__, self)
+        set_("defaulted", defaulted)
+        for key, value in defaulted.items():
+            set_(key, value)
+        kernel_sizes, layers, exclude = self.kernel_sizes, self.layers, self.exclude
+        if kernel_sizes != "all":
+            if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
+                raise _error(f"separable: kernel_sizes must be 'all' or a sequence of ints > 1, got {kernel_sizes!r}",
+                             "kernel_sizes")
+            set_("kernel_sizes", tuple(kernel_sizes))
+        if layers is not None and not isinstance(layers, dict):
+            raise _error("separable: layers must be a dict {qualified name: {'form': ..., 'rank': ...}}, got "
+                         f"{type(layers).__name__}: {layers!r}", "layers")
+        if isinstance(exclude, str):  # one pattern, not its characters
+            exclude = [exclude]
+        if exclude is not None and not isinstance(exclude, Iterable):
+            raise _error(f"separable: exclude must be a list of fnmatch patterns, got {exclude!r}", "exclude")
+        set_("exclude", list(exclude) if exclude is not None else None)  # read twice: a generator would be spent
+        _check_options(self.multiplier, self.energy, self.init, self.kernel_sizes)
+        _check_option_values(self.kernel_sizes, self.exclude, self.allocation)
+        check_form(self.form)
+        if self.energy is not None and self.form != "dw-pw":
+            raise _error(f"separable: energy= picks dw-pw's multiplier per layer; it does not apply to "
+                         f"form={self.form!r}", "energy")
+        if not isinstance(self.bias_correction, bool):
+            raise _error(f"separable: bias_correction must be True or False, got {self.bias_correction!r}",
+                         "bias_correction")
+        if self.weighting not in (None, "bn"):
+            raise _error(f"separable: weighting must be None or 'bn', got {self.weighting!r}", "weighting")
+        if self.energy is not None and self.init == "random":
+            raise _error("separable: energy= needs init='svd' (it reads the trained weights)", "energy")
+        if self.device is not None and not self.latency_aware and self.target_latency is None:
+            raise _error(f"separable: device={self.device!r} is where latency_aware times layers; it needs "
+                         "latency_aware=True", "device")
+        uniform = self.multiplier is not None or self.energy is not None or self.init != "svd"
+        if self.target_latency is not None and uniform:
+            raise _error("separable: target_latency= chooses each layer's rank itself: it excludes "
+                         "multiplier=, energy= and init='random'", "target_latency")
+        if self.target_latency is None and budget and (uniform or self.latency_aware):
+            raise _error("separable: target_macs= / target_params= choose each layer's rank themselves: "
+                         "they exclude multiplier=, energy=, latency_aware= and init='random'", "target_macs")
+
+
+def _error(message: str, key: str) -> OptionError:
+    return OptionError(message, key=key, kind="value")
+
+
+@register_pass(order=300, needs_shapes=True, default=True, options=SeparableOptions, replay=replay_separable)
+def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **kwargs: Any) -> PassResult:
+    """Replace standard k×k convs by depthwise k×k + pointwise 1×1 (Network Decoupling SVD init).
+
+    Args:
+        gm: the traced model, edited in place.
+        options: a :class:`SeparableOptions`, or its fields as keyword arguments (not both).
 
     Forms: ``"dw-pw"`` (depthwise k×k, multiplier m → pointwise), ``"pw-dw-pw"`` (1×1 → depthwise k×k → 1×1
     from a rank-R CP decomposition, :mod:`fxsurgeon.cp`), or ``"auto"``: per layer the form with the least
@@ -387,49 +458,19 @@ def separable(
     >>> import torch.nn as nn
     >>> from fxsurgeon.tracing import trace
     >>> gm = trace(nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False)))
-    >>> res = separable(gm, multiplier=1)
+    >>> res = separable(gm, multiplier=1)  # or separable(gm, SeparableOptions(multiplier=1))
     >>> len(res.rewrites), sum(p.numel() for p in gm.parameters())
     (1, 2336)
     """
-    # options not given: a budget takes fxsurgeon.allocation.BUDGET_DEFAULTS (chosen on two trained models),
-    # a uniform multiplier keeps the MobileNet form without weighting or bias correction
-    from ..allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
-
-    base = BUDGET_DEFAULTS if target_macs is not None or target_params is not None else UNIFORM_DEFAULTS
-    defaulted = {k: base[k] for k, unset in (("form", form is None), ("weighting", weighting == "default"),
-                                             ("bias_correction", bias_correction is None)) if unset}
-    form = defaulted.get("form", form)
-    weighting = defaulted.get("weighting", weighting)
-    bias_correction = defaulted.get("bias_correction", bias_correction)
-    if kernel_sizes != "all":
-        if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Iterable):
-            raise SurgeryError(f"separable: kernel_sizes must be 'all' or a sequence of ints > 1, got {kernel_sizes!r}")
-        kernel_sizes = tuple(kernel_sizes)
-    if layers is not None and not isinstance(layers, dict):
-        raise SurgeryError("separable: layers must be a dict {qualified name: {'form': ..., 'rank': ...}}, got "
-                           f"{type(layers).__name__}: {layers!r}")
-    if isinstance(exclude, str):  # one pattern, not its characters
-        exclude = [exclude]
-    if exclude is not None and not isinstance(exclude, Iterable):
-        raise SurgeryError(f"separable: exclude must be a list of fnmatch patterns, got {exclude!r}")
-    exclude = list(exclude) if exclude is not None else None  # read twice: a generator would be spent
-    if not isinstance(include_stem, bool) or not isinstance(include_unprofitable, (bool, type(None))):
-        raise SurgeryError(f"separable: include_stem / include_unprofitable must be True or False, got "
-                           f"{include_stem!r} / {include_unprofitable!r}")
-    _check_options(multiplier, energy, init, kernel_sizes)
-    _check_names(gm, kernel_sizes, exclude, layers, allocation)
-    check_form(form)
-    if energy is not None and form != "dw-pw":
-        raise SurgeryError(f"separable: energy= picks dw-pw's multiplier per layer; it does not apply to form={form!r}")
-    if not isinstance(bias_correction, bool):
-        raise SurgeryError(f"separable: bias_correction must be True or False, got {bias_correction!r}")
-    if weighting not in (None, "bn"):
-        raise SurgeryError(f"separable: weighting must be None or 'bn', got {weighting!r}")
-    if energy is not None and init == "random":
-        raise SurgeryError("separable: energy= needs init='svd' (it reads the trained weights)")
+    o = SeparableOptions.coerce(options, kwargs)
+    form, multiplier, energy, init = o.form, o.multiplier, o.energy, o.init
+    kernel_sizes, include_stem, include_unprofitable = o.kernel_sizes, o.include_stem, o.include_unprofitable
+    exclude, layers, latency_aware, device = o.exclude, o.layers, o.latency_aware, o.device
+    target_macs, target_params, target_latency = o.target_macs, o.target_params, o.target_latency
+    allocation, calibration, weighting, bias_correction = o.allocation, o.calibration, o.weighting, o.bias_correction
+    defaulted = o.defaulted
+    _check_layer_names(gm, layers)
     layers = dict(layers or {})
-    if device is not None and not latency_aware and target_latency is None:
-        raise SurgeryError(f"separable: device={device!r} is where latency_aware times layers; it needs latency_aware=True")
     judge = LatencyJudge.from_options(latency_aware, device) if target_latency is None else None
     candidates, skipped = find_candidates(
         gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
@@ -445,9 +486,6 @@ def separable(
                 work[cand.name] = (scaled_conv(cand.conv, scales), scales)
     budget = kept = None
     if target_latency is not None:
-        if multiplier is not None or energy is not None or init != "svd":
-            raise SurgeryError("separable: target_latency= chooses each layer's rank itself: it excludes "
-                               "multiplier=, energy= and init='random'")
         from ..latency_budget import budget_latency
 
         data_free = calibration is None or allocation == "weight"
@@ -457,11 +495,7 @@ def separable(
                               judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
         layers = {**chosen, **layers}
-        gm.meta.setdefault("fxsurgeon_extras", {})["allocation"] = budget
     elif target_macs is not None or target_params is not None:
-        if multiplier is not None or energy is not None or init != "svd" or latency_aware:
-            raise SurgeryError("separable: target_macs= / target_params= choose each layer's rank themselves: "
-                               "they exclude multiplier=, energy=, latency_aware= and init='random'")
         from ..allocation import budget_layers
 
         data_free = calibration is None or allocation == "weight"
@@ -472,7 +506,6 @@ def separable(
         layers = {**chosen, **layers}
         budget = budget.summary()
         budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
-        gm.meta.setdefault("fxsurgeon_extras", {})["allocation"] = budget
     planned: list[_Planned] = []
     for cand in candidates:
         conv = cand.conv
@@ -553,4 +586,5 @@ def separable(
         if len(cand.aliases) > 1:
             details["aliases"] = cand.aliases
         rewrites.append(Rewrite(cand.name, describe(conv), describe(new), exact, details=details))
-    return PassResult(gm, rewrites, skipped, "separable")
+    figures = {"allocation": budget} if budget is not None else {}
+    return PassResult(gm, rewrites, skipped, "separable", figures)
