@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     # 2: tracing, the conversion record, model sources, recipe files, synthetic data, MAC counting
     "fxsurgeon.tracing": 2,
     "fxsurgeon.record": 2,
+    "fxsurgeon.verify": 2,
     "fxsurgeon.sources": 2,
     "fxsurgeon.recipe_files": 2,
     "fxsurgeon.synthetic": 2,

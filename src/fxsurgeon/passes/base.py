@@ -7,7 +7,11 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["PassResult", "Rewrite", "Skip"]
+__all__ = ["NOMINAL_SHAPES_KEY", "PassResult", "Rewrite", "Skip"]
+
+#: set in ``gm.meta`` by the pass manager while shapes come from a nominal probe input: channel counts are the
+#: model's, spatial sizes are not (a pass must not decide on them)
+NOMINAL_SHAPES_KEY = "fxsurgeon_nominal_shapes"
 
 
 @dataclass

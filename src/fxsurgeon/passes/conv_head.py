@@ -46,14 +46,12 @@ from ..graph import (
 )
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
-from .base import PassResult, Rewrite, Skip
+from .base import NOMINAL_SHAPES_KEY, PassResult, Rewrite, Skip
 from .options import PassOptions
 from .registry import register_pass
 
 __all__ = ["ConvHeadOptions", "Gap", "HeadMatch", "conv_head", "find_heads", "match_global_pool"]
 
-#: ``gm.meta`` key convert() sets while the shapes come from a nominal-size probe (channels and ranks only)
-NOMINAL_SHAPES_KEY = "fxsurgeon_nominal_shapes"
 
 #: how many operations the search walks back from a classifier looking for its global pool
 _MAX_HEAD_DEPTH = 48
