@@ -170,3 +170,31 @@ def test_functional_conv_calls_are_found():
     gm = fx.symbolic_trace(Conv())
     assert len(list(functional_calls(gm, "conv2d"))) == 2
     assert list(functional_calls(gm, "linear")) == []
+
+
+def test_op_tables_have_one_kind_of_entry_each_and_no_clashing_names():
+    from fxsurgeon.graph import ops
+
+    tables = {name: getattr(ops, name) for name in ops.__all__}
+    for name, table in tables.items():
+        if name.endswith("_MODULES"):
+            assert all(isinstance(t, type) and issubclass(t, torch.nn.Module) for t in table), name
+        elif name.endswith(("_METHODS", "_ATTRS")):
+            assert all(isinstance(t, str) for t in table), name
+        elif name.endswith(("_FUNCTIONS", "_OPERATORS")):
+            assert all(callable(t) for t in table), name
+    # one word, one meaning: activations are not arithmetic (conv_head and concat_fusion once both said
+    # "_ELEMENTWISE_METHODS", one for each)
+    assert not ops.ACTIVATION_METHODS & ops.ARITHMETIC_METHODS
+    assert not ops.ACTIVATION_FUNCTIONS & ops.ARITHMETIC_FUNCTIONS
+    assert ops.INPLACE_ARITHMETIC_OPERATORS <= ops.INPLACE_OPERATORS
+    assert ops.SIZE_METHODS <= ops.METADATA_METHODS and ops.SIZE_ATTRS <= ops.METADATA_ATTRS
+    assert F.relu_ in ops.INPLACE_ACTIVATION_FUNCTIONS and F.relu_ not in ops.ACTIVATION_FUNCTIONS
+    assert torch.cat in ops.CONCAT_FUNCTIONS and isinstance(ops.CONCAT_FUNCTIONS, frozenset)
+
+
+def test_concat_functions_stay_importable_from_the_pass():
+    from fxsurgeon.graph import ops
+    from fxsurgeon.passes import concat_fusion
+
+    assert concat_fusion.CONCAT_FUNCTIONS is ops.CONCAT_FUNCTIONS
