@@ -20,7 +20,6 @@ Every other concat is accounted for as a skip with its reason.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import math
@@ -42,7 +41,46 @@ from ..fusion_math import (
     stack_consumer_weights,
     unstack_consumer_weights,
 )
-from ..graph import called_modules, describe, module_aliases, replace_module
+from ..graph import describe, mutated_inputs, reads_values, replace_module
+from ..graph.index import ModuleIndex, SwapWording, swap_refusal
+from ..graph.ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    ADAPTIVE_AVG_POOL_FUNCTIONS,
+    ARITHMETIC_FUNCTIONS,
+    ARITHMETIC_METHODS,
+    AVG_POOL_FUNCTIONS,
+    AVG_POOL_MODULES,
+    BATCH_NORM_FUNCTIONS,
+    CONCAT_FUNCTIONS,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    DROPOUT_VARIANT_FUNCTIONS,
+    FUNCTIONAL_LAYERS,
+    IDENTITY_METHODS,
+    IDENTITY_MODULES,
+    INPLACE_ACTIVATION_FUNCTIONS,
+    INPLACE_ARITHMETIC_METHODS,
+    INPLACE_ARITHMETIC_OPERATORS,
+    LP_POOL_FUNCTIONS,
+    LP_POOL_MODULES,
+    MAX_POOL_FUNCTIONS,
+    MAX_POOL_MODULES,
+    PAD_FUNCTIONS,
+    PAD_MODULES,
+    PARAMETRIC_ACTIVATION_MODULES,
+    REDUCTION_FUNCTIONS,
+    REDUCTION_METHODS,
+    RESHAPE_FUNCTIONS,
+    RESHAPE_METHODS,
+    SPLIT_FUNCTIONS,
+    SPLIT_METHODS,
+    UNARY_MATH_FUNCTIONS,
+    UNARY_MATH_METHODS,
+    UPSAMPLE_FUNCTIONS,
+    UPSAMPLE_MODULES,
+)
 from ..modes import eval_modes
 from ..modules import depthwise_conv_class
 from ..runtime import device_or_cpu
@@ -50,12 +88,9 @@ from .base import PassResult, Rewrite, Skip
 from .options import OptionError, PassOptions
 from .registry import register_pass
 
-__all__ = ["CONCAT_FUNCTIONS", "Concat", "ConcatFusionOptions", "FusionSite", "concat_fusion", "find_concats", "second_moments"]
-
-#: call_function targets that concatenate a sequence of tensors: ``(tensors, dim=0)``
-CONCAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat, torch.concatenate}
-with contextlib.suppress(AttributeError, RuntimeError):  # builds without aten ops
-    CONCAT_FUNCTIONS |= {torch.ops.aten.cat, torch.ops.aten.cat.default}
+# CONCAT_FUNCTIONS lives in fxsurgeon.graph.ops with the other op tables; it stays importable from here
+__all__ = ["CONCAT_FUNCTIONS", "Concat", "ConcatFusionOptions", "FusionSite", "concat_fusion", "find_concats",
+           "second_moments"]
 
 
 # ----------------------------------------------------------------------------------------------- matching
@@ -177,42 +212,24 @@ def find_concats(gm: fx.GraphModule, *, exclude: Iterable[str] = ()) -> tuple[li
 
 # ------------------------------------------------------------------------ walking to the channel mixers
 
-_ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
-    nn.Threshold, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+# The walk's classes of operations, built from the one op taxonomy (fxsurgeon.graph.ops).
+# ops that act on each channel alone and keep the channel count
+_PER_CHANNEL_MODULES = (*ACTIVATION_MODULES, *IDENTITY_MODULES, *DROPOUT_MODULES, *AVG_POOL_MODULES,
+                        *MAX_POOL_MODULES, *LP_POOL_MODULES, *UPSAMPLE_MODULES, *PAD_MODULES)
+_PER_CHANNEL_FUNCTIONS = (
+    ACTIVATION_FUNCTIONS | INPLACE_ACTIVATION_FUNCTIONS | UNARY_MATH_FUNCTIONS | DROPOUT_FUNCTIONS
+    | DROPOUT_VARIANT_FUNCTIONS | BATCH_NORM_FUNCTIONS | AVG_POOL_FUNCTIONS | ADAPTIVE_AVG_POOL_FUNCTIONS
+    | MAX_POOL_FUNCTIONS | LP_POOL_FUNCTIONS | UPSAMPLE_FUNCTIONS | PAD_FUNCTIONS
 )
-# spatial ops that treat each channel on its own (their output keeps the channel count)
-_SPATIAL_MODULES = (
-    nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Upsample,
-    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
-    nn.ReplicationPad2d, nn.CircularPad2d,
-)
-
-_PER_CHANNEL_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.logsigmoid,
-    torch.clamp, torch.clip, F.dropout, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout, F.batch_norm,
-    F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.interpolate,
-    F.pad, torch.abs, torch.exp, torch.dropout, torch.max_pool2d, torch._C._nn.adaptive_avg_pool2d,
-}
-_INPLACE_FUNCTIONS = {torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.sigmoid_, torch.tanh_}
-_PER_CHANNEL_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_min_",
-    "clamp_max", "clamp_max_", "clip", "clip_", "abs", "exp", "contiguous", "hardtanh", "hardtanh_",
-}
+_PER_CHANNEL_METHODS = ACTIVATION_METHODS | UNARY_MATH_METHODS | IDENTITY_METHODS
 # reshapes that keep (N, C): allowed when the spatial size is 1×1 (or the op averages/sums it away)
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.squeeze, torch.reshape, torch.mean, torch.sum, torch.amax}
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "mean", "sum", "amax"}
-_REDUCING = {"mean", "sum", "amax"}
-_ELEMENTWISE = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
-}
-_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-_SHAPE_QUERIES = {"size", "dim", "numel", "get_device"}
-_SPLITS = {torch.split, torch.chunk, torch.narrow, torch.unbind, torch.select, torch.tensor_split, operator.getitem}
-_SPLIT_METHODS = {"split", "chunk", "narrow", "unbind", "select", "tensor_split", "__getitem__"}
+_RESHAPE_FUNCTIONS = RESHAPE_FUNCTIONS | REDUCTION_FUNCTIONS
+_RESHAPE_METHODS = RESHAPE_METHODS | REDUCTION_METHODS
+# arithmetic between tensors: foldable only when every operand comes from the concat
+_ARITHMETIC_FUNCTIONS = ARITHMETIC_FUNCTIONS | INPLACE_ARITHMETIC_OPERATORS
+_ARITHMETIC_METHODS = ARITHMETIC_METHODS | INPLACE_ARITHMETIC_METHODS
+# functional layers: only modules can be narrowed
+_FUNCTIONAL_MIXERS = FUNCTIONAL_LAYERS["conv2d"] | FUNCTIONAL_LAYERS["linear"]
 
 
 def _name_of(node: fx.Node) -> str:
@@ -228,9 +245,9 @@ def _is_tensor_node(a: Any) -> bool:
 
 
 def _per_channel_module(mod: nn.Module, channels: int) -> bool:
-    if isinstance(mod, (*_ACTIVATION_MODULES, *_SPATIAL_MODULES)):
+    if isinstance(mod, _PER_CHANNEL_MODULES):
         return True
-    if isinstance(mod, nn.PReLU):
+    if isinstance(mod, PARAMETRIC_ACTIVATION_MODULES):
         return mod.num_parameters in (1, channels)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         # timm's BatchNormAct2d & co. are BN subclasses adding an activation / dropout as children
@@ -240,15 +257,6 @@ def _per_channel_module(mod: nn.Module, channels: int) -> bool:
     if isinstance(mod, nn.Sequential):
         return all(_per_channel_module(c, channels) for c in mod)
     return False
-
-
-def _mutates_input(node: fx.Node, mod: nn.Module | None) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(mod, "inplace", False))
-    if node.op == "call_method":
-        return str(node.target).endswith("_") and not str(node.target).startswith("__")
-    return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace")) or node.target in (
-        operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def _reduced_dims(node: fx.Node, rank: int) -> set[int] | None:
@@ -295,13 +303,12 @@ def _positions(node: fx.Node) -> int:
     return math.prod(shape[2:]) if len(shape) > 2 else 1
 
 
-_COMMUTING_MODULES = (
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-    nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d, nn.Identity, nn.Flatten,
-)
-_COMMUTING_FUNCTIONS = {F.avg_pool2d, F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d, F.interpolate,
-                        torch.flatten, torch.squeeze, torch.mean, torch.sum}
-_COMMUTING_METHODS = {"contiguous", "flatten", "squeeze", "mean", "sum"}
+# linear ops identical on every channel: a 1×1 conv without bias commutes with them (view/reshape are left out:
+# they may spell the channel count out, which a replay on r channels breaks; amax is not linear)
+_COMMUTING_MODULES = (*AVG_POOL_MODULES, *UPSAMPLE_MODULES, *PAD_MODULES, *IDENTITY_MODULES, nn.Flatten)
+_COMMUTING_FUNCTIONS = (AVG_POOL_FUNCTIONS | ADAPTIVE_AVG_POOL_FUNCTIONS | UPSAMPLE_FUNCTIONS
+                        | RESHAPE_FUNCTIONS - {torch.reshape} | REDUCTION_FUNCTIONS - {torch.amax})
+_COMMUTING_METHODS = IDENTITY_METHODS | RESHAPE_METHODS - {"view", "reshape"} | REDUCTION_METHODS - {"amax"}
 
 
 def _commutes(node: fx.Node, mod: nn.Module | None) -> bool:
@@ -310,7 +317,7 @@ def _commutes(node: fx.Node, mod: nn.Module | None) -> bool:
     (view/reshape are left out: they may spell the channel count out, which a replay on r channels breaks.)
     """
     if node.op == "call_module":
-        if isinstance(mod, nn.ConstantPad2d):
+        if isinstance(mod, nn.ConstantPad2d):  # ZeroPad2d too
             return mod.value == 0
         return isinstance(mod, _COMMUTING_MODULES)
     if node.op == "call_function":
@@ -332,63 +339,48 @@ class _Walk:
     anchor: dict[fx.Node, fx.Node]
 
 
-class _Graph:
-    """Facts about ``gm`` the walk needs, computed once per pass."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-        self.called = called_modules(gm)
-        self.aliases = module_aliases(gm)
-        self.direct_reads = {str(n.target).rsplit(".", 1)[0] for n in gm.graph.nodes if n.op == "get_attr"}
-        owners: dict[int, set[str]] = {}
-        for name, mod in gm.named_modules(remove_duplicate=False):
-            for p in mod.parameters(recurse=False):
-                owners.setdefault(id(p), set()).add(name)
-        self.param_owners = owners
-
-    def names(self, mod: nn.Module, fallback: str) -> list[str]:
-        return self.aliases.get(id(mod), [fallback])
-
-    def consumer_problem(self, node: fx.Node, mod: nn.Module, feed: fx.Node, channels: int) -> str | None:
-        """Why this conv/linear consumer cannot be narrowed, or None when it can."""
-        names = self.names(mod, str(node.target))
-        what = f"{describe(mod)} '{node.target}'"
-        if node.args[:1] != (feed,) or len(node.args) != 1 or node.kwargs:
-            return f"{what} is called with other arguments than the fused tensor"
-        if isinstance(mod, nn.Conv2d):
-            if mod.groups != 1:
-                kind = "depthwise" if mod.groups == mod.in_channels else "grouped"
-                return f"{what} is {kind} (groups={mod.groups}): it does not mix channels, so it cannot be narrowed"
-            if depthwise_conv_class(mod) is None:
-                return f"{what}: {type(mod).__qualname__} overrides forward (not a plain conv)"
-            if mod.in_channels != channels:
-                return f"{what} expects {mod.in_channels} input channels, the fused tensor has {channels}"
-            if len(_meta_shape(feed) or ()) != 4:
-                return f"{what} reads an unbatched or non-4-D tensor"
-        else:
-            if type(mod).forward is not nn.Linear.forward:
-                return f"{what}: {type(mod).__qualname__} overrides forward (not a plain linear)"
-            if len(_meta_shape(feed) or ()) != 2:
-                return f"{what} acts on the last axis of a {len(_meta_shape(feed) or ())}-D tensor, not on channels"
-            if mod.in_features != channels:
-                return f"{what} expects {mod.in_features} features, the fused tensor has {channels}"
-        if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
-            return f"{what} is a lazy module with uninitialised parameters"
-        sites = sum(len(self.called.get(n, [])) for n in names)
-        if sites != 1:
-            return f"{what} is called at {sites} places in the graph: narrowing it would break the others"
-        if any(n in self.direct_reads for n in names):
-            return f"{what} has parameters read directly by the graph"
-        tied = {o for p in mod.parameters(recurse=False) for o in self.param_owners.get(id(p), ()) if o not in names}
-        if tied:
-            return f"{what} shares its weights with {', '.join(sorted(tied))}"
-        if mod.weight.is_meta:
-            return f"{what} has weights on the meta device: load real weights first"
-        return None
+# how a consumer's refusal to be narrowed reads (after "<consumer description> ")
+_CONSUMER_WORDING = SwapWording(
+    call_sites="is called at {sites} places in the graph: narrowing it would break the others",
+    read="has parameters read directly by the graph",
+    tied="shares its weights with {owners}",
+)
 
 
-def _walk(g: _Graph, concat: Concat) -> tuple[_Walk | None, str | None]:
+def _consumer_problem(index: ModuleIndex, node: fx.Node, mod: nn.Module, feed: fx.Node, channels: int) -> str | None:
+    """Why this conv/linear consumer cannot be narrowed, or None when it can."""
+    what = f"{describe(mod)} '{node.target}'"
+    if node.args[:1] != (feed,) or len(node.args) != 1 or node.kwargs:
+        return f"{what} is called with other arguments than the fused tensor"
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            kind = "depthwise" if mod.groups == mod.in_channels else "grouped"
+            return f"{what} is {kind} (groups={mod.groups}): it does not mix channels, so it cannot be narrowed"
+        if depthwise_conv_class(mod) is None:
+            return f"{what}: {type(mod).__qualname__} overrides forward (not a plain conv)"
+        if mod.in_channels != channels:
+            return f"{what} expects {mod.in_channels} input channels, the fused tensor has {channels}"
+        if len(_meta_shape(feed) or ()) != 4:
+            return f"{what} reads an unbatched or non-4-D tensor"
+    else:
+        if type(mod).forward is not nn.Linear.forward:
+            return f"{what}: {type(mod).__qualname__} overrides forward (not a plain linear)"
+        if len(_meta_shape(feed) or ()) != 2:
+            return f"{what} acts on the last axis of a {len(_meta_shape(feed) or ())}-D tensor, not on channels"
+        if mod.in_features != channels:
+            return f"{what} expects {mod.in_features} features, the fused tensor has {channels}"
+    if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+        return f"{what} is a lazy module with uninitialised parameters"
+    # narrowed at every name, so several names are fine; several calls are not
+    shared = swap_refusal(index, str(node.target), mod, node=node, single_call=True, wording=_CONSUMER_WORDING)
+    if shared:
+        return f"{what} {shared}"
+    if mod.weight.is_meta:
+        return f"{what} has weights on the meta device: load real weights first"
+    return None
+
+
+def _walk(index: ModuleIndex, concat: Concat) -> tuple[_Walk | None, str | None]:
     """Consumers of ``concat`` reached through per-channel ops, or the reason it cannot be reduced.
 
     Scans the nodes after the concat in graph (topological) order; ``region`` holds the concat and the
@@ -410,35 +402,32 @@ def _walk(g: _Graph, concat: Concat) -> tuple[_Walk | None, str | None]:
         where = f"(via node '{src.name}')" if src is not concat.node else ""
         if node.op == "output":
             return None, f"its result reaches the model's output {where}: a consumer outside the graph".strip()
-        mod = g.modules.get(str(node.target)) if node.op == "call_module" else None
+        mod = index.modules.get(str(node.target)) if node.op == "call_module" else None
         target = node.target
-        # shape queries read no channel values
-        if (node.op == "call_method" and target in _SHAPE_QUERIES) or (
-            node.op == "call_function" and target is getattr and len(node.args) > 1
-            and node.args[1] in ("shape", "dtype", "device", "ndim")
-        ):
+        if not reads_values(node):  # shape queries read no channel values
             node = node.next
             continue
         if node.op == "call_function" and target in CONCAT_FUNCTIONS:
             return None, f"feeds another concat at node '{node.name}' {where}".rstrip()
-        if (node.op == "call_function" and target in _SPLITS) or (node.op == "call_method" and target in _SPLIT_METHODS):
+        if (node.op == "call_function" and target in SPLIT_FUNCTIONS) or (
+                node.op == "call_method" and target in SPLIT_METHODS):
             return None, f"split/sliced by {_name_of(node)} {where}".rstrip()
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            problem = g.consumer_problem(node, mod, src, c)
+            problem = _consumer_problem(index, node, mod, src, c)
             if problem:
                 return None, f"consumer {problem}"
-            walk.consumers.append(Consumer(node, g.names(mod, str(target)), mod, src))
+            walk.consumers.append(Consumer(node, index.names(mod, str(target)), mod, src))
             node = node.next
             continue
         if mod is not None and isinstance(mod, nn.modules.conv._ConvNd):
             return None, f"consumer {describe(mod)} '{target}' is not a Conv2d (1-D/3-D/transposed conv)"
-        if node.op == "call_function" and target in (F.conv2d, F.linear, torch.conv2d):
+        if node.op == "call_function" and target in _FUNCTIONAL_MIXERS:
             return None, f"consumed by a functional {getattr(target, '__name__', target)} at node '{node.name}': " \
                          "only Conv2d/Linear modules can be narrowed"
         why = _per_channel_problem(node, mod, ins, region, c, batch)
         if why:
             return None, why
-        if _mutates_input(node, mod) and len(src.users) > 1:
+        if mutated_inputs(index.gm, node) and len(src.users) > 1:
             return None, f"in-place {_name_of(node)} mutates a tensor that other nodes also read"
         region.add(node)
         walk.parent[node] = src
@@ -482,8 +471,8 @@ def _per_channel_problem(
     in_shape = _meta_shape(src) or ()
     out_shape = _meta_shape(node)
     label = _name_of(node)
-    elementwise = (node.op == "call_function" and target in _ELEMENTWISE) or (
-        node.op == "call_method" and target in _ELEMENTWISE_METHODS)
+    elementwise = (node.op == "call_function" and target in _ARITHMETIC_FUNCTIONS) or (
+        node.op == "call_method" and target in _ARITHMETIC_METHODS)
     if elementwise:
         others = [a for a in node.all_input_nodes if a not in region and _is_tensor_node(a)]
         if others:
@@ -494,7 +483,7 @@ def _per_channel_problem(
             kind = type(mod).__qualname__ if mod is not None else "?"
             return (f"consumer {label} ({kind}) is neither a per-channel op nor a Conv2d/Linear that can be "
                     "narrowed (a leaf module, a normalisation across channels, ...)")
-    elif node.op == "call_function" and target in _PER_CHANNEL_FUNCTIONS | _INPLACE_FUNCTIONS:
+    elif node.op == "call_function" and target in _PER_CHANNEL_FUNCTIONS:
         if node.args[:1] != (src,) or len(ins) > 1:
             return f"{label} reads the fused tensor as a parameter, not as its input"
         if target is F.pad:
@@ -507,7 +496,7 @@ def _per_channel_problem(
         if node.args[:1] != (src,):
             return f"{label} reads the fused tensor as a parameter, not as its input"
         name = getattr(target, "__name__", target)
-        if name in _REDUCING:
+        if name in REDUCTION_METHODS:
             dims = _reduced_dims(node, len(in_shape))
             if dims is None or not dims <= {2, 3} or len(in_shape) != 4:
                 return f"{label} reduces over the channel or batch axis"
@@ -834,7 +823,7 @@ def _reduce(
     gm: fx.GraphModule, concats: list[Concat], skipped: list[Skip], out_channels: int | None,
     ratio: float | None, calibration: Any, force: bool,
 ) -> PassResult:
-    g = _Graph(gm)
+    index = ModuleIndex(gm)
     plans: list[_Plan] = []
     for concat in concats:
         c = concat.channels
@@ -844,7 +833,7 @@ def _reduce(
             skipped.append(Skip(concat.target, f"nothing to reduce: out_channels={r} ≥ the concat's {c} channels",
                                 details=base))
             continue
-        walk, why = _walk(g, concat)
+        walk, why = _walk(index, concat)
         sites = _placements(walk) if walk is not None else []
         if why is None and not sites:
             why = "no channel-mixing consumer reads it"

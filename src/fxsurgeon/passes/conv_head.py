@@ -34,15 +34,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from ..graph import (
-    alias_classes,
-    called_modules,
-    describe,
-    module_aliases,
-    mutated_inputs,
-    propagate_shapes,
-    reads_values,
-    replace_module,
+from ..graph import alias_classes, describe, mutated_inputs, propagate_shapes, reads_values, replace_module
+from ..graph.index import ModuleIndex, SwapWording, swap_refusal
+from ..graph.ops import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    ADAPTIVE_AVG_POOL_FUNCTIONS,
+    AVG_POOL_FUNCTIONS,
+    DROPOUT_FUNCTIONS,
+    IDENTITY_METHODS,
+    INPLACE_ACTIVATION_FUNCTIONS,
+    MAX_POOL_FUNCTIONS,
+    MAX_POOL_WITH_INDICES_FUNCTIONS,
+    MAX_REDUCTION_FUNCTIONS,
+    MAX_REDUCTION_METHODS,
+    PARAMETRIC_ACTIVATION_MODULES,
+    RESHAPE_FUNCTIONS,
+    RESHAPE_METHODS,
+    SIZE_ARITHMETIC_OPERATORS,
+    SIZE_ATTRS,
+    SIZE_METHODS,
 )
 from ..heads import adopt_head_api, conv1x1_from_linear_params, linear_refusal, linear_to_conv1x1
 from ..modes import eval_modes
@@ -56,25 +68,10 @@ __all__ = ["ConvHeadOptions", "Gap", "HeadMatch", "conv_head", "find_heads", "ma
 #: how many operations the search walks back from a classifier looking for its global pool
 _MAX_HEAD_DEPTH = 48
 
-_ADAPTIVE_AVG = {F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d}
-_AVG_POOL = {F.avg_pool2d, torch._C._nn.avg_pool2d}
-_MAX_POOL_FUNCS = {F.adaptive_max_pool2d, F.max_pool2d, F.adaptive_max_pool2d_with_indices,
-                   F.max_pool2d_with_indices, torch.amax, torch.max, torch.max_pool2d}
-_MAX_METHODS = {"amax", "max"}
-_DROPOUT_FUNCS = {F.dropout, torch.dropout}
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.PReLU,
-)
-_ELEMENTWISE_FUNCS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.softplus, F.hardtanh, F.hardtanh_, F.softsign,
-    torch.relu, torch.relu_, torch.sigmoid, torch.sigmoid_, torch.tanh, torch.tanh_,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-_SHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze}
-_SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
-_IDENTITY_METHODS = {"contiguous", "clone"}
+# the pool forms and the operations between pool and classifier, from the one op taxonomy (fxsurgeon.graph.ops)
+_MAX_POOL_FUNCS = MAX_POOL_FUNCTIONS | MAX_POOL_WITH_INDICES_FUNCTIONS | MAX_REDUCTION_FUNCTIONS
+_ELEMENTWISE_MODULES = (*ACTIVATION_MODULES, *PARAMETRIC_ACTIVATION_MODULES)  # matched by exact type
+_ELEMENTWISE_FUNCS = ACTIVATION_FUNCTIONS | INPLACE_ACTIVATION_FUNCTIONS
 
 # kinds of operation on the way from a pool to its classifier
 IDENTITY, DROPOUT, SHAPE, ELEMENTWISE, LINEAR, POINTWISE, OTHER = (
@@ -92,12 +89,12 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 def _is_static(node: fx.Node) -> bool:
     """True for nodes computing Python ints from shapes (``x.size(0)``, ``x.shape[2:]``), not tensors."""
-    if node.op == "call_method" and node.target in ("size", "dim"):
+    if node.op == "call_method" and node.target in SIZE_METHODS:
         return True
     if node.op == "call_function":
-        if node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in SIZE_ATTRS:
             return True
-        if node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub):
+        if node.target in SIZE_ARITHMETIC_OPERATORS:
             ins = node.all_input_nodes
             return bool(ins) and all(_is_static(i) for i in ins)
     return False
@@ -356,7 +353,7 @@ def match_global_pool(gm: fx.GraphModule, node: fx.Node) -> Gap | str | None:
                        not flat, True)
         return None
     if node.op == "call_function":
-        if node.target in _ADAPTIVE_AVG:
+        if node.target in ADAPTIVE_AVG_POOL_FUNCTIONS:
             size = _pair(_arg(node, 1, "output_size"))
             if size != (1, 1):
                 return f"{desc} with output size {_arg(node, 1, 'output_size')} is not a global pool"
@@ -364,7 +361,7 @@ def match_global_pool(gm: fx.GraphModule, node: fx.Node) -> Gap | str | None:
             if shape is not None and len(shape) != 4:
                 return f"{desc} pools a {len(shape)}-D tensor {list(shape)}, not an (N, C, H, W) map"
             return Gap(node, src, f"adaptive_avg_pool2d(x, 1) (node '{node.name}')", True, True)
-        if node.target in _AVG_POOL:
+        if node.target in AVG_POOL_FUNCTIONS:
             kernel = _arg(node, 1, "kernel_size")
             return _avg_window_gap(node, src, f"avg_pool2d (node '{node.name}')", kernel, _arg(node, 2, "stride"),
                                    _arg(node, 3, "padding", 0), _arg(node, 6, "divisor_override"),
@@ -379,7 +376,7 @@ def match_global_pool(gm: fx.GraphModule, node: fx.Node) -> Gap | str | None:
     if node.op == "call_method":
         if node.target == "mean":
             return _mean_gap(node, f".mean() (node '{node.name}')")
-        if node.target in _MAX_METHODS and _arg(node, 1, "dim") is not None:
+        if node.target in MAX_REDUCTION_METHODS and _arg(node, 1, "dim") is not None:
             shape = _shape(src)
             if shape is None or len(shape) == 4:
                 return _max_reason(desc)
@@ -464,57 +461,27 @@ def _linear_desc(mod: nn.Module) -> str:
     return f"Linear({c}→{k})"
 
 
-@dataclass
-class _Context:
-    gm: fx.GraphModule
-    called: dict[str, list[fx.Node]]
-    aliases: dict[int, list[str]]
-    param_owners: dict[int, list[str]]
-    reads: dict[str, list[fx.Node]]  # get_attr target → nodes
+# the head is swapped at the classifier's one name, and a conv takes other inputs than the Linear did
+_HEAD_WORDING = SwapWording(
+    aliases="registered under several names ({names}): swapping it would untie them",
+    call_sites="called at {sites} places in the graph: a conv would not fit the other calls",
+    read="its parameters are also read directly by graph node(s) {nodes}",
+    read_elsewhere="'{target}' is read elsewhere in the graph (weights tied or reused)",
+    also_called="'{name}' is also called as a module in the graph",
+    tied="weights tied with {owners}: swapping it would untie them",
+)
 
 
-def _context(gm: fx.GraphModule) -> _Context:
-    param_owners: dict[int, list[str]] = {}
-    for name, mod in gm.named_modules():
-        for p in mod.parameters(recurse=False):
-            param_owners.setdefault(id(p), []).append(name)
-    reads: dict[str, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            reads.setdefault(str(n.target), []).append(n)
-    return _Context(gm, called_modules(gm), module_aliases(gm), param_owners, reads)
-
-
-def _linear_refusal(ctx: _Context, node: fx.Node, name: str) -> str | None:
+def _linear_refusal(ctx: ModuleIndex, node: fx.Node, name: str) -> str | None:
     """Why the Linear computed by ``node`` (module ``name``) cannot be swapped for a conv, or None."""
-    mod = ctx.gm.get_submodule(name)
+    mod = ctx.gm.get_submodule(name)  # not the index's: a module swapped since has no refusal of its own
     why = linear_refusal(mod) if isinstance(mod, nn.Linear) else None
     if why:
         return why
-    names = ctx.aliases.get(id(mod), [name])
-    if len(names) > 1:
-        return f"registered under several names ({', '.join(names)}): swapping it would untie them"
-    if node.op == "call_module":
-        sites = len(ctx.called.get(name, []))
-        if sites > 1:
-            return f"called at {sites} places in the graph: a conv would not fit the other calls"
-        read = [r.name for k in (f"{name}.weight", f"{name}.bias") for r in ctx.reads.get(k, [])]
-        if read:
-            return f"its parameters are also read directly by graph node(s) {', '.join(read)}"
-    else:
-        for k in (f"{name}.weight", f"{name}.bias"):
-            for r in ctx.reads.get(k, []):
-                if any(u is not node for u in r.users):
-                    return f"'{k}' is read elsewhere in the graph (weights tied or reused)"
-        if name in ctx.called:
-            return f"'{name}' is also called as a module in the graph"
-    tied = {o for p in mod.parameters(recurse=False) for o in ctx.param_owners.get(id(p), []) if o != name}
-    if tied:
-        return f"weights tied with {', '.join(sorted(tied))}: swapping it would untie them"
-    return None
+    return swap_refusal(ctx, name, mod, node=node, single_name=True, single_call=True, wording=_HEAD_WORDING)
 
 
-def _kind(ctx: _Context, node: fx.Node) -> str:
+def _kind(ctx: ModuleIndex, node: fx.Node) -> str:
     """What an operation between a pool and a classifier does to the (N, C[, 1, 1]) tensor."""
     if node.op == "call_module":
         mod = _module(ctx.gm, node)
@@ -534,11 +501,11 @@ def _kind(ctx: _Context, node: fx.Node) -> str:
             return POINTWISE
         return OTHER
     if node.op == "call_function":
-        if node.target in _DROPOUT_FUNCS:
+        if node.target in DROPOUT_FUNCTIONS:
             return DROPOUT
         if node.target in _ELEMENTWISE_FUNCS:
             return ELEMENTWISE
-        if node.target in _SHAPE_FUNCS:
+        if node.target in RESHAPE_FUNCTIONS:
             return SHAPE
         if node.target is operator.getitem and node.args[1] == (slice(None), slice(None), 0, 0):
             return SHAPE
@@ -547,16 +514,16 @@ def _kind(ctx: _Context, node: fx.Node) -> str:
             return LINEAR if name and not _linear_refusal(ctx, node, name) and len(node.users) == 1 else OTHER
         return OTHER
     if node.op == "call_method":
-        if node.target in _SHAPE_METHODS:
+        if node.target in RESHAPE_METHODS:
             return SHAPE
-        if node.target in _ELEMENTWISE_METHODS:
+        if node.target in ACTIVATION_METHODS:
             return ELEMENTWISE
-        if node.target in _IDENTITY_METHODS:
+        if node.target in IDENTITY_METHODS:
             return IDENTITY
     return OTHER
 
 
-def _unambiguous_flatten(ctx: _Context, node: fx.Node) -> bool:
+def _unambiguous_flatten(ctx: ModuleIndex, node: fx.Node) -> bool:
     """Without shapes: an op that maps (N, C, 1, 1) to (N, C) whatever N and C are."""
     if node.op == "call_module":
         mod = _module(ctx.gm, node)
@@ -627,7 +594,7 @@ def _output_frontier(gm: fx.GraphModule) -> list[fx.Node]:
     return sorted(frontier, key=order.__getitem__)
 
 
-def _walk_to_pool(ctx: _Context, linear: fx.Node) -> tuple[Gap | None, list[fx.Node], str | None]:
+def _walk_to_pool(ctx: ModuleIndex, linear: fx.Node) -> tuple[Gap | None, list[fx.Node], str | None]:
     """From the classifier back to its global average pool: (pool, nodes between in graph order, None) or a reason."""
     gm = ctx.gm
     chain: list[fx.Node] = []
@@ -696,15 +663,15 @@ def _expand_classifier_head(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def find_heads(gm: fx.GraphModule, ctx: _Context | None = None) -> tuple[list[HeadMatch], list[Skip]]:
+def find_heads(gm: fx.GraphModule, ctx: ModuleIndex | None = None) -> tuple[list[HeadMatch], list[Skip]]:
     """The classifier heads of ``gm`` this pass can convert, and the others with the reason.
 
     A classifier is a Linear whose output reaches the graph output with no other layer with weights after it
     (dropout, flatten, softmax, averaging may follow). Several of them (distillation, auxiliary heads) are
     left alone; a single one is matched back to its global average pool. ``ctx``: the graph's module
-    bookkeeping (:func:`_context`) when the caller has it for this graph already.
+    bookkeeping (:class:`~fxsurgeon.graph.index.ModuleIndex`) when the caller has it for this graph already.
     """
-    ctx = ctx or _context(gm)
+    ctx = ctx or ModuleIndex(gm)
     frontier = _output_frontier(gm)
     linears: list[tuple[fx.Node, str]] = []
     skipped: list[Skip] = []
@@ -749,7 +716,7 @@ def find_heads(gm: fx.GraphModule, ctx: _Context | None = None) -> tuple[list[He
 # --------------------------------------------------------------------------------------------- rewriting
 
 
-def _segment(ctx: _Context, linear: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+def _segment(ctx: ModuleIndex, linear: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """The nodes right before ``linear`` that commute with flattening (N, C, 1, 1) → (N, C), and where they start."""
     seg: list[fx.Node] = []
     cur = _data_inputs(linear)[0]
@@ -765,7 +732,7 @@ def _pooled_like(shape: tuple[int, ...]) -> bool:
     return 2 <= len(shape) <= 4 and all(d == 1 for d in shape[2:])
 
 
-def _check_ranks(ctx: _Context, source: fx.Node, source_rank: int | None, nodes: list[fx.Node],
+def _check_ranks(ctx: ModuleIndex, source: fx.Node, source_rank: int | None, nodes: list[fx.Node],
                  linear: fx.Node) -> tuple[str | None, bool]:
     """Check that ``nodes`` take the pooled (N, C[, 1, 1]) tensor ``source`` to the classifier's (N, C) input.
 
@@ -806,7 +773,7 @@ def _check_ranks(ctx: _Context, source: fx.Node, source_rank: int | None, nodes:
     return None, squeeze_batch
 
 
-def _rank(ctx: _Context, node: fx.Node, gap: Gap | None) -> int | None:
+def _rank(ctx: ModuleIndex, node: fx.Node, gap: Gap | None) -> int | None:
     """2, 3 or 4 for a pooled (N, C[, 1[, 1]]) tensor, -1 for anything else, None when unknown.
 
     From ShapeProp shapes when there are any, else followed structurally from the pool (:func:`_layout`).
@@ -830,7 +797,7 @@ def _permutation(node: fx.Node, rank: int) -> tuple[int, ...] | None:
     return dims if sorted(dims) == list(range(rank)) else None
 
 
-def _layout(ctx: _Context, node: fx.Node, gap: Gap | None, depth: int = 0) -> tuple[str, ...] | None:
+def _layout(ctx: ModuleIndex, node: fx.Node, gap: Gap | None, depth: int = 0) -> tuple[str, ...] | None:
     """Without shapes: where batch ("N"), channels ("C") and singleton ("1") dims of a pooled tensor sit.
 
     Followed from a structural pool through operations that act per position and keep the rank — identity,
@@ -868,7 +835,7 @@ def _layout(ctx: _Context, node: fx.Node, gap: Gap | None, depth: int = 0) -> tu
     return None
 
 
-def _swap_linear(ctx: _Context, node: fx.Node) -> tuple[str, str, nn.Conv2d]:
+def _swap_linear(ctx: ModuleIndex, node: fx.Node) -> tuple[str, str, nn.Conv2d]:
     """Put the 1×1 conv at the Linear's qualified name: (name, description of the Linear, the conv)."""
     name, _ = _linear_module_name(ctx.gm, node)
     mod = ctx.gm.get_submodule(name)
@@ -890,7 +857,7 @@ def _copy_on(graph: fx.Graph, node: fx.Node, new_input: fx.Node) -> fx.Node:
     return graph.create_node(node.op, node.target, args, kwargs)
 
 
-def _channel_dropout(ctx: _Context, node: fx.Node, cur: fx.Node, plan: dict[str, Any]) -> fx.Node:
+def _channel_dropout(ctx: ModuleIndex, node: fx.Node, cur: fx.Node, plan: dict[str, Any]) -> fx.Node:
     """Dropout of the pooled (N, C) vector, done on the (N, C, H, W) map: drop whole channels (Dropout2d).
 
     Zeroing channel c of the map and scaling by 1/(1-p) zeroes and scales its spatial mean the same way, so
@@ -913,7 +880,7 @@ def _channel_dropout(ctx: _Context, node: fx.Node, cur: fx.Node, plan: dict[str,
     return graph.call_function(F.dropout2d, (cur,), {"p": p, "training": training})
 
 
-def _fc_refusal(ctx: _Context, match: HeadMatch) -> str | None:
+def _fc_refusal(ctx: ModuleIndex, match: HeadMatch) -> str | None:
     """Why the classifier cannot move before the pool exactly, or None."""
     blockers = [n for n in match.chain if _kind(ctx, n) not in _FC_KINDS]
     # name the operations that matter: permutes around a channels-last norm only come with it
@@ -928,7 +895,7 @@ def _fc_refusal(ctx: _Context, match: HeadMatch) -> str | None:
     for n in match.chain:
         if _kind(ctx, n) == DROPOUT and n.op == "call_module":
             mod = _module(ctx.gm, n)
-            if mod.p > 0 and len(ctx.called.get(str(n.target), [])) > 1:
+            if mod.p > 0 and len(ctx.calls.get(str(n.target), [])) > 1:
                 return f"dropout '{n.target}' is shared with other call sites: it cannot become channel dropout"
     shape = _shape(match.gap.feature)
     if shape is not None and len(shape) != 4:
@@ -936,7 +903,7 @@ def _fc_refusal(ctx: _Context, match: HeadMatch) -> str | None:
     return None
 
 
-def _mutation_refusal(ctx: _Context, root: fx.Node, moved: list[fx.Node], linear: fx.Node) -> str | None:
+def _mutation_refusal(ctx: ModuleIndex, root: fx.Node, moved: list[fx.Node], linear: fx.Node) -> str | None:
     """Why re-running ``moved`` on ``root`` at the classifier could change what some reader sees, or None.
 
     The rewrite recomputes the nodes between pool and classifier where the classifier runs (after ``root``,
@@ -1005,7 +972,7 @@ def _delete_orphans(gm: fx.GraphModule, targets: set[str]) -> None:
             gm.delete_submodule(t)
 
 
-def _rewrite(ctx: _Context, match: HeadMatch, fully_convolutional: bool,
+def _rewrite(ctx: ModuleIndex, match: HeadMatch, fully_convolutional: bool,
              shapes: str) -> tuple[list[Rewrite], list[Skip], dict[str, Any] | None]:
     """Swap the classifier (and the Linears of an MLP head) for 1×1 convs; the head description or None."""
     gm, graph = ctx.gm, ctx.gm.graph
@@ -1130,7 +1097,7 @@ def _has_shapes(gm: fx.GraphModule) -> bool:
     return any(_shape(n) is not None for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _shapes_would_decide(ctx: _Context, matches: list[HeadMatch], skipped: list[Skip],
+def _shapes_would_decide(ctx: ModuleIndex, matches: list[HeadMatch], skipped: list[Skip],
                          fully_convolutional: bool) -> bool:
     """Whether derived shapes could change the outcome: a head waits for shapes, or a match is ambiguous without.
 
@@ -1233,7 +1200,7 @@ def conv_head(gm: fx.GraphModule, options: ConvHeadOptions | None = None, /, **k
     fully_convolutional = ConvHeadOptions.coerce(options, kwargs).fully_convolutional
     _expand_classifier_head(gm)
     shapes, no_shapes = ("shape_prop", None) if _has_shapes(gm) else (None, None)
-    ctx = _context(gm)
+    ctx = ModuleIndex(gm)
     matches, skipped = find_heads(gm, ctx)
     if not shapes and _shapes_would_decide(ctx, matches, skipped, fully_convolutional):
         shapes, no_shapes = _derive_shapes(gm)
@@ -1249,7 +1216,7 @@ def conv_head(gm: fx.GraphModule, options: ConvHeadOptions | None = None, /, **k
     rewrites: list[Rewrite] = []
     infos = []
     for i, match in enumerate(matches):
-        done, skips, info = _rewrite(ctx if i == 0 else _context(gm), match, fully_convolutional, label)
+        done, skips, info = _rewrite(ctx if i == 0 else ModuleIndex(gm), match, fully_convolutional, label)
         rewrites += done
         skipped += skips
         if info is not None:

@@ -31,14 +31,8 @@ from ..allotment import allot, check_form, layer_positions
 from ..decompose import multiplier_for_energy
 from ..errors import SurgeryError
 from ..forms import conv_cost, get_form
-from ..graph import (
-    called_modules,
-    describe,
-    enclosing_called_module,
-    functional_calls,
-    module_aliases,
-    replace_module,
-)
+from ..graph import describe, functional_calls, replace_module
+from ..graph.index import ModuleIndex, SwapWording, swap_refusal
 from ..importance import (
     bn_channel_scales,
     correct_mean_shift,
@@ -84,6 +78,13 @@ def _kernel_ok(conv: nn.Conv2d, kernel_sizes: str | tuple[int, ...]) -> str | No
     return None
 
 
+# a separable conv is a drop-in replacement at every name and call site: only reads and ties refuse it
+_WORDING = SwapWording(
+    read="its parameters are read directly by graph node '{first}' (a swap would break that read)",
+    tied="weights tied with {owners}: rewriting would untie them",
+)
+
+
 def find_candidates(
     gm: fx.GraphModule,
     *,
@@ -92,22 +93,13 @@ def find_candidates(
     exclude: Iterable[str] = (),
 ) -> tuple[list[Candidate], list[Skip]]:
     """Every conv in ``gm``: the ones the pass may rewrite, and the others with the reason they are skipped."""
-    called = called_modules(gm)
-    aliases = module_aliases(gm)
-    direct_reads = {}  # parameters read by get_attr: module swapped → graph breaks
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            owner = str(node.target).rsplit(".", 1)[0]
-            direct_reads.setdefault(owner, node.name)
-    param_owners: dict[int, list[str]] = {}
-    for name, mod in gm.named_modules():
-        for p in mod.parameters(recurse=False):
-            param_owners.setdefault(id(p), []).append(name)
+    index = ModuleIndex(gm)
+    called = index.calls
     patterns = list(exclude)
 
     candidates: list[Candidate] = []
     skipped: list[Skip] = []
-    for name, mod in gm.named_modules():
+    for name, mod in index.unique_modules():
         if not isinstance(mod, nn.modules.conv._ConvNd):
             continue
         if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd)):
@@ -119,9 +111,9 @@ def find_candidates(
         why = _kernel_ok(mod, kernel_sizes)
         if why == "1x1":
             continue
-        names = aliases.get(id(mod), [name])
+        names = index.names(mod, name)
         leaf = None if any(n in called for n in names) else next(
-            (o for o in (enclosing_called_module(n, called) for n in names) if o), None
+            (o for o in (index.enclosing_called(n) for n in names) if o), None
         )
         if why is None and mod.groups != 1:
             why = f"groups={mod.groups} > 1: already grouped/depthwise"
@@ -135,14 +127,8 @@ def find_candidates(
             why = "lazy conv with uninitialised parameters: run a forward first"
         if why is None and not any(n in called for n in names) and leaf is None:
             why = "not called by the traced forward (unused, or reached some other way)"
-        if why is None:
-            read = next((direct_reads[n] for n in names if n in direct_reads), None)
-            if read is not None:
-                why = f"its parameters are read directly by graph node '{read}' (a swap would break that read)"
-        if why is None:
-            tied = {o for p in mod.parameters(recurse=False) for o in param_owners.get(id(p), []) if o not in names}
-            if tied:
-                why = f"weights tied with {', '.join(sorted(tied))}: rewriting would untie them"
+        if why is None:  # get_attr reads of its tensors, weights tied with another module
+            why = swap_refusal(index, name, mod, wording=_WORDING)
         if why is not None:
             skipped.append(Skip(name, why, details={"module": describe(mod)}))
             continue
@@ -215,7 +201,7 @@ def _check_option_values(kernel_sizes: Any, exclude: Any, allocation: Any) -> No
 
 def _check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
     """``layers`` names convs of this model, each entry with keys the pass reads; refused otherwise."""
-    convs = {n for n, m in gm.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)}
+    convs = {n for n, m in ModuleIndex(gm).modules.items() if isinstance(m, nn.Conv2d)}
     for name, spec in (layers or {}).items():
         if not isinstance(name, str) or name not in convs:
             near = difflib.get_close_matches(str(name), sorted(convs), n=3)
