@@ -30,7 +30,7 @@ MODELS = ("resnet50", "efficientnet_b0", "convnext_tiny")
 
 def decompositions(converted: torch.nn.Module, model: torch.nn.Module):
     """A function doing the SVDs of the convs the separable pass rewrote, the way the pass does them."""
-    from fxsurgeon.decompose import separable_factors
+    from fxsurgeon.forms.decompose import separable_factors
 
     rec = fxsurgeon.get_record(converted)
     convs = [model.get_submodule(r.target) for r in rec.rewrites if r.pass_name == "separable"]

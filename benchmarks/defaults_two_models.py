@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import fxsurgeon
-from fxsurgeon.cp import clear_cache
+from fxsurgeon.forms.cp import clear_cache
 from fxsurgeon.models import default_data_dir, load_cifar10_test, resnet20, resnet32
 
 warnings.filterwarnings("ignore")

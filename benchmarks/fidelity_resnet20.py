@@ -9,7 +9,7 @@ JPEGs only; every accuracy is on ``x[1::2]`` (5,000 images). MACs are fvcore's c
 one 32×32 image (one multiply-add = one MAC), as a fraction of the original's. Rows:
 
 * ``uniform m``: one channel multiplier everywhere, data-free SVD (and the same ``+ calibration``);
-* ``budget``: ``separable=dict(target_macs=b)``: per-layer ranks chosen by :mod:`fxsurgeon.allocation` on the
+* ``budget``: ``separable=dict(target_macs=b)``: per-layer ranks chosen by :mod:`fxsurgeon.budget.allocation` on the
   data-free weight error, for ``form="dw-pw"`` and (with the CP form registered) ``form="auto"`` with
   ``weighting="bn"`` — both forms compete per layer, errors weighted by the BatchNorms around each conv;
 * ``budget + calibration``: ``convert(..., calibration=...)``: ranks chosen on the layers' output errors
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import fxsurgeon
-from fxsurgeon.allocation import model_macs
+from fxsurgeon.budget.allocation import model_macs
 from fxsurgeon.forms import FORMS
 from fxsurgeon.models import load_cifar10_test, load_resnet20
 

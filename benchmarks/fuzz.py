@@ -1,11 +1,11 @@
-"""Long fuzzing run of convert() and save/load on random small conv nets (see fxsurgeon.fuzz).
+"""Long fuzzing run of convert() and save/load on random small conv nets (see fxsurgeon.testing.fuzz).
 
 Run:
 
     .venv/bin/python benchmarks/fuzz.py --examples 3000            # ~5 min on one core
     .venv/bin/python benchmarks/fuzz.py --examples 200 --start 5000 # another slice of seeds
 
-Each seed draws one net spec (``fxsurgeon.fuzz.generate_spec`` from ``random.Random(seed)``) and checks:
+Each seed draws one net spec (``fxsurgeon.testing.fuzz.generate_spec`` from ``random.Random(seed)``) and checks:
 the exact recipe (every pass in its exact setting, random dtype float32/float64, train mode and frozen
 parameters) reproduces the outputs; a random approximate recipe gives finite outputs of the right shape and
 a record, or a SurgeryError that is not a self-reported bug; the caller's model is unchanged; every
@@ -15,7 +15,7 @@ Prints counts, how often each pass rewrote something, refusals grouped by reason
 with its smallest failing seed and spec (rebuild it with ``FuzzNet(spec)``); ``--json`` writes it all.
 Exit code 1 when any property failed.
 
-Saved-file mode (``fxsurgeon.testing_load_fuzz``): mutate real saved conversions (ResNet-20, two FuzzNets,
+Saved-file mode (``fxsurgeon.testing.load_fuzz``): mutate real saved conversions (ResNet-20, two FuzzNets,
 timm's test_resnet) — factory names, tracing names, kwargs, example shapes, format_version, JSON nesting,
 any JSON value, tensors in the header, tied keys, the raw text — and load each with ``fxsurgeon.load``:
 
@@ -45,7 +45,13 @@ import warnings
 
 import torch
 
-from fxsurgeon.fuzz import RandomDraw, approximate_options, check_approximate, check_exact, generate_spec
+from fxsurgeon.testing.fuzz import (
+    RandomDraw,
+    approximate_options,
+    check_approximate,
+    check_exact,
+    generate_spec,
+)
 
 
 def _key(exc: BaseException) -> str:
@@ -84,7 +90,7 @@ def run_saved_files(n: int, start: int, json_path: str | None) -> int:
     import tempfile
     from pathlib import Path
 
-    from fxsurgeon.testing_load_fuzz import LoadFuzzer, make_base_files
+    from fxsurgeon.testing.load_fuzz import LoadFuzzer, make_base_files
 
     def rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

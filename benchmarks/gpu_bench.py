@@ -136,7 +136,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int | None:
     """fvcore MACs (one multiply-add = 1 MAC) at batch 1, or None without fvcore or when it fails."""
     try:
-        from fxsurgeon.report_count import count_model
+        from fxsurgeon.report.count import count_model
 
         return int(count_model(model, (x,), torch_counter=False).total_macs)
     except ImportError:

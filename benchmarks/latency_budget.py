@@ -131,7 +131,7 @@ def runners(original, converted, sample, runtime, batch, device, dtype, threads)
 
     x = prepare_inputs((sample,), batch, device, dtype, runtime != "onnxruntime")
     if runtime == "onnxruntime":
-        from fxsurgeon.bench_ort import ort_runner
+        from fxsurgeon.bench.ort import ort_runner
 
         return ort_runner(original, x, threads=threads), ort_runner(converted, x, threads=threads), x
     out = []
@@ -143,9 +143,9 @@ def runners(original, converted, sample, runtime, batch, device, dtype, threads)
 
 def run_row(args, row: dict) -> dict:
     import fxsurgeon
-    from fxsurgeon.allocation import model_macs
     from fxsurgeon.bench import device_name, parse_dtype
-    from fxsurgeon.latency import interleaved_ratio
+    from fxsurgeon.budget.allocation import model_macs
+    from fxsurgeon.budget.latency import interleaved_ratio
 
     if row["threads"]:
         torch.set_num_threads(row["threads"])

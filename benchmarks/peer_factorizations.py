@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 import fxsurgeon
-from fxsurgeon.cp import clear_cache
 from fxsurgeon.forms import get_form
+from fxsurgeon.forms.cp import clear_cache
 from fxsurgeon.models import default_data_dir, load_cifar10_test, load_resnet20, resnet32
 
 warnings.filterwarnings("ignore")

@@ -269,7 +269,7 @@ def page_fuzzing() -> str:
     return f"""{_banner("fuzz.json", "load_fuzz.json")}
 # Results: property-based fuzzing
 
-`fxsurgeon.fuzz` builds random small conv nets from a JSON spec — stacked and branched convs with random
+`fxsurgeon.testing.fuzz` builds random small conv nets from a JSON spec — stacked and branched convs with random
 kernel (1×1 to 5×5, square or not), stride, dilation, padding (int or `"same"`), padding mode, groups and bias,
 with BatchNorm / ReLU; residual adds; channel concats; pools; shared convs called again; convs with tied
 weights; global-pool / mean / max / flatten heads with one or two Linears — in float32 or float64, in train or
@@ -286,7 +286,7 @@ eval mode, some with frozen parameters. For each net it checks that:
 seeds {start}..{start + n - 1} (`random.Random(seed)` draws each net and recipe), {d['seconds']:.0f} s on one
 thread of a shared 2-core CPU machine ({d['seconds'] / n * 1000:.0f} ms per net). `tests/test_fuzz.py` runs a
 derandomised Hypothesis slice of the same properties in CI; a failure there shrinks to a minimal spec that
-`fxsurgeon.fuzz.FuzzNet(spec)` rebuilds.
+`fxsurgeon.testing.fuzz.FuzzNet(spec)` rebuilds.
 
 | outcome | count |
 |---|---:|

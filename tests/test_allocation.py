@@ -8,7 +8,7 @@ from torch import nn
 
 import fxsurgeon
 from fxsurgeon import SurgeryError
-from fxsurgeon.allocation import LayerOptions, allocate, layer_options, model_macs, uniform_allocation
+from fxsurgeon.budget.allocation import LayerOptions, allocate, layer_options, model_macs, uniform_allocation
 from fxsurgeon.forms import FORMS, LayerChoice
 from fxsurgeon.models import resnet20, resnet32
 
@@ -279,7 +279,7 @@ def _bn_net():
 def test_input_means_inferred_from_the_batchnorm_after_the_conv():
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from fxsurgeon.importance import input_channel_mean, output_bn_input_mean
+    from fxsurgeon.forms.importance import input_channel_mean, output_bn_input_mean
     from fxsurgeon.tracing import trace
 
     net, data = _bn_net()
@@ -309,7 +309,7 @@ def test_input_means_inferred_from_the_batchnorm_after_the_conv():
 
 
 def test_budget_defaults_are_recorded_and_options_given_win():
-    from fxsurgeon.allocation import BUDGET_DEFAULTS
+    from fxsurgeon.budget.allocation import BUDGET_DEFAULTS
 
     net, data = _bn_net()
     x = data[:1]

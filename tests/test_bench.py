@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxsurgeon
-from fxsurgeon.bench import (
+from fxsurgeon.bench.eager import (
     BenchmarkResult,
     BenchmarkRow,
     compare,

@@ -16,7 +16,7 @@ from fxsurgeon.cli import main
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from fxsurgeon.bench_ort import benchmark_onnxruntime, benchmark_onnxruntime_pair, ort_runner
+from fxsurgeon.bench.ort import benchmark_onnxruntime, benchmark_onnxruntime_pair, ort_runner
 
 
 def net():

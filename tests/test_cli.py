@@ -102,7 +102,7 @@ def test_convert_bad_recipe_exit_2_names_key_and_file(tiny, tmp_path, capsys):
 
 
 def test_convert_refuses_unwritable_out_before_work(tiny, tmp_path, capsys, monkeypatch):
-    import fxsurgeon.cli as cli
+    import fxsurgeon.cli.app as cli
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("built the model before checking --out"))
     assert main(["convert", tiny, "--out", str(tmp_path / "no" / "such" / "dir" / "m.pt")]) == 2

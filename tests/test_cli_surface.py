@@ -451,7 +451,7 @@ def test_broken_pipe_is_quiet():
 def test_progress_only_for_a_terminal():
     import argparse
 
-    from fxsurgeon.cli_common import show_progress
+    from fxsurgeon.cli.common import show_progress
 
     assert show_progress(argparse.Namespace(quiet=True)) is False
     assert show_progress(argparse.Namespace(quiet=False)) is sys.stderr.isatty()
@@ -468,7 +468,7 @@ def test_distill_without_data_names_the_flag(tmp_path):
 def test_activity_line_shows_elapsed_time_only_when_enabled(monkeypatch):
     import io
 
-    from fxsurgeon.cli_common import activity
+    from fxsurgeon.cli.common import activity
 
     for enabled in (False, True):
         buf = io.StringIO()

@@ -95,7 +95,7 @@ def test_exact_claim_violated_is_an_error(monkeypatch):
             sep.pointwise.weight.mul_(1.5)
         return sep, f
 
-    monkeypatch.setattr("fxsurgeon.forms.make_separable", broken)
+    monkeypatch.setattr("fxsurgeon.forms.registry.make_separable", broken)
     model = nn.Sequential(nn.Conv2d(8, 8, 3))
     with pytest.raises(SurgeryError, match="claim to be exact"):
         fxsurgeon.convert(model, separable=dict(multiplier="full"), example_inputs=torch.randn(1, 8, 6, 6))

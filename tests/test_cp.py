@@ -9,7 +9,8 @@ from torch import nn
 
 import fxsurgeon
 from fxsurgeon import SurgeryError
-from fxsurgeon.cp import (
+from fxsurgeon.forms import FORMS, get_form
+from fxsurgeon.forms.cp import (
     CHOICE_ITERATIONS,
     cp_cost,
     cp_factors,
@@ -18,8 +19,7 @@ from fxsurgeon.cp import (
     make_cp_separable,
     slice_svd_init,
 )
-from fxsurgeon.decompose import separable_error_curve
-from fxsurgeon.forms import FORMS, get_form
+from fxsurgeon.forms.decompose import separable_error_curve
 from fxsurgeon.modules import SeparableConv2d
 
 
@@ -115,7 +115,7 @@ def test_deterministic_bit_identical_and_tensorly_backend_untouched():
 
 
 def test_fresh_decomposition_matches_cached_one():
-    from fxsurgeon.cp import clear_cache
+    from fxsurgeon.forms.cp import clear_cache
 
     conv = nn.Conv2d(8, 8, 3, bias=False)
     first = make_cp_separable(conv, 20)[0]
@@ -213,7 +213,7 @@ def built_weight(sep: SeparableConv2d) -> torch.Tensor:
 
 @pytest.mark.parametrize("multiplier", [1, 3])
 def test_auto_never_worse_than_either_form_at_the_same_macs(multiplier):
-    from fxsurgeon.allotment import rank_within
+    from fxsurgeon.budget.allotment import rank_within
 
     net = bn_net()
     x = torch.randn(1, 12, 8, 8)

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from fxsurgeon.decompose import (
+from fxsurgeon.errors import SurgeryError
+from fxsurgeon.forms.decompose import (
     channel_singular_values,
     multiplier_for_energy,
     separable_error_curve,
     separable_factors,
 )
-from fxsurgeon.errors import SurgeryError
 
 
 def reconstruct(f, c_out, c_in, kh, kw):

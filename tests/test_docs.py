@@ -84,7 +84,8 @@ def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     try:
         for i, code in enumerate(python_blocks(page.read_text()), 1):
             try:
-                exec(compile(code, f"{_page_id(page)} (python block {i})", "exec"), namespace)
+                # dont_inherit: run the block as a user would, not with this file's `from __future__` flags
+                exec(compile(code, f"{_page_id(page)} (python block {i})", "exec", dont_inherit=True), namespace)
             except Exception as exc:
                 raise AssertionError(f"{_page_id(page)}: python block {i} failed: {exc!r}\n{code}") from exc
     finally:

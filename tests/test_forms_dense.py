@@ -11,7 +11,7 @@ from torch import nn
 import fxsurgeon
 from fxsurgeon import SurgeryError
 from fxsurgeon.forms import FORMS, auto_forms, get_form
-from fxsurgeon.forms_dense import (
+from fxsurgeon.forms.dense import (
     SpatialSeparableConv2d,
     TuckerConv2d,
     rank_grid,

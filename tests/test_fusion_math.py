@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fxsurgeon import SurgeryError
-from fxsurgeon.fusion_math import (
+from fxsurgeon.forms.fusion_math import (
     fusion_factors,
     numerical_rank,
     stack_consumer_weights,

@@ -1,8 +1,8 @@
-"""Property-based fuzzing of convert() (and save/load) on random small conv nets; see fxsurgeon.fuzz.
+"""Property-based fuzzing of convert() (and save/load) on random small conv nets; see fxsurgeon.testing.fuzz.
 
 A modest, derandomised number of examples runs here (CI stays stable and fast); benchmarks/fuzz.py runs
 thousands. A failure is shrunk by Hypothesis to a minimal net spec, printed in the report: rebuild it with
-``fxsurgeon.fuzz.FuzzNet(spec)``.
+``fxsurgeon.testing.fuzz.FuzzNet(spec)``.
 """
 
 import json
@@ -15,7 +15,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fxsurgeon.fuzz import (  # noqa: E402
+from fxsurgeon.testing.fuzz import (  # noqa: E402
     FuzzNet,
     RandomDraw,
     check_approximate,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxsurgeon
-from fxsurgeon.latency import LatencyJudge, LayerTiming, is_faster
+from fxsurgeon.budget.latency import LatencyJudge, LayerTiming, is_faster
 from fxsurgeon.modules import SeparableConv2d
 
 

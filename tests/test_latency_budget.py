@@ -18,7 +18,7 @@ from torch import nn
 
 import fxsurgeon
 from fxsurgeon import SurgeryError
-from fxsurgeon.latency_table import CACHE_ENV, LatencyTable, default_cache_dir, hardware_multiple
+from fxsurgeon.budget.latency_table import CACHE_ENV, LatencyTable, default_cache_dir, hardware_multiple
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +172,7 @@ def test_an_unreachable_target_warns_and_returns_the_best_found(tmp_path):
 
 
 def test_combines_with_a_mac_budget(tmp_path):
-    from fxsurgeon.allocation import model_macs
+    from fxsurgeon.budget.allocation import model_macs
 
     small, alloc, _, _ = run(tmp_path, target=0.9, form="auto", target_macs=0.5)
     orig = fxsurgeon.convert(Net().eval(), example_inputs=X, separable=False, conv_head=False)
@@ -271,7 +271,7 @@ def test_needs_example_inputs():
 
 
 def test_table_measures_each_candidate_once():
-    from fxsurgeon.latency import LatencyJudge
+    from fxsurgeon.budget.latency import LatencyJudge
 
     clock = Clock()
     table = LatencyTable(LatencyJudge(timer=clock, rounds=3), torch.device("cpu"), torch.float32, False, 1,

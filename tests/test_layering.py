@@ -25,42 +25,32 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # (calibration, latency, budgets), the passes that use it, convert, saving/loading, reports and benchmarks, and
 # last the command line. The facade ``fxsurgeon`` sits on top: nothing inside the package imports it.
 LAYERS: dict[str, int] = {
-    # 0: leaves shared by everything: the exception type, device/dtype/timing/version helpers, train/eval flags
+    # 0: leaves shared by everything: the exception type, device/dtype/timing/version helpers, train/eval flags,
+    # the table of moved module names
     "fxsurgeon.errors": 0,
     "fxsurgeon.runtime": 0,
     "fxsurgeon.modes": 0,
-    # 1: pure maths, module builders, the forms table and the pass vocabulary (Rewrite/Skip, the registry)
-    "fxsurgeon.decompose": 1,
-    "fxsurgeon.fusion_math": 1,
-    "fxsurgeon.importance": 1,
+    "fxsurgeon.moved": 0,
+    # 1: pure maths and module builders (forms/), graph reading and editing (graph/), the pass vocabulary
+    "fxsurgeon.forms": 1,
     "fxsurgeon.modules": 1,
     "fxsurgeon.heads": 1,
     "fxsurgeon.models": 1,
     "fxsurgeon.graph": 1,
-    "fxsurgeon.forms_base": 1,
-    "fxsurgeon.forms_dense": 1,
-    "fxsurgeon.cp": 1,
-    "fxsurgeon.forms": 1,
     "fxsurgeon.passes.base": 1,
     "fxsurgeon.passes.options": 1,
     "fxsurgeon.passes.registry": 1,
-    # 2: tracing, the conversion record, model sources, recipe files, synthetic data, MAC counting
+    # 2: tracing, the conversion record, verification, model sources, recipe files, synthetic data
     "fxsurgeon.tracing": 2,
     "fxsurgeon.record": 2,
     "fxsurgeon.verify": 2,
     "fxsurgeon.sources": 2,
     "fxsurgeon.recipe_files": 2,
     "fxsurgeon.synthetic": 2,
-    "fxsurgeon.report_scope": 2,
-    "fxsurgeon.report_count": 2,
-    # 3: measurement the passes and convert use: calibration, latency tables and judges, rank allocation
+    # 3: measurement the passes and convert use: calibration, rank allocation, latency tables and budgets
     "fxsurgeon.calibrate": 3,
-    "fxsurgeon.latency_table": 3,
-    "fxsurgeon.latency": 3,
-    "fxsurgeon.allotment": 3,
-    "fxsurgeon.allocation": 3,
-    "fxsurgeon.latency_budget": 3,
-    # 4: the passes
+    "fxsurgeon.budget": 3,
+    # 4: the passes and the pass manager
     "fxsurgeon.passes": 4,
     # 5: convert, and recipes (which validate pass options and may call convert)
     "fxsurgeon.convert": 5,
@@ -70,20 +60,15 @@ LAYERS: dict[str, int] = {
     "fxsurgeon.filecheck": 6,
     "fxsurgeon.export": 6,
     "fxsurgeon.checkpoints": 6,
-    # 7: reports, benchmarks, fuzzers
+    # 7: reports, benchmarks, test helpers (fuzzers)
     "fxsurgeon.report": 7,
-    "fxsurgeon.report_attrib": 7,
-    "fxsurgeon.report_render": 7,
-    "fxsurgeon.report_plot": 7,
     "fxsurgeon.bench": 7,
-    "fxsurgeon.bench_ort": 7,
-    "fxsurgeon.fuzz": 7,
-    "fxsurgeon.testing_load_fuzz": 7,
+    "fxsurgeon.testing": 7,
     # 8-10: the command line: shared helpers, then batch and the sub-CLIs, then the command that adds them
-    "fxsurgeon.cli_common": 8,
+    "fxsurgeon.cli.common": 8,
     "fxsurgeon.batch": 9,
-    "fxsurgeon.bench_cli": 9,
-    "fxsurgeon.report_cli": 9,
+    "fxsurgeon.cli.bench": 9,
+    "fxsurgeon.cli.report": 9,
     "fxsurgeon.cli": 10,
     # the facade: imports everything, imported by nothing inside the package
     "fxsurgeon": 99,

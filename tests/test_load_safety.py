@@ -243,7 +243,7 @@ def test_memory_bombs_fail_fast_with_small_peak_memory(saved, tmp_path):
         # a timm model 1e7 classes wide (2 GB fc) whose head the file does not hold
         "timm_head": lambda m: m.update(source={"timm": "resnet18", "kwargs": {"num_classes": 10**7}}),
         # a FuzzNet 100k channels wide (10^10 weights: 40 GB)
-        "fuzz_width": lambda m: m.update(source={"factory": "fxsurgeon.fuzz:FuzzNet", "kwargs": {"spec": {
+        "fuzz_width": lambda m: m.update(source={"factory": "fxsurgeon.testing.fuzz:FuzzNet", "kwargs": {"spec": {
             "input": [3, 8, 8], "head": None, "ops": [
                 {"op": "conv", "in": 3, "out": 100_000, "k": [3, 3], "stride": 1, "dilation": 1, "padding": 1,
                  "padding_mode": "zeros", "groups": 1, "bias": True, "post": "relu", "src": 0},
@@ -428,7 +428,7 @@ def test_saved_file_fuzz_slice(tmp_path):
     import io
     import random
 
-    from fxsurgeon.testing_load_fuzz import LoadFuzzer, make_base_files
+    from fxsurgeon.testing.load_fuzz import LoadFuzzer, make_base_files
 
     fuzzer = LoadFuzzer(make_base_files(tmp_path, kinds=("resnet20", "fuzznet")), tmp_path)
     before = peak_rss_kib(reset=True)

@@ -18,8 +18,8 @@ from torch import nn
 import fxsurgeon
 from fxsurgeon import SurgeryError, savings
 from fxsurgeon.report import fidelity, load_schema
-from fxsurgeon.report_count import exclusive_torch_flops, inclusive_torch_flops, op_category
-from fxsurgeon.report_render import CSV_FIELDS, totals_line
+from fxsurgeon.report.count import exclusive_torch_flops, inclusive_torch_flops, op_category
+from fxsurgeon.report.render import CSV_FIELDS, totals_line
 
 # ----------------------------------------------------------------------------------- seed example 2
 
@@ -383,8 +383,8 @@ def test_example3_concat_fusion_rewrite_is_attributed(mode):
 
 def test_attribution_counts_each_module_once():
     from fxsurgeon.passes.base import Rewrite
-    from fxsurgeon.report_attrib import attribute_rewrites, footprint
-    from fxsurgeon.report_count import Counts
+    from fxsurgeon.report.attrib import attribute_rewrites, footprint
+    from fxsurgeon.report.count import Counts
 
     def counts(macs: dict, params: dict) -> Counts:
         return Counts(total_macs=macs[""], params=params, module_macs=macs, module_ops={}, uncounted={},

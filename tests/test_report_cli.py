@@ -18,8 +18,8 @@ import yaml
 
 import fxsurgeon
 from fxsurgeon.cli import main
+from fxsurgeon.cli.report import parse_fraction
 from fxsurgeon.report import load_schema
-from fxsurgeon.report_cli import parse_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "recipes" / "ci" / "fxsurgeon-report.yml"

@@ -21,8 +21,8 @@ import torch
 
 from fxsurgeon import SurgeryError
 from fxsurgeon.convert import convert
-from fxsurgeon.fuzz import FuzzNet, RandomDraw, approximate_options, exact_options, generate_spec
 from fxsurgeon.record import get_record
+from fxsurgeon.testing.fuzz import FuzzNet, RandomDraw, approximate_options, exact_options, generate_spec
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "skip_reasons.json"
 UPDATE = os.environ.get("FXSURGEON_UPDATE_GOLDEN") == "1"

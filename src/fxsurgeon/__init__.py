@@ -9,7 +9,8 @@ report the savings and run the result.
 >>> print(fxsurgeon.summary(small))  # doctest: +SKIP
 """
 
-from .bench import BenchmarkResult, benchmark
+from . import moved as _moved
+from .bench.eager import BenchmarkResult, benchmark
 from .checkpoints import load_original_state_dict
 from .convert import convert
 from .errors import SurgeryError
@@ -17,7 +18,7 @@ from .heads import class_map
 from .io import load, save
 from .passes import PassOptions, PassResult, Rewrite, Skip, get_pass, list_passes, register_pass
 from .record import Conversion, Verification, get_record, summary
-from .report import SavingsReport, savings
+from .report.savings import SavingsReport, savings
 from .runtime import __version__
 from .synthetic import SyntheticData, synthesize
 from .tracing import trace
@@ -49,3 +50,5 @@ __all__ = [
     "synthesize",
     "trace",
 ]
+
+_moved.install()  # old module names (fxsurgeon.forms_dense, ...) stay importable: pickles and saved files name them

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli_common import MIN_FREE_BYTES, load_model
+from .cli.common import MIN_FREE_BYTES, load_model
 from .errors import SurgeryError
 from .runtime import batch_versions
 

@@ -45,6 +45,7 @@ from .filecheck import (
     json_depth,
     validate_metadata,
 )
+from .moved import current_structure
 from .sources import (
     TRUST_ALL,
     check_timm_name,
@@ -423,10 +424,11 @@ def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, l
     if not check_structure:
         return
     rebuilt = structure(gm)
-    if rebuilt != meta["structure"]:
+    saved = current_structure(meta["structure"])  # module classes that moved since the file was written
+    if rebuilt != saved:
         raise SurgeryError(
             f"the model rebuilt from {_source_text(meta['source'])} differs from the saved architecture:"
-            + _structure_diff(meta["structure"], rebuilt) + " " + hint
+            + _structure_diff(saved, rebuilt) + " " + hint
             + " load(..., check_structure=False) accepts a rebuild whose weights still match."
         )
     replayed = rewrite_keys(gm.meta["fxsurgeon"].to_dict())
@@ -677,7 +679,7 @@ def load(
 
     The original architecture comes from the recorded source: ``timm.create_model(name, pretrained=False,
     **kwargs)`` for a name in timm's registry, or a factory the file names, which is imported only when it is
-    allowed: ``fxsurgeon.models:*``, ``fxsurgeon.fuzz:FuzzNet``, torchvision model builders, or a pattern in
+    allowed: ``fxsurgeon.models:*``, ``fxsurgeon.testing.fuzz:FuzzNet``, torchvision model builders, or a pattern in
     ``trust_factories``. Every metadata field is type-checked, the model is built and the conversion replayed on
     the meta device and compared with the tensor shapes in the file's header before any weight is allocated
     or read; then the saved weights, dtypes, ``requires_grad`` flags, channels_last layouts and train/eval modes

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .decompose import SeparableFactors, separable_factors
+from .forms.decompose import SeparableFactors, separable_factors
 
 __all__ = ["SeparableConv2d", "depthwise_conv_class", "make_separable"]
 

@@ -7,7 +7,7 @@ module or calls a function named there unless the caller allowed it. Allowed by 
 
 - timm model names, looked up in timm's registry (``timm.is_model``) and built by ``timm.create_model``
   (nothing is imported by name);
-- ``fxsurgeon.models:*`` (the CIFAR ResNets) and ``fxsurgeon.fuzz:FuzzNet`` (the fuzzer's nets);
+- ``fxsurgeon.models:*`` (the CIFAR ResNets) and ``fxsurgeon.testing.fuzz:FuzzNet`` (the fuzzer's nets);
 - torchvision model builders ``torchvision.models:NAME``, where ``NAME`` is checked against
   ``torchvision.models.list_models()`` before anything is looked up.
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
+from .moved import MOVED
 
 __all__ = [
     "DEFAULT_TRUSTED_FACTORIES",
@@ -53,7 +54,7 @@ _SPEC_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*$")
 _PATTERN_RE = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*:(?:\*|{_IDENT}(?:\.{_IDENT})*)$")
 
 #: factories a saved file may name without the caller's say-so (timm names and torchvision builders aside)
-DEFAULT_TRUSTED_FACTORIES: tuple[str, ...] = ("fxsurgeon.models:*", "fxsurgeon.fuzz:FuzzNet")
+DEFAULT_TRUSTED_FACTORIES: tuple[str, ...] = ("fxsurgeon.models:*", "fxsurgeon.testing.fuzz:FuzzNet")
 #: sentinel for sources the caller gave itself (``load(source=...)``, ``save``, ``convert``): not checked
 TRUST_ALL = "*trust-all*"
 _TORCHVISION = "torchvision.models"
@@ -148,6 +149,8 @@ def resolve_factory(spec: Any, trust: Iterable[str] | str) -> Any:
 
     >>> resolve_factory("fxsurgeon.models:resnet20", ()).__name__
     'resnet20'
+    >>> resolve_factory("fxsurgeon.fuzz:FuzzNet", ()).__module__  # named where it was before the move
+    'fxsurgeon.testing.fuzz'
     >>> resolve_factory("os:system", ())
     Traceback (most recent call last):
     ...
@@ -159,6 +162,9 @@ def resolve_factory(spec: Any, trust: Iterable[str] | str) -> Any:
         return _import_attr(spec, "model factory")
     spec = _check_spec(spec, "model factory")
     mod, _, attr = spec.partition(":")
+    if mod in MOVED:  # a file written before fxsurgeon's modules moved into folders (fxsurgeon.fuzz:FuzzNet)
+        mod = MOVED[mod]
+        spec = f"{mod}:{attr}"
     if (mod == _TORCHVISION or mod.startswith(_TORCHVISION + ".")) and not _matches(spec, trust):
         return _torchvision_builder(spec)
     if not (_matches(spec, DEFAULT_TRUSTED_FACTORIES) or _matches(spec, trust)):

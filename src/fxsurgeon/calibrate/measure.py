@@ -55,7 +55,7 @@ def measure_choices(
 
     Args:
         gm: the model the convs belong to.
-        options: :class:`fxsurgeon.allocation.LayerOptions` whose choices are to be measured.
+        options: :class:`fxsurgeon.budget.allocation.LayerOptions` whose choices are to be measured.
         convs: layer name → the conv module.
         calibration: input batches (see :func:`as_batches`).
 
@@ -64,7 +64,7 @@ def measure_choices(
     """
     from dataclasses import replace
 
-    from ..forms import get_form
+    from ..forms.registry import get_form
 
     batches = as_batches(calibration)
     dev = device_of(gm)

@@ -13,7 +13,7 @@ Every other concat is accounted for as a skip with its reason.
   1×1 maps) to the first channel-mixing consumers (``Conv2d`` with ``groups=1``, ``Linear``), and puts a
   ``Conv2d(C, r, 1, bias=False)`` right before them (after the per-channel ops: channel mixing does not
   commute with a per-channel nonlinearity), narrowing the consumers to r input channels. Weights come from
-  :func:`fxsurgeon.fusion_math.fusion_factors`: a truncated SVD of the consumers' stacked weights (exact when
+  :func:`fxsurgeon.forms.fusion_math.fusion_factors`: a truncated SVD of the consumers' stacked weights (exact when
   r reaches its rank; otherwise the discarded energy is recorded), or, with ``calibration=`` batches, the
   subspace that keeps the most of the consumers' output on that data.
 """
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SurgeryError
-from ..fusion_math import (
+from ..forms.fusion_math import (
     FusionFactors,
     fusion_factors,
     numerical_rank,

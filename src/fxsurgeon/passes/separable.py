@@ -6,7 +6,7 @@ bias, including convs inside leaf modules (swapped by qualified name; the graph 
 :class:`~fxsurgeon.modules.SeparableConv2d` at the same qualified name; a module registered under several
 names or called at several sites is converted once and stays shared.
 
-Weights come from a per-input-channel truncated SVD (:func:`fxsurgeon.decompose.separable_factors`): exact
+Weights come from a per-input-channel truncated SVD (:func:`fxsurgeon.forms.decompose.separable_factors`): exact
 when the multiplier reaches ``min(C_out, k²)``, otherwise the best approximation at that multiplier, with
 the discarded energy in the record. Every other conv is accounted for as a skip with its reason.
 """
@@ -26,21 +26,21 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
-from ..allotment import allot, check_form, layer_positions
-from ..decompose import multiplier_for_energy
+from ..budget.allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
+from ..budget.allotment import allot, check_form, layer_positions
+from ..budget.latency import LatencyJudge
 from ..errors import SurgeryError
-from ..forms import conv_cost, get_form
-from ..graph import describe, functional_calls, replace_module
-from ..graph.index import ModuleIndex, SwapWording, swap_refusal
-from ..importance import (
+from ..forms.decompose import multiplier_for_energy
+from ..forms.importance import (
     bn_channel_scales,
     correct_mean_shift,
     input_channel_mean,
     scaled_conv,
     unscale_separable,
 )
-from ..latency import LatencyJudge
+from ..forms.registry import conv_cost, get_form
+from ..graph import describe, functional_calls, replace_module
+from ..graph.index import ModuleIndex, SwapWording, swap_refusal
 from ..modules import depthwise_conv_class
 from .base import PassResult, Rewrite, Skip
 from .options import OptionError, PassOptions
@@ -297,7 +297,7 @@ class SeparableOptions(PassOptions):
     Attributes:
         form: the separable form (see :data:`fxsurgeon.forms.FORMS`); ``"dw-pw"`` is depthwise k×k with
             channel multiplier m followed by pointwise 1×1. Default: ``"dw-pw"`` (with a budget,
-            :data:`fxsurgeon.allocation.BUDGET_DEFAULTS`, like ``weighting`` and ``bias_correction``);
+            :data:`fxsurgeon.budget.allocation.BUDGET_DEFAULTS`, like ``weighting`` and ``bias_correction``);
             ``"auto"`` lets every registered form compete per layer — more accuracy per MAC, more time.
         multiplier: channel multiplier m (the form's rank) for every layer (default 1, MobileNet's), or
             ``"full"`` for the form's exact rank per layer (``min(C_out, k²)`` for ``dw-pw``).
@@ -315,22 +315,22 @@ class SeparableOptions(PassOptions):
             "rank": 3}}``; the record's rewrites give exactly this, so a conversion can be replayed.
         latency_aware: time each candidate conv and its replacement at the layer's input shape, dtype and
             memory format (needs ``example_inputs``) and keep a rewrite only where it is faster; True, or a
-            dict of :class:`fxsurgeon.latency.LatencyJudge` settings (``dtype``, ``channels_last``,
+            dict of :class:`fxsurgeon.budget.latency.LatencyJudge` settings (``dtype``, ``channels_last``,
             ``batch_size``, ``warmup``, ``iters``, ``margin``, ``timer``). Layers named in ``layers`` are not
             timed. Kept rewrites carry ``details["latency"]``; dropped ones are skips with both times.
         device: where ``latency_aware`` times layers, e.g. ``"cuda"`` (default: where the model lives).
         target_macs: instead of one multiplier, a budget: the fraction of the *original whole model's* MACs
             (fvcore count on ``example_inputs``, which it needs) to meet, e.g. ``0.6``. Each layer's (form,
             rank) — or keeping the conv — is chosen to meet it with the least total error
-            (:mod:`fxsurgeon.allocation`); with ``form="auto"`` every registered form competes per layer.
+            (:mod:`fxsurgeon.budget.allocation`); with ``form="auto"`` every registered form competes per layer.
         target_params: the same for the fraction of the original model's parameters (may be combined).
         target_latency: a budget on the fraction of the original whole model's *measured* latency, e.g. ``0.6``:
             every candidate (form × rank, or keeping the conv) is timed at the layer's input shape and the
             allocation runs on milliseconds, then the whole model is timed against the original and the
-            budget re-solved when it misses (:mod:`fxsurgeon.latency_budget`). ``latency_aware`` (a dict)
+            budget re-solved when it misses (:mod:`fxsurgeon.budget.latency_budget`). ``latency_aware`` (a dict)
             and ``device`` say where and how to time. Combines with one of ``target_macs`` /
             ``target_params``; with ``form="auto"`` every registered form competes, the dense ones of
-            :mod:`fxsurgeon.forms_dense` included.
+            :mod:`fxsurgeon.forms.dense` included.
         allocation: the error a budget minimises: ``"weight"`` (relative squared weight error, data-free),
             ``"data"`` (relative output error left after a least-squares refit on ``calibration``),
             ``"sensitivity"`` (those data errors weighted by how much the model's outputs move per unit of
@@ -338,12 +338,12 @@ class SeparableOptions(PassOptions):
             are given.
         calibration: input batches for ``allocation="data"``; ``convert(calibration=...)`` fills it in.
         weighting: ``"bn"`` weighs each output channel's error by the following BatchNorm's |γ|/√var and each
-            input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.importance`; data-free)
+            input channel's by the RMS of a ``ReLU(BN(·))`` input (:mod:`fxsurgeon.forms.importance`; data-free)
             when decomposing and when ranking choices; None: plain Frobenius error (the default).
         bias_correction: give each approximate rewrite whose input is ``BN(·)`` or ``ReLU(BN(·))``, or whose
             output feeds a BatchNorm, the conv's
             output mean: the shift ``(W − Ŵ) ∗ E[x]``, with E[x] read from that BatchNorm (data-free), goes
-            into the pointwise bias (:func:`fxsurgeon.importance.correct_mean_shift`); where the input has no
+            into the pointwise bias (:func:`fxsurgeon.forms.importance.correct_mean_shift`); where the input has no
             BatchNorm of its own, E[x] is inferred from the one after the conv. Default: True with a budget,
             else False.
     """
@@ -370,7 +370,7 @@ class SeparableOptions(PassOptions):
     bias_correction: bool | None = None
 
     def validate(self) -> None:
-        # options not given: a budget takes fxsurgeon.allocation.BUDGET_DEFAULTS (chosen on two trained models),
+        # options not given: a budget takes fxsurgeon.budget.allocation.BUDGET_DEFAULTS (chosen on two trained models),
         # a uniform multiplier keeps the MobileNet form without weighting or bias correction
         budget = self.target_macs is not None or self.target_params is not None
         base = BUDGET_DEFAULTS if budget else UNIFORM_DEFAULTS
@@ -432,9 +432,9 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         options: a :class:`SeparableOptions`, or its fields as keyword arguments (not both).
 
     Forms: ``"dw-pw"`` (depthwise k×k, multiplier m → pointwise), ``"pw-dw-pw"`` (1×1 → depthwise k×k → 1×1
-    from a rank-R CP decomposition, :mod:`fxsurgeon.cp`), or ``"auto"``: per layer the form with the least
+    from a rank-R CP decomposition, :mod:`fxsurgeon.forms.cp`), or ``"auto"``: per layer the form with the least
     weight error. With a uniform ``multiplier`` m, forms other than ``dw-pw`` get each layer's MACs of
-    ``dw-pw`` at m and take their largest rank within them (:mod:`fxsurgeon.allotment`); with a budget
+    ``dw-pw`` at m and take their largest rank within them (:mod:`fxsurgeon.budget.allotment`); with a budget
     (``target_macs``/``target_params``), ``auto`` lets every form's ranks compete in the allocation.
 
     Returns:
@@ -463,7 +463,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
     )
     if include_unprofitable is None:
         include_unprofitable = multiplier == "full"
-    # weighting="bn": decompose importance-scaled copies (unscaled after building); see fxsurgeon.importance
+    # weighting="bn": decompose importance-scaled copies (unscaled after building); see fxsurgeon.forms.importance
     work: dict[str, tuple[nn.Conv2d, Any]] = {}
     if weighting == "bn" and init == "svd":
         for cand in candidates:
@@ -472,7 +472,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
                 work[cand.name] = (scaled_conv(cand.conv, scales), scales)
     budget = kept = None
     if target_latency is not None:
-        from ..latency_budget import budget_latency
+        from ..budget.latency_budget import budget_latency
 
         data_free = calibration is None or allocation == "weight"
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
@@ -482,7 +482,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
         layers = {**chosen, **layers}
     elif target_macs is not None or target_params is not None:
-        from ..allocation import budget_layers
+        from ..budget.allocation import budget_layers
 
         data_free = calibration is None or allocation == "weight"
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
@@ -504,7 +504,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         decomp, scales = work.get(cand.name, (conv, None))
         uniform = not any(n in layers for n in cand.aliases) and energy is None
         allotted = None
-        if uniform and form != "dw-pw":  # a MAC allotment per layer: see fxsurgeon.allotment
+        if uniform and form != "dw-pw":  # a MAC allotment per layer: see fxsurgeon.budget.allotment
             p_in, p_out, _ = layer_positions(gm, cand.aliases, conv)
             allotted = allot(decomp, form, multiplier, p_in, p_out, init=init)
             if allotted is None:

@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError
-from .runtime import (
+from ..errors import SurgeryError
+from ..runtime import (
     compile_options,
     cudnn_benchmark_mode,
     device_name,
@@ -52,7 +52,7 @@ Timer = Callable[[nn.Module, tuple], float]
 
 _OPTIONS = ("device", "dtype", "channels_last", "batch_size", "warmup", "iters", "rounds", "margin", "timer",
             "cudnn_benchmark")
-#: settings that only a latency budget (``target_latency``) uses; see :mod:`fxsurgeon.latency_budget`
+#: settings that only a latency budget (``target_latency``) uses; see :mod:`fxsurgeon.budget.latency_budget`
 _BUDGET_OPTIONS = ("compile", "cache_dir", "rank_multiple", "grid_points", "tolerance", "solve_rounds",
                    "model_rounds", "model_warmup", "model_iters")
 
@@ -159,14 +159,14 @@ class LatencyJudge:
         cudnn_benchmark: let cuDNN pick its fastest algorithm while timing on CUDA, as deployment would.
 
     With a latency budget (``separable=dict(target_latency=...)``) these settings say where and how to time,
-    and a few more apply (:mod:`fxsurgeon.latency_budget`):
+    and a few more apply (:mod:`fxsurgeon.budget.latency_budget`):
 
         compile: ``torch.compile`` both whole models (True, a mode name, or a dict of its options) for the
             end-to-end check; layers are timed eager.
         cache_dir: where latency tables are cached (default ``$FXSURGEON_CACHE_DIR/latency``, else
             ``~/.cache/fxsurgeon/latency``); False: no disk cache.
         rank_multiple: ranks counted in channels are multiples of this (default: 8 on CUDA, the SIMD width
-            in floats on CPU, :func:`fxsurgeon.latency_table.hardware_multiple`).
+            in floats on CPU, :func:`fxsurgeon.budget.latency_table.hardware_multiple`).
         grid_points: ranks per form first timed for each layer (then refined near the choice).
         tolerance: how far (absolute, in the ratio) the measured ratio may miss the target before the budget
             is re-solved.

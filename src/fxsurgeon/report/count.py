@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .modes import modes as _modes
-from .modes import restore_modes as _restore_modes
-from .report_scope import ScopedGraph, scoped
+from ..errors import SurgeryError
+from ..modes import modes as _modes
+from ..modes import restore_modes as _restore_modes
+from .scope import ScopedGraph, scoped
 
 __all__ = ["MACS_NOTE", "REASONS", "Counts", "count_model", "cross_check", "inclusive_torch_flops", "op_category"]
 
@@ -116,7 +116,7 @@ def count_model(model: nn.Module, inputs: tuple, *, what: str = "the model", tor
     fvcore's own warnings (unsupported ops, uncalled modules, tracer warnings) are switched off on this one
     analysis object, never through global logging or warning state; the ops it did not count come back in
     :attr:`Counts.uncounted` instead. A GraphModule is run node by node so that the ops torch.fx inlined are
-    filed under the module they were written in (:mod:`fxsurgeon.report_scope`); totals are unchanged. The
+    filed under the module they were written in (:mod:`fxsurgeon.report.scope`); totals are unchanged. The
     model's train/eval modes are restored afterwards.
     """
     modes = _modes(model)

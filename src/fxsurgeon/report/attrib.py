@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .passes.base import Rewrite
-from .report_count import Counts
+from ..passes.base import Rewrite
+from .count import Counts
 
 __all__ = ["FOOTPRINT_KEYS", "attribute_rewrites", "footprint"]
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .forms_base import LayerChoice, register_form
-from .modules import depthwise_conv_class
+from ..errors import SurgeryError
+from ..modules import depthwise_conv_class
+from .base import LayerChoice, register_form
 
 __all__ = [
     "SpatialSVD",

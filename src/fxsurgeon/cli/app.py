@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .cli_common import (  # noqa: F401  (HUB_HOST, MODEL_FILE_SUFFIXES, hub_reachable: still importable from cli)
+from ..errors import SurgeryError
+from .common import (  # noqa: F401  (HUB_HOST, MODEL_FILE_SUFFIXES, hub_reachable: still importable from cli)
     HUB_HOST,
     MODEL_FILE_SUFFIXES,
     check_output,
@@ -29,7 +30,6 @@ from .cli_common import (  # noqa: F401  (HUB_HOST, MODEL_FILE_SUFFIXES, hub_rea
     positive,
     verbosity_parent,
 )
-from .errors import SurgeryError
 
 __all__ = ["build_parser", "load_model", "main", "parse_bytes", "parse_count"]
 
@@ -63,14 +63,14 @@ def parse_bytes(text: str) -> int:
 def _save_model(converted: torch.nn.Module, path: str, spec: str, example: torch.Tensor,
                 fmt: str | None = None) -> dict[str, Any]:
     """Write the converted model in the format ``fmt`` or ``path``'s suffix names (see :mod:`fxsurgeon.export`)."""
-    from .export import write_model
+    from ..export import write_model
 
     source = spec if (":" in spec or not os.path.isfile(spec)) else None
     return write_model(converted, path, example, fmt=fmt, source=source)
 
 
 def _write_text(path: str, text: str) -> None:
-    from .io import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text if text.endswith("\n") else text + "\n",
                                                         encoding="utf-8"))
@@ -83,14 +83,14 @@ def note(args: argparse.Namespace, text: str) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .cli_common import activity, device_of, recipe_from_args, show_progress, weights_kind
-    from .convert import convert
-    from .record import get_record
+    from ..convert import convert
+    from ..record import get_record
+    from .common import activity, device_of, recipe_from_args, show_progress, weights_kind
 
     check_output(args.out, "--out")
     check_output(args.report, "--report")
     if args.out:
-        from .export import format_of
+        from ..export import format_of
 
         format_of(args.out, args.out_format)  # an unknown file type is refused before any work
     recipe = recipe_from_args(args)
@@ -123,7 +123,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(f"  calibration: {synthetic['images']} synthetic images ({synthetic['seconds']:.0f} s), output error "
               f"on them {calib.get('output_error_before', float('nan')):.4g} → "
               f"{calib.get('output_error_after', float('nan')):.4g}")
-    from .report import savings
+    from ..report.savings import savings
 
     # the full report only when asked for; the savings line needs the two MAC counts alone
     report = savings(model, converted, x, weights=weights) if args.report else None
@@ -152,7 +152,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if as_json:
         import json
 
-        from .report import finite_or_none
+        from ..report.savings import finite_or_none
 
         data = {"weights": weights, "record": record.to_dict(), "out": written, "report": args.report,
                 "savings": None if counted is None else {
@@ -188,7 +188,7 @@ def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace, say=print) 
     """Say when the verification above is blind to part of the model (fresh timm weights zero some branches)."""
     if args.pretrained or args.weights:
         return
-    from .batch import silencing_params
+    from ..batch import silencing_params
 
     names = silencing_params(model)
     if names:
@@ -198,7 +198,7 @@ def _warn_silenced(model: torch.nn.Module, args: argparse.Namespace, say=print) 
 
 
 def _add_convert(sub) -> None:
-    from .cli_common import add_model_options, add_recipe_options
+    from .common import add_model_options, add_recipe_options
 
     p = sub.add_parser(
         "convert", help="convert one model and print what changed",
@@ -230,8 +230,8 @@ def _add_convert(sub) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import expand_models, run_batch
-    from .cli_common import recipe_from_args
+    from ..batch import expand_models, run_batch
+    from .common import recipe_from_args
 
     recipe = recipe_from_args(args)
     models = expand_models(args.patterns, args.exclude)
@@ -257,7 +257,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _add_batch(sub) -> None:
-    from .cli_common import add_recipe_options, positive_int
+    from .common import add_recipe_options, positive_int
 
     p = sub.add_parser(
         "batch", help="convert many timm models, each in its own process",
@@ -297,7 +297,7 @@ def _add_batch(sub) -> None:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from .recipe_files import describe_recipe, list_recipes, resolve_recipe
+    from ..recipe_files import describe_recipe, list_recipes, resolve_recipe
 
     if args.name:
         path = resolve_recipe(args.name)
@@ -321,8 +321,8 @@ def _add_recipes(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_common import Parser
-    from .runtime import __version__
+    from ..runtime import __version__
+    from .common import Parser
 
     parser = Parser(prog="fxsurgeon", parents=[verbosity_parent()],
                     description="fxsurgeon: convert PyTorch models with torch.fx passes (separable convs, conv "
@@ -334,10 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     _add_convert(sub)
     _add_batch(sub)
-    from .report_cli import add_report_command
+    from .report import add_report_command
 
     add_report_command(sub)
-    from .bench_cli import add_bench_command
+    from .bench import add_bench_command
 
     add_bench_command(sub)
     _add_recipes(sub)
@@ -370,6 +370,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
 
-
-if __name__ == "__main__":
-    sys.exit(main())

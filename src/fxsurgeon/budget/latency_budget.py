@@ -2,21 +2,21 @@
 
 ``separable=dict(target_latency=0.6)`` asks for a model that runs in 0.6× the original's time where it will
 run (``latency_aware=dict(device=..., dtype=..., batch_size=..., channels_last=..., compile=...)`` say where;
-see :class:`fxsurgeon.latency.LatencyJudge`). The steps:
+see :class:`fxsurgeon.budget.latency.LatencyJudge`). The steps:
 
 1. **Tables.** Per rewritable conv, the original and each candidate the allocation may pick — each form's
    ranks on a coarse grid of hardware-friendly multiples — are timed at the layer's real input shapes
-   (:class:`fxsurgeon.latency_table.LatencyTable`: random weights, equal shapes shared, cached on disk).
+   (:class:`fxsurgeon.budget.latency_table.LatencyTable`: random weights, equal shapes shared, cached on disk).
 2. **Menus.** Candidates slower than the original are dropped (keeping the conv is faster and exact); the
    rest get their error — the weight error, or with calibration data the measured output error after a
-   refit, as for MAC budgets (:mod:`fxsurgeon.allocation`).
+   refit, as for MAC budgets (:mod:`fxsurgeon.budget.allocation`).
 3. **Allocation.** The same least-error-per-unit-of-cost allocation as MAC budgets
-   (:func:`fxsurgeon.allocation.allocate`), with measured milliseconds as the cost. The budget for the
+   (:func:`fxsurgeon.budget.allocation.allocate`), with measured milliseconds as the cost. The budget for the
    rewritable layers is what they take in the original minus the saving the target asks for; then every
    layer's choice is refined once (the ranks halfway to its grid neighbours are timed and offered) and the
    allocation re-solved.
 4. **End-to-end check.** The converted model (random weights of the chosen shapes) is timed against the
-   original, interleaved (:func:`fxsurgeon.latency.interleaved_ratio`). Layers timed alone are not layers
+   original, interleaved (:func:`fxsurgeon.budget.latency.interleaved_ratio`). Layers timed alone are not layers
    in a model, so when the measured ratio misses the target by more than ``tolerance``, the budget is
    corrected by the ratio of measured to predicted saving and re-solved, up to ``solve_rounds`` checks.
    The conversion kept is the checked one that meets the target with the least error, else the fastest;
@@ -39,6 +39,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import SurgeryError
+from ..forms.dense import rank_grid
+from ..forms.registry import LayerChoice, auto_forms, conv_cost, get_form
+from ..graph import replace_module
+from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
 from .allocation import (
     LayerOptions,
     allocate,
@@ -47,13 +52,8 @@ from .allocation import (
     max_useful_rank,
     model_macs,
 )
-from .errors import SurgeryError
-from .forms import LayerChoice, auto_forms, conv_cost, get_form
-from .forms_dense import rank_grid
-from .graph import replace_module
 from .latency import LatencyJudge, call_site_inputs, has_shapes, interleaved_ratio, model_ms
 from .latency_table import ORIGINAL, LatencyTable, hardware_multiple
-from .runtime import compile_options, dtype_name, parse_dtype, resolve_device
 
 __all__ = ["LatencyPlan", "budget_latency", "menu_ranks"]
 
@@ -245,7 +245,7 @@ def budget_latency(
         target_latency: fraction of the original model's measured latency to reach, in (0, 1].
         judge: where and how to time.
         target_macs / target_params: a second budget (one of them), as for MAC budgets.
-        calibration / errors: as for :func:`fxsurgeon.allocation.plan_budget`.
+        calibration / errors: as for :func:`fxsurgeon.budget.allocation.plan_budget`.
 
     Returns:
         A :class:`LatencyPlan`: ``settings`` ``{name: {"form", "rank"}}`` to rewrite, ``kept`` the layers left
@@ -311,7 +311,7 @@ def budget_latency(
         norm2 = float(lay.conv.weight.detach().double().pow(2).sum())
         weights[lay.name] = 1.0 / norm2 if norm2 > 0 else 1.0
     if calibration is not None and errors in ("auto", "data", "sensitivity") and solver.layers:
-        from .calibrate import measure_choices, output_sensitivity
+        from ..calibrate import measure_choices, output_sensitivity
 
         plain = [LayerOptions(lay.name, tuple(lay.menu), lay.positions_in, lay.positions_out) for lay in solver.layers]
         measured = measure_choices(gm, plain, {lay.name: convs[lay.name][1] for lay in solver.layers}, calibration)
@@ -531,7 +531,7 @@ def _refined_choices(solver: _Solver, lay: _Layer, fname: str, ranks: list[int],
     choices = solver.errors_for(lay, fname, ranks)
     if how == "weight":
         return choices
-    from .calibrate import measure_choices
+    from ..calibrate import measure_choices
 
     opt = LayerOptions(lay.name, tuple(choices), lay.positions_in, lay.positions_out)
     return list(measure_choices(gm, [opt], {lay.name: convs[lay.name][1]}, calibration)[0].choices)

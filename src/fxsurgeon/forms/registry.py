@@ -1,10 +1,10 @@
 """Separable forms: the shapes a k×k conv can be rewritten into, each with its cost and error per rank.
 
-A form is registered by name (``"dw-pw"`` here; ``"pw-dw-pw"`` in :mod:`fxsurgeon.cp`) and answers two
+A form is registered by name (``"dw-pw"`` here; ``"pw-dw-pw"`` in :mod:`fxsurgeon.forms.cp`) and answers two
 questions for one conv: what every rank would cost and lose (:meth:`Form.choices`, data-free, from the
 weight alone), and the module for one rank (:meth:`Form.build`). The separable pass, budget allocation and
 save/load replay all go through this table, so a new form needs no change to them. The table and the protocol
-live in :mod:`fxsurgeon.forms_base`; this module re-exports them and registers every built-in form.
+live in :mod:`fxsurgeon.forms.base`; this module re-exports them and registers every built-in form.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
+from ..modules import make_separable
+from .base import FORMS, Form, LayerChoice, auto_forms, conv_cost, get_form, register_form
 from .decompose import separable_error_curve
-from .forms_base import FORMS, Form, LayerChoice, auto_forms, conv_cost, get_form, register_form
-from .modules import make_separable
 
 __all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
 
@@ -66,7 +66,7 @@ class DepthwisePointwise:
 
 
 
-# The CP and dense forms register themselves (in forms_base's table) on import; last, so that FORMS keeps
+# The CP and dense forms register themselves (in forms.base's table) on import; last, so that FORMS keeps
 # dw-pw first, as it always has.
 from . import cp as _cp  # noqa: E402, F401
-from . import forms_dense as _dense  # noqa: E402, F401
+from . import dense as _dense  # noqa: E402, F401

@@ -3,7 +3,7 @@
 Parameters and MACs come from fvcore (``parameter_count``, ``FlopCountAnalysis``), which counts one
 multiply-add as one "flop": that is one MAC, and every output of this module says MACs. PyTorch's
 ``FlopCounterMode`` (FLOPs = 2 × MACs, fewer ops) cross-checks them; fidelity is measured on the inputs given.
-Renderers live in :mod:`fxsurgeon.report_render` (terminal, Markdown, CSV) and :mod:`fxsurgeon.report_plot`.
+Renderers live in :mod:`fxsurgeon.report.render` (terminal, Markdown, CSV) and :mod:`fxsurgeon.report.plot`.
 
 >>> import torch, torch.nn as nn, fxsurgeon
 >>> net = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, bias=False))
@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .convert import compare_outputs
-from .errors import SurgeryError
-from .modes import modes as _modes
-from .modes import restore_modes as _restore_modes
-from .record import find_record
-from .report_attrib import attribute_rewrites
-from .report_count import MACS_NOTE, Counts, count_model, cross_check
-from .runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
+from ..convert import compare_outputs
+from ..errors import SurgeryError
+from ..modes import modes as _modes
+from ..modes import restore_modes as _restore_modes
+from ..record import find_record
+from ..runtime import device_of, model_name, normalize_inputs, report_versions, run_forward, to_device
+from .attrib import attribute_rewrites
+from .count import MACS_NOTE, Counts, count_model, cross_check
 
 __all__ = ["SCHEMA_VERSION", "SavingsReport", "fidelity", "finite_or_none", "load_schema", "module_rows", "savings"]
 
@@ -168,23 +168,23 @@ class SavingsReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def to_markdown(self, max_rows: int = 200) -> str:
-        from .report_render import to_markdown
+        from .render import to_markdown
 
         return to_markdown(self, max_rows=max_rows)
 
     def to_table(self) -> str:
-        from .report_render import to_table
+        from .render import to_table
 
         return to_table(self)
 
     def to_csv(self, header: bool = False) -> str:
-        from .report_render import to_csv
+        from .render import to_csv
 
         return to_csv(self, header=header)
 
     def plot(self, path: str) -> None:
         """Write the per-stage MACs / parameters chart to ``path`` (``.png``, ``.svg`` or ``.pdf``)."""
-        from .report_plot import plot_stages
+        from .plot import plot_stages
 
         plot_stages(self, path)
 

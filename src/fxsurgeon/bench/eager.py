@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .runtime import (
+from ..errors import SurgeryError
+from ..runtime import (
     DTYPES,
     batch_of,
     benchmark_inputs,

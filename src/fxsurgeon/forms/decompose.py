@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = [
     "SeparableFactors",

@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError
-from .forms import LayerChoice, conv_cost, get_form
-from .modes import eval_modes
-from .runtime import data_device_of
+from ..errors import SurgeryError
+from ..forms.registry import LayerChoice, conv_cost, get_form
+from ..modes import eval_modes
+from ..runtime import data_device_of
 
 __all__ = [
     "BUDGET_DEFAULTS",
@@ -574,7 +574,7 @@ def plan_budget(
                                      positions_out=sh.positions_out, calls=sh.calls))
     how = "weight"
     if calibration is not None and errors in ("auto", "data", "sensitivity") and options:
-        from .calibrate import measure_choices, output_sensitivity
+        from ..calibrate import measure_choices, output_sensitivity
 
         options = measure_choices(gm, options, {n: everything[n][1] for n in (o.name for o in options)}, calibration)
         how = "data"
@@ -623,7 +623,7 @@ def budget_layers(
         ``(settings, kept, plan)``: ``settings`` is ``{name: {"form", "rank"}}`` for the layers to rewrite,
         ``kept`` the layers whose best use of the budget is to stay as they are, ``plan`` the figures.
     """
-    from .forms import auto_forms
+    from ..forms.registry import auto_forms
 
     forms = auto_forms() if form == "auto" else [form]
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}

@@ -12,7 +12,7 @@
 - :func:`load_model`, :func:`example_input`, :func:`check_output`, :func:`positive`, :func:`verbosity_parent`:
   building the model a command names, its example input, refusing an unwritable output early, argparse types
   and the ``--quiet`` / ``--verbose`` parent parser. They live here rather than in :mod:`fxsurgeon.cli` so that
-  :mod:`fxsurgeon.batch`, :mod:`fxsurgeon.report_cli` and :mod:`fxsurgeon.bench_cli` never import the command
+  :mod:`fxsurgeon.batch`, :mod:`fxsurgeon.cli.report` and :mod:`fxsurgeon.cli.bench` never import the command
   module that imports them.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = [
     "HUB_HOST",
@@ -117,7 +117,7 @@ def parse_set(text: str) -> dict[str, Any]:
     """
     import yaml
 
-    from .recipes import validate_recipe
+    from ..recipes import validate_recipe
 
     key, eq, raw = str(text).partition("=")
     key = key.strip()
@@ -138,8 +138,8 @@ def parse_set(text: str) -> dict[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """convert() keywords from ``--recipe`` (shipped name or file) then every ``--set``, each validated."""
-    from .recipe_files import resolve_recipe
-    from .recipes import load_recipe
+    from ..recipe_files import resolve_recipe
+    from ..recipes import load_recipe
 
     recipe: dict[str, Any] = load_recipe(resolve_recipe(args.recipe)) if getattr(args, "recipe", None) else {}
     for text in getattr(args, "overrides", None) or []:
@@ -166,7 +166,7 @@ def weights_kind(args: argparse.Namespace, spec: str | None = None) -> str:
 
 def device_of(args: argparse.Namespace, default: str = "cpu"):
     """The ``--device`` as a checked ``torch.device`` (a missing GPU is a one-line error before any work)."""
-    from .bench import resolve_device
+    from ..bench.eager import resolve_device
 
     return resolve_device(getattr(args, "device", None) or default)
 
@@ -280,7 +280,7 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
             raise SurgeryError(f"{spec} is a saved model: --pretrained and build options do not apply to it")
         model = _load_saved(spec, trust_factories)
     elif ":" in spec:
-        from .sources import TRUST_ALL, resolve_factory
+        from ..sources import TRUST_ALL, resolve_factory
 
         factory = resolve_factory(spec, TRUST_ALL)  # the user named it on the command line: trusted
         if pretrained:
@@ -307,7 +307,7 @@ def load_model(spec: str, *, pretrained: bool = False, weights: str | None = Non
     if weights:
         _load_weights(model, weights)
     if device is not None:
-        from .bench import resolve_device
+        from ..bench.eager import resolve_device
 
         model = model.to(resolve_device(device))
     return model.eval()
@@ -368,7 +368,7 @@ def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torc
     if not os.path.isfile(path):
         raise SurgeryError(f"model file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from .io import load
+        from ..io import load
 
         return load(path, trust_factories=list(trust_factories or []))
     try:
@@ -385,8 +385,8 @@ def _load_saved(path: str, trust_factories: Sequence[str] | None = None) -> torc
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
-    from .checkpoints import load_original_state_dict, read_state_dict
-    from .record import find_record
+    from ..checkpoints import load_original_state_dict, read_state_dict
+    from ..record import find_record
 
     state = read_state_dict(path)
     have = model.state_dict()

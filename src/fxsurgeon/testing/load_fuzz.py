@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["CANARY_MODULE", "LoadFuzzer", "make_base_files"]
 
@@ -42,14 +42,14 @@ CANARY_MODULE = "fxsurgeon_load_fuzz_canary"
 
 def make_base_files(folder: Path, kinds: Sequence[str] = ("resnet20", "fuzznet", "timm")) -> list[Path]:
     """Real saved conversions to mutate: CIFAR ResNet-20, two FuzzNets, timm's ``test_resnet`` (when timm is)."""
-    from .convert import convert
+    from ..convert import convert
+    from ..io import save
     from .fuzz import FuzzNet, RandomDraw, generate_spec
-    from .io import save
 
     torch.manual_seed(0)
     out = []
     if "resnet20" in kinds:
-        from .models import resnet20
+        from ..models import resnet20
 
         path = folder / "base_resnet20.safetensors"
         save(convert(resnet20(), source=resnet20, example_inputs=torch.randn(1, 3, 32, 32)), path)
@@ -60,7 +60,7 @@ def make_base_files(folder: Path, kinds: Sequence[str] = ("resnet20", "fuzznet",
             x = torch.randn(1, *spec["input"])
             path = folder / f"base_fuzznet{seed}.safetensors"
             small = convert(FuzzNet(spec), example_inputs=x,
-                                      source={"factory": "fxsurgeon.fuzz:FuzzNet", "kwargs": {"spec": spec}})
+                                      source={"factory": "fxsurgeon.testing.fuzz:FuzzNet", "kwargs": {"spec": spec}})
             save(small, path)
             out.append(path)
     if "timm" in kinds:
@@ -154,7 +154,7 @@ class LoadFuzzer:
             {"factory": "fxsurgeon.models.cifar_resnet:torch.save", "kwargs": {"obj": 1, "f": c("torch_save")}},
             {"factory": "torchvision.models:_api.os.system", "kwargs": {"command": f"touch {c('tv')}"}},
             {"factory": "os..path:join", "kwargs": {}},
-            {"factory": "fxsurgeon.fuzz:os.system", "kwargs": {"command": f"touch {c('fuzz')}"}},
+            {"factory": "fxsurgeon.testing.fuzz:os.system", "kwargs": {"command": f"touch {c('fuzz')}"}},
             {"timm": "resnet18", "kwargs": {"checkpoint_path": c("ckpt")}},
             {"timm": f"{CANARY_MODULE}:build", "kwargs": {}},
         ]
@@ -322,7 +322,7 @@ class LoadFuzzer:
 
     def run_one(self, rng: random.Random, path: Path) -> dict[str, Any]:
         """Mutate, load, classify: ``refused`` (SurgeryError), ``loaded``, or ``CRASH`` (anything else)."""
-        from .io import load
+        from ..io import load
 
         mutations = self.mutate(rng, path)
         try:

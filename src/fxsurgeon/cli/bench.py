@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["add_bench_command", "parse_batch_sizes", "run_bench"]
 
@@ -36,7 +36,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the ``fxsurgeon`` parser's subparsers."""
-    from .cli_common import add_model_options, add_recipe_options, positive, verbosity_parent
+    from .common import add_model_options, add_recipe_options, positive, verbosity_parent
 
     p = subparsers.add_parser(
         "bench", help="time the original and the converted model side by side (CUDA or CPU)",
@@ -76,10 +76,10 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def _models(args: argparse.Namespace, device):
     """(original, converted, record) from MODEL + recipe, or from a saved converted MODEL."""
-    from .cli_common import activity, example_input, load_model, recipe_from_args, show_progress
-    from .convert import convert
-    from .record import find_record
-    from .report_cli import is_saved_model, load_saved, rebuilt_original
+    from ..convert import convert
+    from ..record import find_record
+    from .common import activity, example_input, load_model, recipe_from_args, show_progress
+    from .report import is_saved_model, load_saved, rebuilt_original
 
     if is_saved_model(args.model):
         converted = load_saved(args.model, args.trust_factory)
@@ -124,8 +124,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import benchmark_pair, parse_dtype, resolve_device, write_result
-    from .cli_common import check_output, progress, show_progress
+    from ..bench.eager import benchmark_pair, parse_dtype, resolve_device, write_result
+    from .common import check_output, progress, show_progress
 
     for path in args.out:
         if not path.lower().endswith((".md", ".markdown", ".json")):
@@ -158,7 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
     total = args.rounds * len(args.batch_sizes)
     with progress(total, "timing (interleaved rounds)", enabled=show_progress(args), unit="round") as bar:
         if args.runtime == "onnxruntime":
-            from .bench_ort import benchmark_onnxruntime_pair
+            from ..bench.ort import benchmark_onnxruntime_pair
 
             result = benchmark_onnxruntime_pair(
                 model, converted, x, rounds=args.rounds, batch_sizes=args.batch_sizes, warmup=args.warmup,

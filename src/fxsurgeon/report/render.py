@@ -12,10 +12,10 @@ import io
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from .record import reason_key
+from ..record import reason_key
 
 if TYPE_CHECKING:
-    from .report import SavingsReport
+    from .savings import SavingsReport
 
 __all__ = ["CSV_FIELDS", "csv_header", "to_csv", "to_markdown", "to_table", "totals_line"]
 
@@ -119,7 +119,7 @@ def _pass_rows(r: SavingsReport) -> list[list[Any]]:
     return rows
 
 
-# figures of the modules each pass's rewrites touched (fxsurgeon.report_attrib)
+# figures of the modules each pass's rewrites touched (fxsurgeon.report.attrib)
 _PASS_HEADERS = ["pass", "rewrites", "exact", "skipped", "MACs before → after", "Δ MACs", "params before → after",
                  "Δ params"]
 
@@ -168,7 +168,7 @@ def _details(summary: str, body: str) -> str:
 
 def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
     """Markdown for a GitHub job summary or PR comment; tables longer than ``max_rows`` are cut, saying so."""
-    from .report_count import MACS_NOTE
+    from .count import MACS_NOTE
 
     def cut(rows: list) -> tuple[list, str]:
         extra = f"\n\n… {len(rows) - max_rows} more rows in the JSON report" if len(rows) > max_rows else ""
@@ -217,7 +217,7 @@ def to_markdown(r: SavingsReport, max_rows: int = 200) -> str:
 
 def to_table(r: SavingsReport) -> str:
     """Plain-text report for a terminal: totals, fidelity, passes, modules, uncounted ops, cross-check."""
-    from .report_count import MACS_NOTE
+    from .count import MACS_NOTE
 
     out = [f"fxsurgeon savings report: {r.model} (inputs {_shapes(r)}, weights {r.weights})", MACS_NOTE, ""]
     if r.random_weights:

@@ -1,7 +1,7 @@
 """Random small conv nets and the properties every conversion of them must have (property-based fuzzing).
 
 A net is described by a JSON *spec* (so :func:`fxsurgeon.save` can rebuild it by name:
-``{"factory": "fxsurgeon.fuzz:FuzzNet", "kwargs": {"spec": spec}}``): an input shape, a list of ops each
+``{"factory": "fxsurgeon.testing.fuzz:FuzzNet", "kwargs": {"spec": spec}}``): an input shape, a list of ops each
 reading earlier values — convs with random kernel (square or not, 1×1 to 5×5), stride, dilation, padding
 (int or ``"same"``), padding mode, groups and bias, optionally followed by BatchNorm/ReLU; residual adds;
 channel concats; max/avg pools; calls of an earlier conv again (a shared module); convs whose weight is tied
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = [
     "FuzzNet",
@@ -303,7 +303,7 @@ class FuzzNet(nn.Module):
 
 
 def _passes() -> list[str]:
-    from .passes import list_passes
+    from ..passes import list_passes
 
     return list_passes()
 
@@ -322,7 +322,7 @@ def exact_options() -> dict[str, Any]:
 def approximate_options(d: Draw) -> dict[str, Any]:
     """Random pass options: each pass on or off, uniform / energy / per-layer ranks, every separable form,
     exclusions, channel reductions — and, now and then, an invalid value, which must be a SurgeryError."""
-    from .forms import FORMS
+    from ..forms.registry import FORMS
 
     known = _passes()
     opts: dict[str, Any] = {}
@@ -424,11 +424,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _round_trip(gm: nn.Module, spec: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
-    from .io import load, save
+    from ..io import load, save
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "net.safetensors"
-        save(gm, path, source={"factory": "fxsurgeon.fuzz:FuzzNet", "kwargs": {"spec": spec}})
+        save(gm, path, source={"factory": "fxsurgeon.testing.fuzz:FuzzNet", "kwargs": {"spec": spec}})
         again = load(path)
     y2 = _run_eval(again, x)
     assert torch.equal(y2, y), f"save → load changed the outputs (max abs diff {float((y2 - y).abs().max()):.3g})"
@@ -442,8 +442,8 @@ def check_exact(
 
     Returns a summary (rewrites, skips per pass); raises AssertionError naming the violated property.
     """
-    from .convert import convert
-    from .record import get_record
+    from ..convert import convert
+    from ..record import get_record
 
     model, x = _setup(spec, seed, dtype, train, freeze)
     snap = _Snapshot(model)
@@ -473,8 +473,8 @@ def check_approximate(
 
     Either way the caller's model is unchanged. Returns ``{"refused": message}`` or a summary.
     """
-    from .convert import convert
-    from .record import get_record
+    from ..convert import convert
+    from ..record import get_record
 
     model, x = _setup(spec, seed, dtype, train, freeze)
     snap = _Snapshot(model)

@@ -20,8 +20,8 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from .errors import SurgeryError
-from .forms import FORMS, LayerChoice, auto_forms, conv_cost, get_form
+from ..errors import SurgeryError
+from ..forms.registry import FORMS, LayerChoice, auto_forms, conv_cost, get_form
 
 __all__ = ["Allotted", "allot", "check_form", "layer_positions", "macs_of", "rank_within"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 if TYPE_CHECKING:
-    from .report import SavingsReport
+    from .savings import SavingsReport
 
 __all__ = ["FORMATS", "plot_stages"]
 

@@ -2,7 +2,7 @@
 :data:`FORMS` with :func:`register_form` / :func:`get_form` / :func:`auto_forms`.
 
 Kept apart from :mod:`fxsurgeon.forms` (which re-exports all of it and defines ``dw-pw``) so that the forms of
-:mod:`fxsurgeon.cp` and :mod:`fxsurgeon.forms_dense` register themselves without importing the module that
+:mod:`fxsurgeon.forms.cp` and :mod:`fxsurgeon.forms.dense` register themselves without importing the module that
 imports them.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
 
@@ -85,7 +85,7 @@ def register_form(cls: type) -> type:
 def auto_forms(latency: bool = False) -> list[str]:
     """The forms ``form="auto"`` chooses among: every registered form under a latency target, else those
     meant to compete on MACs (a form with ``in_mac_auto = False``, such as the dense low-rank ones of
-    :mod:`fxsurgeon.forms_dense`, is there for speed and joins only when speed is measured).
+    :mod:`fxsurgeon.forms.dense`, is there for speed and joins only when speed is measured).
 
     >>> auto_forms()
     ['dw-pw', 'pw-dw-pw']

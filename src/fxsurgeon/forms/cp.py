@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .forms_base import LayerChoice, register_form
-from .modules import SeparableConv2d, depthwise_conv_class
+from ..errors import SurgeryError
+from ..modules import SeparableConv2d, depthwise_conv_class
+from .base import LayerChoice, register_form
 
 __all__ = [
     "CPFactors",

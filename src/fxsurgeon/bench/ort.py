@@ -7,7 +7,7 @@ ONNX (one export per batch size, static shapes; dynamo's exporter, else the Torc
 threads, and times it like :func:`fxsurgeon.benchmark` (warm-up, then timed calls; median, p90, mean, min,
 throughput), returning the same :class:`~fxsurgeon.bench.BenchmarkResult`, so ``compare()`` and
 ``fxsurgeon bench --runtime onnxruntime`` treat it as any other runtime. :func:`ort_runner` gives the bare
-callable, for interleaved timing (:func:`fxsurgeon.latency.interleaved_ratio`), and
+callable, for interleaved timing (:func:`fxsurgeon.budget.latency.interleaved_ratio`), and
 :func:`benchmark_onnxruntime_pair` times an original and a converted model interleaved.
 """
 
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import BenchmarkResult, BenchmarkRow, Comparison, interleaved_rounds
-from .errors import SurgeryError
-from .runtime import (
+from ..errors import SurgeryError
+from ..runtime import (
     batch_of,
     benchmark_inputs,
     device_name,
@@ -35,6 +34,7 @@ from .runtime import (
     prepare_inputs,
     time_calls,
 )
+from .eager import BenchmarkResult, BenchmarkRow, Comparison, interleaved_rounds
 
 __all__ = ["benchmark_onnxruntime", "benchmark_onnxruntime_pair", "export_onnx", "ort_runner"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 __all__ = ["add_report_command", "is_saved_model", "load_saved", "parse_fraction", "rebuilt_original", "run_report"]
 
@@ -55,7 +55,7 @@ def _nonneg_float(text: str) -> float:
 
 def add_report_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``report`` on the ``fxsurgeon`` parser's subparsers."""
-    from .cli_common import add_model_options, add_recipe_options, verbosity_parent
+    from .common import add_model_options, add_recipe_options, verbosity_parent
 
     p = subparsers.add_parser(
         "report", help="parameters, MACs and fidelity of a conversion; gate CI on thresholds",
@@ -125,7 +125,7 @@ def load_saved(spec: str, trust: list[str] | None = None) -> nn.Module:
         except Exception as exc:
             raise SurgeryError(f"cannot load {spec} with torch.load: {type(exc).__name__}: {exc}") from exc
     else:
-        from . import io as fxio
+        from .. import io as fxio
 
         if not hasattr(fxio, "load"):
             raise SurgeryError(f"{spec}: not a .pt/.pth file, and this fxsurgeon cannot read other formats")
@@ -136,7 +136,7 @@ def load_saved(spec: str, trust: list[str] | None = None) -> nn.Module:
 
 
 def _record(model: nn.Module):
-    from .record import get_record
+    from ..record import get_record
 
     try:
         return get_record(model)
@@ -151,7 +151,7 @@ def rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = 
         raise SurgeryError(f"{spec} carries no fxsurgeon record: pass --original to say what it was converted from")
     source = getattr(rec, "source", None)
     if source:
-        from .io import build_original
+        from ..io import build_original
 
         return build_original(source, trust_factories=trust or []).eval()
     import timm
@@ -177,7 +177,7 @@ def _input_size(args: argparse.Namespace, *models: nn.Module) -> tuple[int, ...]
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse bad output paths before any work starts."""
-    from .report_plot import FORMATS
+    from ..report.plot import FORMATS
 
     for path in [args.out, *args.plot]:
         if not path:
@@ -202,13 +202,13 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _write(path: str, text: str) -> None:
     """Write atomically: a failed run never leaves a half-written report where the old one was."""
-    from .io import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # honours the umask
 
 
 def _original_spec(args: argparse.Namespace) -> nn.Module:
-    from .cli_common import load_model
+    from .common import load_model
 
     if is_saved_model(args.original):
         if args.weights or args.pretrained:
@@ -229,9 +229,9 @@ def _random_gate(args: argparse.Namespace, weights: str) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: build or load, count, render, gate."""
-    from .cli_common import activity, device_of, load_model, recipe_from_args, show_progress, weights_kind
-    from .convert import convert
-    from .report import savings
+    from ..convert import convert
+    from ..report.savings import savings
+    from .common import activity, device_of, load_model, recipe_from_args, show_progress, weights_kind
 
     _check_outputs(args)
     fmt = _format(args)

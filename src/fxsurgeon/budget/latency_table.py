@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .forms import get_form
-from .runtime import device_name, dtype_name
+from ..errors import SurgeryError
+from ..forms.registry import get_form
+from ..runtime import device_name, dtype_name
 
 __all__ = [
     "CACHE_ENV",
@@ -128,12 +128,12 @@ class LatencyTable:
     """Measured milliseconds of conv candidates in one setting (device, dtype, layout, batch), with a disk cache.
 
     Args:
-        judge: a :class:`~fxsurgeon.latency.LatencyJudge`: where and how to time (its ``timer`` replaces the
+        judge: a :class:`~fxsurgeon.budget.latency.LatencyJudge`: where and how to time (its ``timer`` replaces the
             clock; a table measured by an injected timer is cached apart from real measurements).
         device / dtype / channels_last / batch_size: the setting (resolved by the caller).
         cache_dir: a directory, None for :func:`default_cache_dir`, False for no disk cache.
 
-    >>> from fxsurgeon.latency import LatencyJudge
+    >>> from fxsurgeon.budget.latency import LatencyJudge
     >>> judge = LatencyJudge(timer=lambda m, x: 1e-3 * sum(p.numel() for p in m.parameters()) / 1000)
     >>> table = LatencyTable(judge, torch.device("cpu"), torch.float32, False, 1, cache_dir=False)
     >>> conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)

@@ -1,0 +1,6 @@
+"""Budgets of the separable pass: which layer gets which form and rank under a whole-model target.
+
+``allocation`` (least error per MAC or parameter, :data:`BUDGET_DEFAULTS`), ``allotment`` (a uniform multiplier's
+MACs per layer for other forms), ``latency`` (timing candidates on the device), ``latency_table`` (the on-disk
+cache of those timings) and ``latency_budget`` (``target_latency``: allocation on measured milliseconds).
+"""

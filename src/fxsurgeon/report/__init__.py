@@ -1,0 +1,28 @@
+"""Savings reports: what a conversion saved (parameters, MACs per sample — fvcore counts one multiply-add as
+one flop, a MAC) and how faithful it is, as Markdown, JSON, a terminal table, CSV or a plot.
+
+Modules: ``savings`` (:func:`savings`, the report object), ``count`` (fvcore counts per module), ``scope``
+(counting inside leaf modules), ``attrib`` (savings per rewrite), ``render`` (Markdown/table/CSV), ``plot``.
+"""
+
+from __future__ import annotations
+
+from .savings import (
+    SCHEMA_VERSION,
+    SavingsReport,
+    fidelity,
+    finite_or_none,
+    load_schema,
+    module_rows,
+    savings,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SavingsReport",
+    "fidelity",
+    "finite_or_none",
+    "load_schema",
+    "module_rows",
+    "savings",
+]
