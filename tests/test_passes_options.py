@@ -151,7 +151,7 @@ def test_custom_options_class_validate_runs_on_construction():
 
 
 def test_replay_hook_is_registered_with_the_pass():
-    from fxsurgeon.passes.separable_replay import replay_separable
+    from fxsurgeon.passes.separable.replay import replay_separable
 
     assert get_pass("separable").replay is replay_separable
     assert get_pass("conv_head").replay is None

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ...errors import SurgeryError
 
 __all__ = ["escape_name", "replay_separable"]
 
