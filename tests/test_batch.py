@@ -226,7 +226,7 @@ def test_processes_a_model_started_die_with_it(hooks, launcher):
 def test_dead_fork_server_is_detected_at_once(hooks):
     import threading
 
-    from fxsurgeon import batch
+    from fxsurgeon.batch import isolation as batch
 
     assert run_isolated(Job("batchhooks:ok", recipe=EXACT), launcher="fork")["status"] == "ok"
     server = batch._fork_server().proc
@@ -246,7 +246,7 @@ def test_dead_fork_server_is_detected_at_once(hooks):
 def test_work_directory_of_a_sigkilled_run_is_removed_by_the_next(hooks, tmp_path, monkeypatch):
     import tempfile
 
-    from fxsurgeon import batch
+    from fxsurgeon.batch import isolation as batch
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
