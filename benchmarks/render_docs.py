@@ -209,7 +209,7 @@ torch {versions['torch']}, timm {versions['timm']}, one worker on a 2-core CPU m
 
 Models listed as "numerically chaotic" amplify float rounding so much at random initialisation that no output
 comparison can verify them, even in float64; they are listed as errors rather than counted as converted.
-`tests/test_timm_slice.py` runs a fixed slice of this sweep (one fast model per family) in CI.
+`tests/test_batch_timm_slice.py` runs a fixed slice of this sweep (one fast model per family) in CI.
 
 Rerun (resumable) and re-render:
 
@@ -284,7 +284,7 @@ eval mode, some with frozen parameters. For each net it checks that:
 
 **How it was measured.** `benchmarks/fuzz.py --examples {n} --start {start} --json benchmarks/results/fuzz.json`:
 seeds {start}..{start + n - 1} (`random.Random(seed)` draws each net and recipe), {d['seconds']:.0f} s on one
-thread of a shared 2-core CPU machine ({d['seconds'] / n * 1000:.0f} ms per net). `tests/test_fuzz.py` runs a
+thread of a shared 2-core CPU machine ({d['seconds'] / n * 1000:.0f} ms per net). `tests/test_testing_fuzz.py` runs a
 derandomised Hypothesis slice of the same properties in CI; a failure there shrinks to a minimal spec that
 `fxsurgeon.testing.fuzz.FuzzNet(spec)` rebuilds.
 

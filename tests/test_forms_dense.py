@@ -18,7 +18,7 @@ from fxsurgeon.forms.dense import (
     spatial_svd_error_curve,
     tucker2_factors,
 )
-from test_cp import CONV_VARIANTS as CP_CONV_VARIANTS
+from test_forms_cp import CONV_VARIANTS as CP_CONV_VARIANTS
 
 # the CP form's conv variants, plus non-square and 5×5 kernels (the dense forms take any k×k)
 CONV_VARIANTS = [

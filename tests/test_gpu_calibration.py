@@ -2,7 +2,7 @@
 sensitivity weighting on a model that lives on the GPU — and the same answers as on the CPU.
 
 Every test carries the ``gpu`` marker and is skipped without CUDA (tests/conftest.py); ``benchmarks/gpu_check.sh``
-runs them. The CPU twins are in test_cp.py, test_calibrate.py and test_synthetic.py.
+runs them. The CPU twins are in test_forms_cp.py, test_calibrate.py and test_synthetic.py.
 """
 
 from __future__ import annotations

@@ -329,3 +329,58 @@ def test_checker_passes_a_clean_package():
     assert find_cycles(imps) == [] and private_imports(imps) == []
     assert upward_imports(imps, {"pkg.a": 0, "pkg.b": 1, "pkg": 9}) == []
     assert facade_imports(imps, package="pkg") == []
+
+
+# ------------------------------------------------------------------------------------ test files mirror modules
+
+#: test files that check the package as a whole or something outside it, with why
+NOT_ONE_MODULE = {
+    "test_layering.py": "the import structure of the whole package (and this naming rule)",
+    "test_docs.py": "the README and the docs site: examples run, links resolve, the strict build",
+    "test_docs_cli.py": "docs/cli.md generated from the parser, and the README's quick start",
+    "test_gpu.py": "the CUDA path of convert, report and bench together (marked gpu)",
+    "test_gpu_calibration.py": "calibration on CUDA (marked gpu)",
+}
+
+
+def _module_paths() -> set[str]:
+    """``fxsurgeon/passes/separable/options.py`` → ``"passes_separable_options"``, packages included."""
+    out = set()
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts and not parts[-1].startswith("_"):
+            out.add("_".join(parts))
+    return out
+
+
+def owning_module(test_name: str, modules: set[str]) -> str | None:
+    """The longest module path a test file's name starts with (``test_<module>[_<topic>].py``), or None.
+
+    >>> owning_module("test_passes_separable.py", {"passes", "passes_separable"})
+    'passes_separable'
+    >>> owning_module("test_budget_latency_budget.py", {"budget", "budget_latency", "budget_latency_budget"})
+    'budget_latency_budget'
+    """
+    stem = test_name.removeprefix("test_").removesuffix(".py")
+    words = stem.split("_")
+    for n in range(len(words), 0, -1):
+        if "_".join(words[:n]) in modules:
+            return "_".join(words[:n])
+    return None
+
+
+def test_test_files_are_named_after_the_modules_they_test():
+    modules = _module_paths()
+    tests = sorted(p.name for p in Path(__file__).parent.glob("test_*.py"))
+    unnamed = [t for t in tests if t not in NOT_ONE_MODULE and owning_module(t, modules) is None]
+    assert not unnamed, (f"test files whose name starts with no module path of src/fxsurgeon (test_<module>[_topic].py,"
+                         f" e.g. test_passes_separable.py): {unnamed}")
+    stale = sorted(set(NOT_ONE_MODULE) - set(tests))
+    assert not stale, f"NOT_ONE_MODULE names files that no longer exist: {stale}"
+
+
+def test_naming_rule_can_fail():
+    assert owning_module("test_shapes.py", _module_paths()) is None
+    assert owning_module("test_passes_manager_shapes.py", _module_paths()) == "passes_manager"

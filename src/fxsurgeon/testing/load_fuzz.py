@@ -4,7 +4,7 @@ Each mutated file must be refused with a :class:`~fxsurgeon.SurgeryError` or loa
 may escape, and nothing named in the file may run. The factories, leaf modules and functions the mutations
 plant are *canaries*: each would create a file in a canary folder if it were imported or called (``touch`` by
 ``os:system`` / ``subprocess:run``, a copy by ``shutil:copyfile``, a module whose import writes a file), so an
-empty canary folder after the run proves that none was. Used by ``tests/test_load_safety.py`` (a seeded
+empty canary folder after the run proves that none was. Used by ``tests/test_io_load_safety.py`` (a seeded
 slice) and ``benchmarks/fuzz.py --saved-files`` (the long run).
 
 >>> import tempfile, random

@@ -2,7 +2,7 @@
 
 ``model.pt`` is ``torch.save`` of a converted CIFAR ResNet-20 (a pickle naming fxsurgeon's module classes by their
 import paths then, e.g. ``fxsurgeon.forms_dense.TuckerConv2d``), ``model.safetensors`` is ``fxsurgeon.save`` of
-the same model, ``io.pt`` an input batch and the outputs. tests/test_saved_before_layout.py loads them with the
+the same model, ``io.pt`` an input batch and the outputs. tests/test_moved.py loads them with the
 current package. Kept for the record; rerunning it with a newer fxsurgeon writes files of the newer layout.
 """
 

@@ -6,7 +6,7 @@ must not change which layers are rewritten or the words a user sees for the ones
 ``tests/golden/skip_reasons.json`` was written before the index was shared (issue 19) and is compared entry by
 entry. Regenerate it deliberately, after reading the diff, with::
 
-    FXSURGEON_UPDATE_GOLDEN=1 OMP_NUM_THREADS=1 python -m pytest tests/test_skip_golden.py
+    FXSURGEON_UPDATE_GOLDEN=1 OMP_NUM_THREADS=1 python -m pytest tests/test_passes_golden.py
 """
 
 from __future__ import annotations

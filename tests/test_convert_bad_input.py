@@ -76,7 +76,7 @@ def test_untraceable_models_are_refused_with_the_line(cls, line, snapshot):
     with pytest.raises(SurgeryError) as info:
         fxsurgeon.convert(model, example_inputs=torch.randn(1, 8, 6, 6))
     msg = str(info.value)
-    assert cls.__name__ in msg and "test_bad_input.py" in msg and line in msg
+    assert cls.__name__ in msg and "test_convert_bad_input.py" in msg and line in msg
     assert "leaf_modules" in msg and "concrete_args" in msg
     check()
 
