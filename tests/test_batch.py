@@ -363,6 +363,20 @@ def test_batch_rerun_skips_done_and_retries_failures(hooks, tmp_path):
     forced = run_batch(["batchhooks:ok"], out=out, recipe=EXACT, progress=False, force=True)
     assert len(forced.ran) == 1
     assert len(_lines(out)) == 5
+    # a Job template is the same configuration as its fields given as keywords
+    templated = run_batch(["batchhooks:ok"], out=out, job=Job("ignored", recipe=EXACT), progress=False)
+    assert templated.ran == [] and templated.config == first.config
+
+
+def test_run_batch_job_template_or_fields_not_both(tmp_path):
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(SurgeryError, match=r"unknown argument\(s\) \['timeuot'\]; a job's fields are recipe, "):
+        run_batch(["x"], out=out, timeuot=3, progress=False)
+    with pytest.raises(SurgeryError, match="not both"):
+        run_batch(["x"], out=out, job=Job("", timeout=3), seed=1, progress=False)
+    with pytest.raises(SurgeryError, match="takes a fxsurgeon.batch.Job, got dict"):
+        run_batch(["x"], out=out, job={"timeout": 3}, progress=False)
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -32,12 +32,13 @@ rewrites and skips per pass) and ``seconds``. :func:`summary_markdown` renders a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,45 +117,37 @@ def run_batch(
     models: Sequence[str],
     *,
     out: str | os.PathLike,
-    recipe: dict[str, Any] | None = None,
-    recipe_name: str | None = None,
+    job: Job | None = None,
     summary: str | os.PathLike | None = None,
     workers: int = 1,
-    timeout: float | None = None,
-    max_params: int | None = None,
-    input_size: Sequence[int] | None = None,
-    image_size: int = 64,
-    batch_size: int = 1,
-    seed: int = 0,
-    threads: int | None = None,
-    max_memory: int | None = None,
-    count_macs: bool = True,
-    perturb_init: bool = True,
     force: bool = False,
     retry_failed: bool = False,
     dask_scheduler: Any = None,
     launcher: str = "auto",
     progress: bool = True,
+    **job_fields: Any,
 ) -> BatchResults:
     """Convert every model in its own process, appending one JSON line per model to ``out``.
+
+    What each model's job does is a :class:`Job`: pass a template (``job=Job("", recipe=..., timeout=600)``;
+    its ``model`` is ignored) or its fields as keywords (``recipe=...``, ``timeout=...``, ``max_params=...``,
+    ``input_size=...``, ``image_size=...``, ``batch_size=...``, ``seed=...``, ``threads=...``,
+    ``max_memory=...``, ``count_macs=...``, ``perturb_init=...``, ``recipe_name=...``), not both.
 
     Args:
         models: model specs (see :func:`expand_models`).
         out: the JSON-lines results file, appended to (created when missing).
-        recipe: ``convert()`` keyword arguments for every model (``load_recipe(path)``); None: defaults.
-        recipe_name: recorded with each result.
+        job: the settings every model's job gets (see :class:`Job`); ``threads=None`` there means the CPU
+            count divided by ``workers``.
         summary: also write a Markdown summary of every model of ``models`` recorded in ``out`` here.
         workers: models converted at the same time (local scheduler; a Dask cluster sets its own).
-        timeout: seconds per model (its process group is killed after that; None: no limit).
-        max_params: skip larger models (counted on the meta device before building them).
-        input_size / image_size / batch_size / seed / max_memory / count_macs / perturb_init: see :class:`Job`.
-        threads: torch threads per model process; default: the CPU count divided by ``workers``.
         force: convert again models already recorded; the newer line wins in summaries.
         retry_failed: convert again models recorded as ``error`` or ``timeout``.
         dask_scheduler: run the jobs on a Dask cluster: a scheduler address (``"tcp://host:8786"``), a
             ``distributed.Client`` or a ``LocalCluster``. Needs the ``distributed`` extra.
         launcher: ``"auto"`` (the fork server where the OS has ``fork``), ``"fork"`` or ``"subprocess"``.
         progress: show a tqdm progress bar on stderr.
+        **job_fields: instead of ``job``, its fields.
 
     Returns:
         A :class:`BatchResults`: this run's results (``ran``) and the latest of every requested model
@@ -162,8 +155,10 @@ def run_batch(
 
     Raises:
         SurgeryError: ``out`` or ``summary`` cannot be written or the disk is nearly full (checked before
-            any model runs), or bad arguments.
+            any model runs), or bad arguments (an unknown job field names the known ones).
     """
+    base = _job_template(job, job_fields)
+    timeout, recipe_name = base.timeout, base.recipe_name
     if workers < 1:
         raise SurgeryError(f"workers must be ≥ 1, got {workers}")
     if timeout is not None and timeout <= 0:
@@ -176,12 +171,8 @@ def run_batch(
         print(f"fxsurgeon batch: cut a torn last line ({results_file.repaired_bytes} bytes) from {out}",
               file=sys.stderr)
     models = list(dict.fromkeys(models))
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-    base = Job(model="", recipe=dict(recipe or {}), recipe_name=recipe_name,
-               input_size=tuple(input_size) if input_size else None, image_size=image_size, batch_size=batch_size,
-               max_params=max_params, seed=seed, threads=threads, timeout=timeout, max_memory=max_memory,
-               count_macs=count_macs, perturb_init=perturb_init)
+    if base.threads is None:
+        base = replace(base, threads=max(1, (os.cpu_count() or 1) // workers))
     config = base.config()
     previous, _bad = results_file.read()
     done = {}
@@ -193,7 +184,7 @@ def run_batch(
         prev = done.get(m)
         if force or prev is None or (retry_failed and prev.get("status") in ("error", "timeout")):
             todo.append(m)
-    jobs = [Job(**{**asdict(base), "model": m, "input_size": base.input_size}) for m in todo]
+    jobs = [replace(base, model=m) for m in todo]
     stamp = {"recipe": recipe_name, "config": config, "versions": batch_versions()}
 
     finished: list[dict[str, Any]] = []
@@ -227,6 +218,25 @@ def run_batch(
         text = summary_markdown(outcome.results, title=f"fxsurgeon batch: {Path(out).name}", recipe=recipe_name)
         write_atomic(str(summary), text.encode())
     return outcome
+
+
+def _job_template(job: Job | None, fields: dict[str, Any]) -> Job:
+    """The job every model gets: ``job`` (its model ignored), or one built from keyword fields."""
+    known = [f.name for f in dataclasses.fields(Job) if f.name != "model"]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise SurgeryError(f"run_batch() got unknown argument(s) {unknown}; a job's fields are {', '.join(known)}")
+    if job is not None:
+        if fields:
+            raise SurgeryError(f"run_batch(): give job=Job(...) or its fields ({', '.join(sorted(fields))}), not both")
+        if not isinstance(job, Job):
+            raise SurgeryError(f"run_batch(job=...) takes a fxsurgeon.batch.Job, got {type(job).__name__}")
+        return replace(job, model="")
+    fields = dict(fields)
+    fields["recipe"] = dict(fields.get("recipe") or {})
+    if fields.get("input_size"):
+        fields["input_size"] = tuple(fields["input_size"])
+    return Job(model="", **fields)
 
 
 def _progress_bar(total: int, already: int, enabled: bool):

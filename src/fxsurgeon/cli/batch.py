@@ -40,7 +40,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from ..batch import expand_models, run_batch
+    from ..batch import Job, expand_models, run_batch
     from .common import recipe_from_args
 
     recipe = recipe_from_args(args)
@@ -50,12 +50,13 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise SurgeryError("batch needs --out results.jsonl")
+    job = Job("", recipe=recipe, recipe_name=args.recipe, timeout=args.timeout, max_params=args.max_params,
+              input_size=tuple(args.input_size) if args.input_size else None, image_size=args.image_size,
+              batch_size=args.batch_size, seed=args.seed, threads=args.threads, max_memory=args.max_memory,
+              count_macs=not args.no_macs, perturb_init=not args.no_perturb_init)
     outcome = run_batch(
-        models, out=args.out, recipe=recipe, recipe_name=args.recipe, summary=args.summary,
-        workers=args.workers, timeout=args.timeout, max_params=args.max_params, input_size=args.input_size,
-        image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-        max_memory=args.max_memory, count_macs=not args.no_macs, perturb_init=not args.no_perturb_init,
-        force=args.force, retry_failed=args.retry_failed, dask_scheduler=args.dask_scheduler,
+        models, out=args.out, job=job, summary=args.summary, workers=args.workers, force=args.force,
+        retry_failed=args.retry_failed, dask_scheduler=args.dask_scheduler,
         progress=not args.no_progress and not args.quiet,
     )
     results = outcome.results
