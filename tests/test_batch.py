@@ -374,7 +374,7 @@ def test_run_batch_job_template_or_fields_not_both(tmp_path):
         run_batch(["x"], out=out, timeuot=3, progress=False)
     with pytest.raises(SurgeryError, match="not both"):
         run_batch(["x"], out=out, job=Job("", timeout=3), seed=1, progress=False)
-    with pytest.raises(SurgeryError, match="takes a fxsurgeon.batch.Job, got dict"):
+    with pytest.raises(SurgeryError, match=r"takes a fxsurgeon\.batch\.Job, got dict"):
         run_batch(["x"], out=out, job={"timeout": 3}, progress=False)
     assert not out.exists()
 
