@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +26,7 @@ from .passes.manager import (
 )
 from .record import RECORD_ATTR, Conversion
 from .runtime import (
+    check_parameters,
     conversion_versions,
     device_of,
     kept_state,
@@ -37,12 +37,11 @@ from .runtime import (
 )
 from .sources import describe_tracing, infer_source, normalize_source
 from .tracing import (
-    TraceReport,
     absent_args,
     check_concrete_args,
     check_mode,
+    check_trace_report,
     check_tracing_options,
-    dropped_contexts_message,
     hooked_modules,
     private_copy,
     trace_with_report,
@@ -68,26 +67,6 @@ _PRESERVED_KEY = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_us
 # Plain attributes timm and torchvision code reads off a model; copied so the converted model still answers.
 _CARRIED_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "head_hidden_size",
                   "global_pool", "drop_rate", "feature_info", "grad_checkpointing")
-
-
-def _synthetic_calibration(gm: nn.Module, what: Any, inputs: tuple) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """``calibration="synthetic"``: BatchNorm-matched images shaped like the example input (and a summary);
-    a :class:`~fxsurgeon.synthetic.SyntheticData` already made is used as it is (``reused: True``)."""
-    from .synthetic import SyntheticData, synthesize
-
-    if isinstance(what, SyntheticData):
-        data, reused = what, True
-    else:
-        if what != "synthetic":
-            raise SurgeryError(f"calibration= takes input batches or 'synthetic', got the string {what!r}")
-        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
-            raise SurgeryError("calibration='synthetic' needs example_inputs: one batched input tensor (its shape "
-                               "without the batch dimension is the shape of the images made)")
-        data, reused = synthesize(gm, tuple(inputs[0].shape[1:])), False
-    summary = {"images": int(data.images.shape[0]), "steps": data.steps, "batchnorms": data.batchnorms,
-               "loss_start": data.loss_start, "loss_end": data.loss_end, "seconds": data.seconds,
-               "reused": reused}
-    return data.batches(), summary
 
 
 def convert(
@@ -172,7 +151,7 @@ def convert(
     check_tracing_options(leaf_modules, autowrap_functions, concrete_args)
     check_concrete_args(model, concrete_args)
     plan = plan_passes(passes)
-    _check_parameters(model)
+    check_parameters(model)
 
     inputs = normalize_inputs(example_inputs)
     if inputs:  # forward parameters the inputs leave out keep their None default in the traced graph
@@ -222,7 +201,7 @@ def convert(
     gm, report = trace_with_report(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                    concrete_args=concrete_args, copy_model=not inplace, mode=baked)
     seconds["trace"] = time.perf_counter() - t0
-    _check_trace_report(model, report, mode)
+    check_trace_report(model, report, mode)
     for attr in _CARRIED_ATTRS:
         if hasattr(model, attr) and not hasattr(gm, attr):
             val = getattr(model, attr)
@@ -231,16 +210,16 @@ def convert(
     params_before = sum(p.numel() for p in gm.parameters())
     calib_batches = original = synthetic = None
     if calibration is not None:
-        from .calibrate import as_batches
+        from .calibrate.data import as_batches, check_batches, synthetic_calibration
         from .synthetic import SyntheticData
 
         if on_meta:
             raise SurgeryError("calibration needs real weights; the model is on the meta device")
         with kept_state(gm):
             if isinstance(calibration, (str, SyntheticData)):
-                calibration, synthetic = _synthetic_calibration(gm, calibration, inputs)
+                calibration, synthetic = synthetic_calibration(gm, calibration, inputs)
             calib_batches = [to_device(b, device) for b in as_batches(calibration)]
-        _check_calibration(calib_batches)
+        check_batches(calib_batches)
         original = copy.deepcopy(gm)  # the targets of the refit: the traced model before any pass
 
     shape_inputs, shapes_note = inputs, None
@@ -312,65 +291,5 @@ def _check_tolerance(tolerance: Any) -> float | None:
         raise SurgeryError(f"tolerance= takes a finite number >= 0 (the relative L2 error allowed for exact "
                            f"rewrites), got {type(tolerance).__name__}: {tolerance!r}")
     return float(tolerance)
-
-
-def _check_parameters(model: nn.Module) -> None:
-    """Uninitialised (lazy) and non-finite weights: refused up front, naming the tensor, before any pass sees them."""
-    from torch.nn.parameter import is_lazy
-
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            if is_lazy(t):
-                raise SurgeryError(
-                    f"{kind} '{name}' of {type(owner).__name__} is uninitialised (a lazy module): run one forward "
-                    "of the model (or build it with explicit in_features / in_channels) before converting"
-                )
-            if t.is_floating_point() and t.device.type != "meta" and t.numel():
-                bad = int((~t.detach().isfinite()).sum())
-                if bad:
-                    raise SurgeryError(
-                        f"{kind} '{name}' of {type(owner).__name__} has {bad} NaN/Inf value(s) out of {t.numel()}: "
-                        "fxsurgeon's rewrites need finite weights. Fix or re-initialise that tensor first."
-                    )
-
-
-def _check_calibration(batches: list[tuple]) -> None:
-    for i, batch in enumerate(batches):
-        for j, x in enumerate(batch):
-            if not isinstance(x, torch.Tensor):
-                continue
-            if x.dim() == 0 or x.shape[0] == 0:
-                raise SurgeryError(f"calibration batch {i} input {j} has shape {list(x.shape)}: no rows. Every "
-                                   "batch needs at least one sample along its first dimension.")
-            if x.is_floating_point() and not bool(x.isfinite().all()):
-                raise SurgeryError(f"calibration batch {i} input {j} has {int((~x.isfinite()).sum())} NaN/Inf "
-                                   "value(s): the refit solves least squares on the activations, which needs "
-                                   "finite data. Drop or clean that batch.")
-
-
-def _check_trace_report(model: nn.Module, report: TraceReport, mode: str | None) -> None:
-    """Refuse autocast blocks fx drops (they change the numbers); warn about grad-mode blocks and baked branches."""
-    autocast = [c for c in report.context_changes if c["state"].startswith("autocast")]
-    if autocast:
-        raise SurgeryError(dropped_contexts_message(autocast, "converted model") + " (an autocast block changes "
-                           "the numbers, so fxsurgeon refuses to convert it as traced)")
-    if report.written_buffers:
-        warnings.warn(
-            f"tracing {model_name(model)} changed buffer(s) {', '.join(repr(b) for b in report.written_buffers[:4])}"
-            ": forward writes them in Python, which torch.fx runs once while tracing and leaves out of the graph, "
-            "so the converted model will not update them (they were put back). Make the module that writes them "
-            "a leaf (leaf_modules=[...]) to keep the update.", stacklevel=3)
-    grads = [c for c in report.context_changes if not c["state"].startswith("autocast")]
-    if grads:
-        warnings.warn(dropped_contexts_message(grads, "converted model")
-                      + " Values are the same; gradients flow where the original stopped them.", stacklevel=3)
-    if mode is None and report.reads_training and any(m.training for m in model.modules()):
-        names = ", ".join(f"'{n or '<root>'}' ({w})" for n, w in sorted(report.reads_training.items())[:4])
-        warnings.warn(
-            f"{model_name(model)} is in train mode and the forward of {names} reads self.training: the converted "
-            "graph keeps the eval-mode branches (torch.fx fixes them while tracing), and .train() will not bring "
-            "the others back. Pass mode='train' to keep the train-mode branches instead, or mode='eval' to "
-            "silence this.", stacklevel=3)
 
 

@@ -27,34 +27,11 @@ from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 
 __all__ = [
-    "DTYPES",
-    "__version__",
-    "batch_of",
-    "batch_versions",
-    "benchmark_inputs",
-    "benchmark_versions",
-    "compile_options",
-    "conversion_versions",
-    "cudnn_benchmark_mode",
-    "data_device_of",
-    "device_name",
-    "device_of",
-    "device_or_cpu",
-    "dtype_name",
-    "ieee_fp32",
-    "kept_state",
-    "model_dtype",
-    "model_name",
-    "normalize_inputs",
-    "parse_dtype",
-    "percentile",
-    "prepare_inputs",
-    "report_versions",
-    "resolve_device",
-    "run_forward",
-    "synchronize",
-    "time_calls",
-    "to_device",
+    "DTYPES", "__version__", "batch_of", "batch_versions", "benchmark_inputs", "benchmark_versions",
+    "check_parameters", "compile_options", "conversion_versions", "cudnn_benchmark_mode", "data_device_of",
+    "device_name", "device_of", "device_or_cpu", "dtype_name", "ieee_fp32", "kept_state", "model_dtype",
+    "model_name", "normalize_inputs", "parse_dtype", "percentile", "prepare_inputs", "report_versions",
+    "resolve_device", "run_forward", "synchronize", "time_calls", "to_device",
 ]
 
 __version__ = "0.1.0"
@@ -458,3 +435,24 @@ def batch_versions() -> dict[str, str]:
         if mod is not None:
             out[name] = getattr(mod, "__version__", "?")
     return out
+
+
+def check_parameters(model: nn.Module) -> None:
+    """Uninitialised (lazy) and non-finite weights: refused up front, naming the tensor, before any pass sees them."""
+    from torch.nn.parameter import is_lazy
+
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            if is_lazy(t):
+                raise SurgeryError(
+                    f"{kind} '{name}' of {type(owner).__name__} is uninitialised (a lazy module): run one forward "
+                    "of the model (or build it with explicit in_features / in_channels) before converting"
+                )
+            if t.is_floating_point() and t.device.type != "meta" and t.numel():
+                bad = int((~t.detach().isfinite()).sum())
+                if bad:
+                    raise SurgeryError(
+                        f"{kind} '{name}' of {type(owner).__name__} has {bad} NaN/Inf value(s) out of {t.numel()}: "
+                        "fxsurgeon's rewrites need finite weights. Fix or re-initialise that tensor first."
+                    )

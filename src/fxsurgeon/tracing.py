@@ -25,10 +25,13 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError
+from .runtime import model_name
 
-__all__ = ["SurgeryTracer", "TraceReport", "absent_args", "check_concrete_args", "check_mode", "check_tracing_options",
-           "dropped_contexts_message", "hooked_modules", "lost_hooks", "private_copy", "reads_training", "timm_notrace",
-           "trace", "trace_with_report"]
+__all__ = [
+    "SurgeryTracer", "TraceReport", "absent_args", "check_concrete_args", "check_mode", "check_trace_report",
+    "check_tracing_options", "dropped_contexts_message", "hooked_modules", "lost_hooks", "private_copy",
+    "reads_training", "timm_notrace", "trace", "trace_with_report",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -486,3 +489,28 @@ def check_concrete_args(model: nn.Module, concrete_args: dict[str, Any] | None) 
     if unknown:
         raise SurgeryError(f"concrete_args names {unknown}, which {type(model).__name__}.forward does not take; "
                            f"its parameters: {list(params)}")
+
+
+def check_trace_report(model: nn.Module, report: TraceReport, mode: str | None) -> None:
+    """Refuse autocast blocks fx drops (they change the numbers); warn about grad-mode blocks and baked branches."""
+    autocast = [c for c in report.context_changes if c["state"].startswith("autocast")]
+    if autocast:
+        raise SurgeryError(dropped_contexts_message(autocast, "converted model") + " (an autocast block changes "
+                           "the numbers, so fxsurgeon refuses to convert it as traced)")
+    if report.written_buffers:
+        warnings.warn(
+            f"tracing {model_name(model)} changed buffer(s) {', '.join(repr(b) for b in report.written_buffers[:4])}"
+            ": forward writes them in Python, which torch.fx runs once while tracing and leaves out of the graph, "
+            "so the converted model will not update them (they were put back). Make the module that writes them "
+            "a leaf (leaf_modules=[...]) to keep the update.", stacklevel=3)
+    grads = [c for c in report.context_changes if not c["state"].startswith("autocast")]
+    if grads:
+        warnings.warn(dropped_contexts_message(grads, "converted model")
+                      + " Values are the same; gradients flow where the original stopped them.", stacklevel=3)
+    if mode is None and report.reads_training and any(m.training for m in model.modules()):
+        names = ", ".join(f"'{n or '<root>'}' ({w})" for n, w in sorted(report.reads_training.items())[:4])
+        warnings.warn(
+            f"{model_name(model)} is in train mode and the forward of {names} reads self.training: the converted "
+            "graph keeps the eval-mode branches (torch.fx fixes them while tracing), and .train() will not bring "
+            "the others back. Pass mode='train' to keep the train-mode branches instead, or mode='eval' to "
+            "silence this.", stacklevel=3)

@@ -12,7 +12,10 @@ from torch import nn
 from ..errors import SurgeryError
 from ..runtime import device_of, to_device
 
-__all__ = ["StopForward", "as_batches", "forward_batch", "output_error", "rel_error_of_outputs", "sample_count"]
+__all__ = [
+    "StopForward", "as_batches", "check_batches", "forward_batch", "output_error", "rel_error_of_outputs",
+    "sample_count", "synthetic_calibration",
+]
 
 
 def as_batches(calibration: Any) -> list[tuple]:
@@ -99,3 +102,37 @@ def rel_error_of_outputs(outputs: Sequence[Any], references: Sequence[Any]) -> f
                 d2 += float((o.double() - r.double()).pow(2).sum())
                 r2 += float(r.double().pow(2).sum())
     return math.sqrt(d2 / r2) if r2 > 0 else (0.0 if d2 == 0 else math.inf)
+
+
+def check_batches(batches: list[tuple]) -> None:
+    for i, batch in enumerate(batches):
+        for j, x in enumerate(batch):
+            if not isinstance(x, torch.Tensor):
+                continue
+            if x.dim() == 0 or x.shape[0] == 0:
+                raise SurgeryError(f"calibration batch {i} input {j} has shape {list(x.shape)}: no rows. Every "
+                                   "batch needs at least one sample along its first dimension.")
+            if x.is_floating_point() and not bool(x.isfinite().all()):
+                raise SurgeryError(f"calibration batch {i} input {j} has {int((~x.isfinite()).sum())} NaN/Inf "
+                                   "value(s): the refit solves least squares on the activations, which needs "
+                                   "finite data. Drop or clean that batch.")
+
+
+def synthetic_calibration(gm: nn.Module, what: Any, inputs: tuple) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """``calibration="synthetic"``: BatchNorm-matched images shaped like the example input (and a summary);
+    a :class:`~fxsurgeon.synthetic.SyntheticData` already made is used as it is (``reused: True``)."""
+    from ..synthetic import SyntheticData, synthesize
+
+    if isinstance(what, SyntheticData):
+        data, reused = what, True
+    else:
+        if what != "synthetic":
+            raise SurgeryError(f"calibration= takes input batches or 'synthetic', got the string {what!r}")
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+            raise SurgeryError("calibration='synthetic' needs example_inputs: one batched input tensor (its shape "
+                               "without the batch dimension is the shape of the images made)")
+        data, reused = synthesize(gm, tuple(inputs[0].shape[1:])), False
+    summary = {"images": int(data.images.shape[0]), "steps": data.steps, "batchnorms": data.batchnorms,
+               "loss_start": data.loss_start, "loss_end": data.loss_end, "seconds": data.seconds,
+               "reused": reused}
+    return data.batches(), summary
