@@ -138,19 +138,26 @@ def parse_setting(setting: str) -> tuple[int, int, float, dict]:
     return count, steps, lr, extra
 
 
+def effective_options(extra: dict) -> dict:
+    """The synthesize options a row ran with, the library's defaults filled in (they change between versions)."""
+    syn = fxsurgeon.synthetic
+    return {"schedule": getattr(syn, "DEFAULT_SCHEDULE", "constant"), "tol": getattr(syn, "DEFAULT_TOL", 0.0),
+            "batch_size": 128, **extra}
+
+
 def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh: bool,
-                   model_name: str = "resnet20") -> None:
-    """Synthetic calibration on one model: one row per (setting, target), saved after each."""
+                   model_name: str = "resnet20", repeats: int = 1) -> None:
+    """Synthetic calibration on one model: one row per (setting, target, repeat), saved after each."""
     rows: list[dict] = [] if fresh or not path.exists() else json.loads(path.read_text())["rows"]
     x, y = load_cifar10_test(split="eval")
     base = load_model(model_name)
     ref = logits(base, x)
-    for setting in settings:
+    for setting, run in [(s, i) for i in range(repeats) for s in settings]:
         count, steps, lr, extra = parse_setting(setting)
-        key = (model_name, count, steps, lr, extra)
+        key = (model_name, count, steps, lr, extra, run)
         todo = [t for t in targets if not any(
-            (r.get("model", "resnet20"), r["count"], r["steps"], r["lr"], r.get("options", {}), r["target"])
-            == (*key, t) for r in rows)]
+            (r.get("model", "resnet20"), r["count"], r["steps"], r["lr"], r.get("options", {}), r.get("run", 0),
+             r["target"]) == (*key, t) for r in rows)]
         if not todo:
             continue
         load = load_average()
@@ -164,7 +171,8 @@ def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh:
             seconds = time.perf_counter() - t
             rec = fxsurgeon.get_record(model)
             row = {"model": model_name, "count": count, "steps": steps, "lr": lr, "options": extra,
-                   "steps_run": data.steps, "target": target,
+                   "effective": effective_options(extra), "steps_run": data.steps_run, "run": run,
+                   "target": target,
                    "synth_s": round(data.seconds, 1), "convert_s": round(seconds, 1),
                    "separable_s": round(rec.seconds.get("separable", float("nan")), 1),
                    "calibrate_s": round(rec.seconds.get("calibrate", float("nan")), 1),
@@ -188,11 +196,13 @@ def main() -> None:
     ap.add_argument("--synthetic", nargs="+", metavar="COUNT:STEPS[:LR]",
                     help="measure synthetic calibration on the ResNet-20 for these settings instead")
     ap.add_argument("--synthetic-json", default="benchmarks/results/synthetic_speed.json")
+    ap.add_argument("--repeats", type=int, default=1, help="--synthetic: measure every setting this many times")
     ap.add_argument("--synthetic-model", default="resnet20", choices=list(CHECKPOINTS),
                     help="the model --synthetic measures")
     args = ap.parse_args()
     if args.synthetic:
-        synthetic_rows(args.synthetic, args.targets, Path(args.synthetic_json), args.fresh, args.synthetic_model)
+        synthetic_rows(args.synthetic, args.targets, Path(args.synthetic_json), args.fresh, args.synthetic_model,
+                       args.repeats)
         return
 
     path = Path(args.json)
