@@ -12,7 +12,7 @@ inputs are optimised, from a seeded start, so the same model and options give th
 The start is smooth by default: N(0, 1) drawn at half the height and width, upsampled bilinearly and scaled
 to unit standard deviation. Natural images are smooth at the pixel scale and white noise is not, so Adam
 no longer spends its first steps removing high frequencies: on the ResNet-20, 128 images × 50 steps from the
-smooth start calibrate as well as 512 × 200 from white noise (issue 22, ``benchmarks/defaults_two_models.py``).
+smooth start calibrate about as well as 512 × 200 from white noise (issue 22, ``benchmarks/defaults_two_models.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ __all__ = ["DEFAULT_COUNT", "DEFAULT_INIT", "DEFAULT_LR", "DEFAULT_SCHEDULE", "D
            "SyntheticData", "synthesize"]
 
 #: images made by default, Adam steps per batch and the learning rate. From the smooth start, 128 images ×
-#: 50 steps calibrate the ResNet-20 as well as the earlier 512 × 200 from white noise (logit error 0.207 vs
-#: 0.204 at 0.60× MACs, 0.325 vs 0.326 at 0.45×) in a sixteenth of the image-steps (issue 22).
-#: ``benchmarks/defaults_two_models.py --synthetic`` measures other settings: logit error, agreement,
+#: 50 steps (a sixteenth of the earlier image-steps) calibrate the ResNet-20 about as well as the earlier
+#: 512 × 200 from white noise: logit error 0.207 vs 0.204 at 0.60× MACs, 0.325 vs 0.326 at 0.45×, in 35-40 s
+#: with the refit on 2 CPU cores instead of ~500 s (issue 22). 160 × 64 matched 0.204 / 0.324 but took
+#: 52-72 s. ``benchmarks/defaults_two_models.py --synthetic`` measures other settings: logit error, agreement,
 #: accuracy and seconds per (images, steps, lr, options), on either CIFAR ResNet
 DEFAULT_COUNT = 128
 DEFAULT_STEPS = 50
