@@ -17,11 +17,14 @@ points by chance at these disagreement rates; the logit error does not). Rows ar
 conversion, and a row already in the JSON is not measured again (``--fresh`` starts over), so configs can be
 added to a finished run. ``--configs`` picks configs by name; the default is all of them.
 
-``--synthetic COUNT:STEPS[:LR] ...`` measures synthetic calibration on the ResNet-20 instead: per
-setting, images are made once (:func:`fxsurgeon.synthesize`, timed) and reused for every target
-(``convert(..., calibration=data)``, timed), with the default separable options; rows go to
-``benchmarks/results/synthetic_speed.json`` with the load average, so the error-vs-images and error-vs-steps
-curves and the time they cost can be read side by side.
+``--synthetic COUNT:STEPS[:LR][:KEY=VALUE...] ...`` measures synthetic calibration instead (on the ResNet-20,
+or ``--synthetic-model resnet32``); ``KEY=VALUE`` passes further :func:`fxsurgeon.synthesize` options, e.g.
+``128:50:0.1:init=noise:schedule=cosine``. Per setting, images are made once (timed) and reused for every
+target (``convert(..., calibration=data)``, timed), with the default separable options; ``--repeats N``
+measures each setting N times. Rows go to ``benchmarks/results/synthetic_speed.json`` with the seconds split
+(synthesis, allocation = the separable pass, refit = calibrate), the options in effect, the load average and
+the thread count, so the error-vs-images and error-vs-steps curves and the time they cost can be read side
+by side.
 """
 
 from __future__ import annotations
@@ -134,7 +137,10 @@ def parse_setting(setting: str) -> tuple[int, int, float, dict]:
     for part in parts[2:]:
         if "=" in part:
             k, v = part.split("=", 1)
-            extra[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" else v
+            try:
+                extra[k] = json.loads(v)
+            except json.JSONDecodeError:
+                extra[k] = v  # a bare word: a string option, e.g. init=noise
     return count, steps, lr, extra
 
 
@@ -142,6 +148,7 @@ def effective_options(extra: dict) -> dict:
     """The synthesize options a row ran with, the library's defaults filled in (they change between versions)."""
     syn = fxsurgeon.synthetic
     return {"schedule": getattr(syn, "DEFAULT_SCHEDULE", "constant"), "tol": getattr(syn, "DEFAULT_TOL", 0.0),
+            "init": getattr(syn, "DEFAULT_INIT", "noise"),
             "batch_size": 128, **extra}
 
 
