@@ -17,11 +17,14 @@ points by chance at these disagreement rates; the logit error does not). Rows ar
 conversion, and a row already in the JSON is not measured again (``--fresh`` starts over), so configs can be
 added to a finished run. ``--configs`` picks configs by name; the default is all of them.
 
-``--synthetic COUNT:STEPS[:LR] ...`` measures synthetic calibration on the ResNet-20 instead: per
-setting, images are made once (:func:`fxsurgeon.synthesize`, timed) and reused for every target
-(``convert(..., calibration=data)``, timed), with the default separable options; rows go to
-``benchmarks/results/synthetic_speed.json`` with the load average, so the error-vs-images and error-vs-steps
-curves and the time they cost can be read side by side.
+``--synthetic COUNT:STEPS[:LR][:KEY=VALUE...] ...`` measures synthetic calibration instead (on the ResNet-20,
+or ``--synthetic-model resnet32``); ``KEY=VALUE`` passes further :func:`fxsurgeon.synthesize` options, e.g.
+``128:50:0.1:init=noise:schedule=cosine``. Per setting, images are made once (timed) and reused for every
+target (``convert(..., calibration=data)``, timed), with the default separable options; ``--repeats N``
+measures each setting N times. Rows go to ``benchmarks/results/synthetic_speed.json`` with the seconds split
+(synthesis, allocation = the separable pass, refit = calibrate), the options in effect, the load average and
+the thread count, so the error-vs-images and error-vs-steps curves and the time they cost can be read side
+by side.
 """
 
 from __future__ import annotations
@@ -125,23 +128,47 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh: bool) -> None:
-    """Synthetic calibration on the ResNet-20: one row per (setting, target), saved after each."""
+def parse_setting(setting: str) -> tuple[int, int, float, dict]:
+    """``COUNT:STEPS[:LR][:KEY=VALUE...]`` → count, steps, lr and further :func:`fxsurgeon.synthesize` options."""
+    parts = setting.split(":")
+    count, steps = int(parts[0]), int(parts[1])
+    lr = float(parts[2]) if len(parts) > 2 and "=" not in parts[2] else fxsurgeon.synthetic.DEFAULT_LR
+    extra = {}
+    for part in parts[2:]:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            try:
+                extra[k] = json.loads(v)
+            except json.JSONDecodeError:
+                extra[k] = v  # a bare word: a string option, e.g. init=noise
+    return count, steps, lr, extra
+
+
+def effective_options(extra: dict) -> dict:
+    """The synthesize options a row ran with, the library's defaults filled in (they change between versions)."""
+    syn = fxsurgeon.synthetic
+    return {"schedule": getattr(syn, "DEFAULT_SCHEDULE", "constant"), "tol": getattr(syn, "DEFAULT_TOL", 0.0),
+            "init": getattr(syn, "DEFAULT_INIT", "noise"),
+            "batch_size": 128, **extra}
+
+
+def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh: bool,
+                   model_name: str = "resnet20", repeats: int = 1) -> None:
+    """Synthetic calibration on one model: one row per (setting, target, repeat), saved after each."""
     rows: list[dict] = [] if fresh or not path.exists() else json.loads(path.read_text())["rows"]
     x, y = load_cifar10_test(split="eval")
-    base = load_model("resnet20")
+    base = load_model(model_name)
     ref = logits(base, x)
-    for setting in settings:
-        parts = setting.split(":")
-        count, steps = int(parts[0]), int(parts[1])
-        lr = float(parts[2]) if len(parts) > 2 else fxsurgeon.synthetic.DEFAULT_LR
-        key = (count, steps, lr)
-        todo = [t for t in targets if not any((r["count"], r["steps"], r["lr"], r["target"]) == (*key, t)
-                                              for r in rows)]
+    for setting, run in [(s, i) for i in range(repeats) for s in settings]:
+        count, steps, lr, extra = parse_setting(setting)
+        key = (model_name, count, steps, lr, extra, run)
+        todo = [t for t in targets if not any(
+            (r.get("model", "resnet20"), r["count"], r["steps"], r["lr"], r.get("options", {}), r.get("run", 0),
+             r["target"]) == (*key, t) for r in rows)]
         if not todo:
             continue
         load = load_average()
-        data = fxsurgeon.synthesize(base, (3, 32, 32), count=count, steps=steps, lr=lr)
+        data = fxsurgeon.synthesize(base, (3, 32, 32), count=count, steps=steps, lr=lr, **extra)
         for target in todo:
             clear_cache()  # every conversion from a cold decomposition cache, as a user's first call
             load_c = load_average()
@@ -150,14 +177,18 @@ def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh:
                                       example_inputs=x[:1], calibration=data)
             seconds = time.perf_counter() - t
             rec = fxsurgeon.get_record(model)
-            row = {"count": count, "steps": steps, "lr": lr, "target": target,
+            row = {"model": model_name, "count": count, "steps": steps, "lr": lr, "options": extra,
+                   "effective": effective_options(extra), "steps_run": data.steps_run, "run": run,
+                   "target": target,
                    "synth_s": round(data.seconds, 1), "convert_s": round(seconds, 1),
+                   "separable_s": round(rec.seconds.get("separable", float("nan")), 1),
                    "calibrate_s": round(rec.seconds.get("calibrate", float("nan")), 1),
+                   "total_s": round(data.seconds + seconds, 1),
                    "load_average": load, "load_average_convert": load_c, "threads": torch.get_num_threads(),
                    "loss_start": data.loss_start, "loss_end": data.loss_end, **compare(ref, logits(model, x), y)}
             rows.append(row)
             path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
-            print(f"synthetic {count:4d} images {steps:4d} steps lr {lr}  target {target:.2f}  "
+            print(f"{model_name} synthetic {extra} {count:4d} images {steps:4d} steps lr {lr}  target {target:.2f}  "
                   f"logit err {row['logit_error']:.4f}  agree {row['agreement']:5.1f} %  acc {row['accuracy']:6.2f} %  "
                   f"synth {data.seconds:.0f} s  convert {seconds:.0f} s (load {load})", flush=True)
 
@@ -172,9 +203,13 @@ def main() -> None:
     ap.add_argument("--synthetic", nargs="+", metavar="COUNT:STEPS[:LR]",
                     help="measure synthetic calibration on the ResNet-20 for these settings instead")
     ap.add_argument("--synthetic-json", default="benchmarks/results/synthetic_speed.json")
+    ap.add_argument("--repeats", type=int, default=1, help="--synthetic: measure every setting this many times")
+    ap.add_argument("--synthetic-model", default="resnet20", choices=list(CHECKPOINTS),
+                    help="the model --synthetic measures")
     args = ap.parse_args()
     if args.synthetic:
-        synthetic_rows(args.synthetic, args.targets, Path(args.synthetic_json), args.fresh)
+        synthetic_rows(args.synthetic, args.targets, Path(args.synthetic_json), args.fresh, args.synthetic_model,
+                       args.repeats)
         return
 
     path = Path(args.json)

@@ -119,3 +119,76 @@ def test_convert_synthetic_calibration_needs_an_example_input():
         fxsurgeon.convert(_net(), calibration="synthetic")
     with pytest.raises(SurgeryError, match="'synthetic'"):
         fxsurgeon.convert(_net(), calibration="synth", example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_synthesize_options_are_validated_by_type():
+    net = _net()
+    for bad in ("cos", 1, None):
+        with pytest.raises(SurgeryError, match="schedule"):
+            synthesize(net, (3, 8, 8), count=2, steps=2, schedule=bad)
+    for bad in (-0.1, 1.0, True, "0.01", float("nan")):
+        with pytest.raises(SurgeryError, match="tol"):
+            synthesize(net, (3, 8, 8), count=2, steps=2, tol=bad)
+
+
+def test_cosine_schedule_ends_low_and_constant_stays():
+    from fxsurgeon.synthetic import _lr_at
+
+    assert _lr_at(0, 50, 0.2, "cosine") == pytest.approx(0.2)
+    assert _lr_at(49, 50, 0.2, "cosine") == pytest.approx(0.002)
+    assert all(_lr_at(s, 50, 0.2, "cosine") > _lr_at(s + 1, 50, 0.2, "cosine") for s in range(49))
+    assert {_lr_at(s, 50, 0.2, "constant") for s in range(50)} == {0.2}
+    # the schedule changes the path, so the images
+    net = _net()
+    a = synthesize(net, (3, 8, 8), count=4, steps=8, lr=0.1, schedule="constant", tol=0.0)
+    b = synthesize(net, (3, 8, 8), count=4, steps=8, lr=0.1, schedule="cosine", tol=0.0)
+    assert not torch.equal(a.images, b.images)
+
+
+def test_early_stop_ends_a_batch_on_a_plateau_and_says_so():
+    net = _net()
+    full = synthesize(net, (3, 8, 8), count=8, steps=300, batch_size=4, lr=0.1, schedule="constant", tol=0.0)
+    assert full.steps_run == [300, 300] and len(full.history) == 300
+    early = synthesize(net, (3, 8, 8), count=8, steps=300, batch_size=4, lr=0.1, schedule="constant", tol=0.05)
+    assert len(early.steps_run) == 2 and all(11 <= s < 300 for s in early.steps_run)
+    assert len(early.history) == early.steps_run[0]
+    # it stopped where the last 10 steps gained less than 5 %, not before
+    h = early.history
+    assert h[-11] - h[-1] < 0.05 * h[-1]
+    assert all(h[i - 10] - h[i] >= 0.05 * h[i] for i in range(10, len(h) - 1))
+    # the steps it ran are the full run's first steps: the same images as a run of that many steps
+    same = synthesize(net, (3, 8, 8), count=4, steps=300, batch_size=4, lr=0.1, schedule="constant", tol=0.0)
+    assert torch.equal(torch.tensor(same.history[:len(h)]), torch.tensor(h))
+
+
+def test_smooth_start_is_seeded_smooth_and_validated():
+    from fxsurgeon.synthetic import DEFAULT_INIT, _start
+
+    assert DEFAULT_INIT == "smooth"
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    smooth, noise = _start(64, (3, 16, 16), "smooth", g()), _start(64, (3, 16, 16), "noise", g())
+    assert torch.equal(smooth, _start(64, (3, 16, 16), "smooth", g()))
+    assert float(smooth.std()) == pytest.approx(1.0, abs=1e-5) and float(noise.std()) == pytest.approx(1.0, abs=0.02)
+    # neighbouring pixels: correlated in the smooth start, not in white noise
+
+    def corr(x):
+        return float(torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1])
+
+    assert corr(smooth) > 0.5 and abs(corr(noise)) < 0.05
+    assert _start(2, (5,), "smooth", g()).shape == (2, 5)  # no spatial sizes: white noise
+    assert _start(2, (3, 7, 5), "smooth", g()).shape == (2, 3, 7, 5)
+    net = _net()
+    a = synthesize(net, (3, 8, 8), count=4, steps=3, init="noise")
+    b = synthesize(net, (3, 8, 8), count=4, steps=3)
+    assert not torch.equal(a.images, b.images)
+    for bad in ("white", None, 0):
+        with pytest.raises(SurgeryError, match="init"):
+            synthesize(net, (3, 8, 8), count=2, steps=2, init=bad)
+
+
+def test_smooth_start_matches_sooner_than_white_noise():
+    net = _net()
+    kw = dict(count=32, steps=15, batch_size=32, lr=0.05, schedule="constant")
+    smooth = synthesize(net, (3, 12, 12), init="smooth", **kw)
+    noise = synthesize(net, (3, 12, 12), init="noise", **kw)
+    assert smooth.loss_start < noise.loss_start and smooth.loss_end < noise.loss_end
