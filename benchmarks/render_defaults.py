@@ -88,13 +88,17 @@ def peer_section(name: str, data: dict) -> list[str]:
 def synthetic_section(data: dict) -> list[str]:
     out = ["## Synthetic calibration: images, steps and time", "",
            "`fxsurgeon.synthesize` (images matched to the BatchNorm statistics), then `convert(..., calibration=data)` "
-           "on the ResNet-20 with the default separable options at each target. Seconds are wall time on the shared "
-           "2-core machine, with the load average when the row started: timings are noisy.", "",
-           "| images | steps | lr | target | synthesis (s) | conversion + calibration (s) | load | "
-           "logit error | agreement | accuracy |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "with the default separable options at each target. `start` is the images' seeded start (`smooth`: "
+           "noise drawn at half resolution and upsampled, the default; `noise`: plain N(0, 1)). Seconds are wall "
+           "time on the shared 2-core machine at the threads shown, with the load average when the row started: "
+           "rows at 1 thread or a load above 2 ran beside other work and only their errors compare.", "",
+           "| model | images | steps | lr | start | threads | target | synthesis (s) | conversion + calibration (s) "
+           "| load | logit error | agreement | accuracy |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        out.append(f"| {r['count']} | {r['steps']} | {r['lr']} | {r['target']:.2f} | "
+        start = (r.get("effective") or {}).get("init", "noise")
+        out.append(f"| {r.get('model', 'resnet20')} | {r['count']} | {r['steps']} | {r['lr']} | {start} | "
+                   f"{r.get('threads', '?')} | {r['target']:.2f} | "
                    f"{r['synth_s']:.0f} | {r['convert_s']:.0f} | {r.get('load_average') or float('nan'):.1f} | "
                    f"{r['logit_error']:.3f} | {r['agreement']:.1f} % | {_pct(r['accuracy'])} |")
     out.append("")
