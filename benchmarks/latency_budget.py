@@ -214,9 +214,9 @@ def merge(path: Path, new: dict) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The Markdown results table, generated from the JSON rows."""
-    lines = ["| model | device | threads | batch | asked | measured eager (min–max) | onnxruntime | compiled | "
-             "MACs | accuracy | convert s (cache hits/timed; load) | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | form | device | threads | batch | asked | measured eager (min–max) | onnxruntime | compiled | "
+             "MACs | accuracy | convert s (cache hits/timed; load) | conversion's own check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, rt):
         v = r["runtimes"].get(rt)
@@ -226,9 +226,10 @@ def table(rows: list[dict]) -> str:
         acc = (f"{r['accuracy_converted']:.2f} % (orig. {r['accuracy_original']:.2f} %)"
                if "accuracy_converted" in r else "–")
         t = r["table"]
-        status = "met" if r["status"] == "met" else r["status"].split(":")[0]
+        ratio = f" ({r['conversion_ratio']:.3f}×)" if r.get("conversion_ratio") is not None else ""
+        status = ("met" if r["status"] == "met" else r["status"].split(":")[0][:60]) + ratio
         lines.append(
-            f"| {r['model']} | {r['device_name']} ({r['dtype']}) | {r.get('threads') or '–'} | {r['batch']} | "
+            f"| {r['model']} | {r.get('form', 'auto')} | {r['device_name']} ({r['dtype']}) | {r.get('threads') or '–'} | {r['batch']} | "
             f"{r['target']} | {cell(r, 'eager')} | {cell(r, 'onnxruntime')} | {cell(r, 'compiled')} | "
             f"{r['mac_ratio']:.3f} | {acc} | {r['convert_seconds']:.0f} ({t['hits']}/{t['measured']}; "
             f"{r['load_before'][0]:.1f}) | {status} |")
