@@ -90,7 +90,9 @@ def test_convert_notes_branches_silenced_by_fresh_weights(tiny, capsys):
 def test_convert_synthetic_calibration(tiny, capsys):
     assert main(["convert", "clitiny:with_bn", "--synthetic-calibration", "--no-savings"]) == 0
     printed = capsys.readouterr().out
-    assert "calibration: 512 synthetic images" in printed and "output error on them" in printed
+    from fxsurgeon.synthetic import DEFAULT_COUNT
+
+    assert f"calibration: {DEFAULT_COUNT} synthetic images" in printed and "output error on them" in printed
 
 
 def test_convert_bad_recipe_exit_2_names_key_and_file(tiny, tmp_path, capsys):
