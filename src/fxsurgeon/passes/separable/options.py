@@ -17,7 +17,6 @@ from torch import nn
 from ...budget.allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
 from ...budget.allotment import check_form
 from ...errors import SurgeryError
-from ...graph.index import ModuleIndex
 from ..options import OptionError, PassOptions
 
 __all__ = ["SeparableOptions", "check_layer_names"]
@@ -62,7 +61,7 @@ def _check_option_values(kernel_sizes: Any, exclude: Any, allocation: Any) -> No
 
 def check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
     """``layers`` names convs of this model, each entry with keys the pass reads; refused otherwise."""
-    convs = {n for n, m in ModuleIndex(gm).modules.items() if isinstance(m, nn.Conv2d)}
+    convs = {n for n, m in gm.named_modules(remove_duplicate=False) if isinstance(m, nn.Conv2d)}
     for name, spec in (layers or {}).items():
         if not isinstance(name, str) or name not in convs:
             near = difflib.get_close_matches(str(name), sorted(convs), n=3)
