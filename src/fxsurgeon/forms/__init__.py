@@ -8,22 +8,6 @@ fusion's subspaces).
 
 from __future__ import annotations
 
-from .registry import (
-    FORMS,
-    Form,
-    LayerChoice,
-    auto_forms,
-    conv_cost,
-    get_form,
-    register_form,
-)
-
-__all__ = [
-    "FORMS",
-    "Form",
-    "LayerChoice",
-    "auto_forms",
-    "conv_cost",
-    "get_form",
-    "register_form",
-]
+# the package's public names are registry's, re-exported as one list so the two cannot drift apart
+from .registry import *  # noqa: F403
+from .registry import __all__  # noqa: F401

@@ -7,22 +7,6 @@ Modules: ``savings`` (:func:`savings`, the report object), ``count`` (fvcore cou
 
 from __future__ import annotations
 
-from .savings import (
-    SCHEMA_VERSION,
-    SavingsReport,
-    fidelity,
-    finite_or_none,
-    load_schema,
-    module_rows,
-    savings,
-)
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "SavingsReport",
-    "fidelity",
-    "finite_or_none",
-    "load_schema",
-    "module_rows",
-    "savings",
-]
+# the package's public names are savings's, re-exported as one list so the two cannot drift apart
+from .savings import *  # noqa: F403
+from .savings import __all__  # noqa: F401
