@@ -46,6 +46,7 @@ from .filecheck import (
     validate_metadata,
 )
 from .moved import current_structure
+from .runtime import shape_diff
 from .sources import (
     TRUST_ALL,
     check_timm_name,
@@ -404,9 +405,7 @@ def _now() -> dict[str, str]:
 def _check_rebuilt(gm: fx.GraphModule, meta: dict[str, Any], shapes: dict[str, list[int]], *, check_structure: bool) -> None:
     """Refuse a rebuilt model whose state-dict keys/shapes, replayed rewrites or module structure differ."""
     have = {k: list(v.shape) for k, v in gm.state_dict().items()}
-    missing = sorted(set(shapes) - set(have))
-    unexpected = sorted(set(have) - set(shapes))
-    wrong = sorted(k for k in set(have) & set(shapes) if have[k] != shapes[k])
+    missing, unexpected, wrong = shape_diff(shapes, have)
     hint = (f"Saved with {_versions_text(meta)}; now {_versions_text(_now())}. If the model's source is wrong, "
             "pass source= (a timm name with kwargs, or 'package.module:function').")
     if missing or unexpected or wrong:

@@ -27,11 +27,36 @@ from .modes import modes as _modes
 from .modes import restore_modes as _restore_modes
 
 __all__ = [
-    "DTYPES", "__version__", "batch_of", "batch_versions", "benchmark_inputs", "benchmark_versions",
-    "check_parameters", "compile_options", "conversion_versions", "cudnn_benchmark_mode", "data_device_of",
-    "device_name", "device_of", "device_or_cpu", "dtype_name", "ieee_fp32", "kept_state", "model_dtype",
-    "model_name", "normalize_inputs", "parse_dtype", "percentile", "prepare_inputs", "report_versions",
-    "resolve_device", "run_forward", "synchronize", "time_calls", "to_device",
+    "DTYPES",
+    "__version__",
+    "batch_of",
+    "batch_versions",
+    "benchmark_inputs",
+    "benchmark_versions",
+    "check_parameters",
+    "compile_options",
+    "conversion_versions",
+    "cudnn_benchmark_mode",
+    "data_device_of",
+    "device_name",
+    "device_of",
+    "device_or_cpu",
+    "dtype_name",
+    "ieee_fp32",
+    "kept_state",
+    "model_dtype",
+    "model_name",
+    "normalize_inputs",
+    "parse_dtype",
+    "percentile",
+    "prepare_inputs",
+    "report_versions",
+    "resolve_device",
+    "run_forward",
+    "shape_diff",
+    "synchronize",
+    "time_calls",
+    "to_device",
 ]
 
 __version__ = "0.1.0"
@@ -456,3 +481,19 @@ def check_parameters(model: nn.Module) -> None:
                         f"{kind} '{name}' of {type(owner).__name__} has {bad} NaN/Inf value(s) out of {t.numel()}: "
                         "fxsurgeon's rewrites need finite weights. Fix or re-initialise that tensor first."
                     )
+
+
+def shape_diff(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Two ``name → shape`` maps (tensors or shapes) compared: names only in ``a``, names only in ``b``, and names
+    in both whose shapes differ, each sorted.
+
+    >>> shape_diff({"w": (2, 3), "b": (2,)}, {"w": [3, 2], "x": (1,)})
+    (['b'], ['x'], ['w'])
+    """
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    differ = sorted(k for k in set(a) & set(b) if shape(a[k]) != shape(b[k]))
+    return only_a, only_b, differ

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import SurgeryError
+from ..runtime import shape_diff
 
 __all__ = [
     "HUB_HOST",
@@ -394,14 +395,12 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
         # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters: bookkeeping, not weights
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = value
-    fits = set(state) == set(have) and all(tuple(state[k].shape) == tuple(have[k].shape) for k in have)
+    missing, unexpected, wrong = shape_diff(have, state)
+    fits = not (missing or unexpected or wrong)
     if find_record(model) is not None and not fits:
         load_original_state_dict(model, state)  # a converted model given a checkpoint of its original
         return
-    missing = sorted(set(have) - set(state))
-    unexpected = sorted(set(state) - set(have))
-    wrong = sorted(k for k in set(have) & set(state) if tuple(have[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
+    if not fits:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
