@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -18,6 +19,14 @@ HERE = Path(__file__).resolve().parent / "golden" / "saved_before_layout"
 def _io():
     data = torch.load(HERE / "io.pt", weights_only=True)
     return data["x"], data["y"]
+
+
+def test_the_fixtures_really_name_the_old_layout():
+    # if they were ever rewritten by the current package (make.py run again), the tests below would prove nothing
+    with zipfile.ZipFile(HERE / "model.pt") as z:
+        pickled = b"".join(z.read(n) for n in z.namelist() if n.endswith(".pkl"))
+    assert b"fxsurgeon.forms_dense" in pickled and b"fxsurgeon.forms.dense" not in pickled
+    assert b"fxsurgeon.forms_dense" in (HERE / "model.safetensors").read_bytes()
 
 
 def test_pickled_model_from_before_the_move_unpickles_and_computes_the_same():
