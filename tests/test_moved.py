@@ -35,15 +35,17 @@ def test_pickled_model_from_before_the_move_unpickles_and_computes_the_same():
     gm = torch.load(HERE / "model.pt", weights_only=False)
     kinds = {type(m).__name__ for m in gm.modules()}
     assert {"TuckerConv2d", "SpatialSeparableConv2d", "SeparableConv2d"} <= kinds
+    # y was computed on the machine that wrote the fixture: another CPU's conv kernels may round differently
+    # (CI saw 1.9e-6 on outputs of magnitude ~3), so compare to float32 accumulation error, not bit for bit
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(gm(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_file_from_before_the_move_loads_and_computes_the_same():
     x, y = _io()
     gm = fxsurgeon.load(HERE / "model.safetensors")
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), y, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gm(x), y, rtol=1e-5, atol=1e-5)
     rec = fxsurgeon.get_record(gm)
     assert {r.details["form"] for r in rec.rewrites if r.pass_name == "separable"} == {
         "tucker2", "spatial-svd", "pw-dw-pw", "dw-pw"}
