@@ -96,12 +96,9 @@ def test_start_is_never_worse_than_depthwise_pointwise_at_the_same_depthwise_wid
         assert cp_factors(conv.weight, 12 * m).error <= init_err * (1 + 1e-9)
 
 
-def test_deterministic_bit_identical_and_tensorly_backend_untouched():
-    import tensorly as tl
-
+def test_deterministic_bit_identical():
     net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
                         nn.Conv2d(32, 32, 3, padding=1, bias=False)).eval()
-    backend = tl.get_backend()
     states = []
     for seed in (0, 123):
         torch.manual_seed(seed)
@@ -109,7 +106,6 @@ def test_deterministic_bit_identical_and_tensorly_backend_untouched():
         out = fxsurgeon.convert(net, separable=dict(form="pw-dw-pw", layers={"0": {"form": "pw-dw-pw", "rank": 37},
                                                                            "3": {"form": "pw-dw-pw", "rank": 50}}))
         states.append(out.state_dict())
-        assert tl.get_backend() == backend
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 

@@ -10,9 +10,9 @@ padding mode, so the block computes exactly the CP-approximated conv. The λ sca
 
 Rank R may exceed C_in and C_out (up to :func:`cp_max_rank`, where the form is exact). The decomposition is
 deterministic: the initial point is the best of three slice-SVD factorisations (each exact at its full
-rank; the one along C_in is the depthwise→pointwise form's own SVD), refined by TensorLy's ALS ``parafac``
-with Bro's line search, in float64, under a scoped TensorLy backend. ALS never increases the error, so the
-result is never worse than the initial point.
+rank; the one along C_in is the depthwise→pointwise form's own SVD), refined by ALS with Bro's line search
+in float64 (:mod:`fxsurgeon.forms.als`: TensorLy's ``parafac`` algorithm, in fewer, larger matmuls). A
+result worse than the initial point is never kept.
 
 >>> import torch.nn as nn
 >>> conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..modules import SeparableConv2d, depthwise_conv_class
+from .als import cp_als, cp_error
 from .base import LayerChoice, register_form
 
 __all__ = [
@@ -194,12 +194,6 @@ def slice_svd_init(t: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], floa
     return best
 
 
-def _cp_error(t: torch.Tensor, factors: list[torch.Tensor]) -> float:
-    a, b, c = factors
-    rec = torch.einsum("ir,jr,kr->ijk", a, b, c)
-    return float((t - rec).pow(2).sum())
-
-
 @contextlib.contextmanager
 def _threads_for(work: int) -> Iterator[None]:
     """One intra-op thread for small decompositions: on tensors this size, thread hand-offs cost more than
@@ -216,25 +210,9 @@ def _threads_for(work: int) -> Iterator[None]:
 
 
 def _als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float) -> tuple[list[torch.Tensor], int]:
-    """TensorLy ALS with line search from ``factors``; returns the refined factors (λ folded) and sweeps run."""
-    import tensorly as tl
-    from tensorly.decomposition import parafac
-
-    rank = factors[0].shape[1]
-    sweeps = [0]
-
-    def count(_cp: Any, _err: float) -> None:
-        sweeps[0] += 1
-
-    with tl.backend_context("pytorch"), warnings.catch_warnings(), _threads_for(t.numel() * rank):
-        warnings.simplefilter("ignore")  # TensorLy warns about SVD sizes it does not use here
-        weights, out = parafac(
-            t, rank, n_iter_max=n_iter, init=(torch.ones(rank, dtype=t.dtype), [f.clone() for f in factors]),
-            tol=tol, linesearch=True, callback=count,
-        )
-    out = [f.clone() for f in out]
-    out[0] = out[0] * weights
-    return out, max(sweeps[0] - 1, 0)
+    """ALS with line search from ``factors`` (:func:`fxsurgeon.forms.als.cp_als`); returns factors and sweeps run."""
+    with _threads_for(t.numel() * factors[0].shape[1]):
+        return cp_als(t, factors, n_iter, tol)
 
 
 def _finish(factors: list[torch.Tensor], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,9 +244,9 @@ def cp_factors(
 ) -> CPFactors:
     """Rank-R CP decomposition of a conv weight into 1×1 → depthwise → 1×1 weights.
 
-    Deterministic: slice-SVD start (:func:`slice_svd_init`), then TensorLy ``parafac`` (ALS, line search) in
-    float64 on the CPU under ``tensorly.backend_context("pytorch")``; the global TensorLy backend is not
-    touched. Results come back in the weight's dtype and device.
+    Deterministic: slice-SVD start (:func:`slice_svd_init`), then ALS with line search
+    (:func:`fxsurgeon.forms.als.cp_als`) in float64 on the CPU. Results come back in the weight's dtype and
+    device.
 
     Args:
         weight: (C_out, C_in, kh, kw) conv weight (groups=1).
@@ -293,13 +271,13 @@ def cp_factors(
         if iterations > 0 and init_err > 1e-20 * norm2:
             try:
                 refined, sweeps = _als(t, factors, iterations, tol)
-                new_err = _cp_error(t, refined)
+                new_err = cp_error(t, refined)
             except (RuntimeError, ValueError):  # a singular normal equation: keep the exact-SVD start
                 refined, new_err = factors, init_err
             if math.isfinite(new_err) and new_err <= init_err:
                 factors, err = refined, new_err
         else:
-            err = _cp_error(t, factors)
+            err = cp_error(t, factors)
         red, dw, pw = _finish(factors, weight.shape)
     like = {"dtype": weight.dtype, "device": weight.device}
     return CPFactors(red.to(**like), dw.to(**like), pw.to(**like), rank, err, norm2, mode, init_err, sweeps)
