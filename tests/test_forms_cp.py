@@ -162,6 +162,29 @@ def test_choices_are_upper_bounds_of_the_built_error():
         assert CHOICE_ITERATIONS > 0
 
 
+def test_sweep_budget_shrinks_menu_work_on_wide_layers_and_keeps_the_bound(monkeypatch):
+    import fxsurgeon.forms.cp as cp
+
+    # the full count on small layers (every CIFAR ResNet layer), fewer on wide layers at high rank
+    assert cp.als_sweeps((64, 64, 3, 3), 270, build=False) == cp.CHOICE_ITERATIONS
+    assert cp.als_sweeps((64, 64, 3, 3), 270, build=True) == cp.DEFAULT_ITERATIONS
+    assert cp.als_sweeps((2048, 2048, 3, 3), 4000, build=False) == cp.MIN_CHOICE_ITERATIONS
+    assert cp.als_sweeps((2048, 2048, 3, 3), 4000, build=True) == cp.CHOICE_ITERATIONS
+    for shape, rank in (((512, 512, 3, 3), 700), ((256, 128, 5, 5), 300), ((8, 8, 3, 3), 1)):
+        assert cp.als_sweeps(shape, rank, build=True) >= cp.als_sweeps(shape, rank, build=False)
+    # shrink the budgets so this small layer is "wide": the menu's error still bounds the build's
+    monkeypatch.setattr(cp, "CHOICE_WORK", 1.0)
+    monkeypatch.setattr(cp, "BUILD_WORK", 1.0)
+    cp.clear_cache()
+    conv = nn.Conv2d(12, 10, 3, bias=False)
+    form = get_form("pw-dw-pw")
+    (choice,) = [c for c in form.choices(conv, 40) if c.rank == 40]
+    _, details = form.build(conv, 40)
+    assert details["cp_iterations"] <= cp.CHOICE_ITERATIONS
+    assert details["discarded_energy"] <= choice.error * (1 + 1e-9)
+    cp.clear_cache()
+
+
 def test_random_init_keeps_shapes_and_bias():
     conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
     sep, f = make_cp_separable(conv, 10, init="random")

@@ -42,6 +42,7 @@ from .base import LayerChoice, register_form
 __all__ = [
     "CPFactors",
     "PointwiseDepthwisePointwise",
+    "als_sweeps",
     "clear_cache",
     "cp_cost",
     "cp_error_curve",
@@ -62,6 +63,27 @@ CHOICE_ITERATIONS = 30
 DEFAULT_TOL = 1e-7
 #: ranks per layer that :meth:`PointwiseDepthwisePointwise.choices` decomposes
 CHOICE_POINTS = 12
+#: multiply-adds one error on a menu may spend in ALS sweeps (2·C_out·C_in·k²·R per sweep): all
+#: :data:`CHOICE_ITERATIONS` sweeps up to 256×256×3×3 at rank 512, fewer (not under
+#: :data:`MIN_CHOICE_ITERATIONS`) on wider layers at high rank, where one sweep takes a second or more
+CHOICE_WORK = 2e10
+MIN_CHOICE_ITERATIONS = 5
+#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 256×256×3×3 at rank ~600, never fewer than
+#: :data:`CHOICE_ITERATIONS` (so a menu's error stays an upper bound on what the build reaches)
+BUILD_WORK = 6e10
+
+
+def als_sweeps(shape: tuple[int, ...] | torch.Size, rank: int, *, build: bool) -> int:
+    """ALS sweeps spent on a (C_out, C_in, kh, kw) weight at CP rank ``rank``, for a build or a menu's error.
+
+    >>> als_sweeps((64, 64, 3, 3), 128, build=True), als_sweeps((512, 512, 3, 3), 1376, build=False)
+    (100, 5)
+    """
+    c_out, c_in, kh, kw = shape
+    per_sweep = 2 * c_out * c_in * kh * kw * max(rank, 1)
+    most, least, work = ((DEFAULT_ITERATIONS, CHOICE_ITERATIONS, BUILD_WORK) if build else
+                         (CHOICE_ITERATIONS, MIN_CHOICE_ITERATIONS, CHOICE_WORK))
+    return int(max(least, min(most, work // per_sweep)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,28 @@ def _slice_svd(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor, 
     return u, s, vh, order
 
 
+# The three slice SVDs of a weight do not depend on the rank: a menu asks for up to CHOICE_POINTS ranks of one
+# weight in a row, so keep the last few (about a second each on a 512×512×3×3 weight).
+_SVDS: OrderedDict[tuple, list] = OrderedDict()
+_SVDS_KEPT = 4
+_SVDS_LOCK = threading.Lock()
+
+
+def _slice_svds(t: torch.Tensor) -> list:
+    key = (tuple(t.shape), str(t.dtype), hash(t.detach().cpu().contiguous().numpy().tobytes()))
+    with _SVDS_LOCK:
+        hit = _SVDS.get(key)
+        if hit is not None:
+            _SVDS.move_to_end(key)
+            return hit
+    svds = [_slice_svd(t, mode) for mode in range(3)]
+    with _SVDS_LOCK:
+        _SVDS[key] = svds
+        while len(_SVDS) > _SVDS_KEPT:
+            _SVDS.popitem(last=False)
+    return svds
+
+
 def slice_svd_init(t: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], float, str]:
     """Deterministic CP starting point: the ``rank`` largest singular triplets over all slices of one mode.
 
@@ -171,8 +215,7 @@ def slice_svd_init(t: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], floa
     """
     total = float(t.pow(2).sum())
     best: tuple[list[torch.Tensor], float, str] | None = None
-    for mode in range(3):
-        u, s, vh, order = _slice_svd(t, mode)
+    for mode, (u, s, vh, order) in enumerate(_slice_svds(t)):
         n, r = s.shape
         take = order[:rank]
         ch, j = take // r, take % r
@@ -304,6 +347,8 @@ def clear_cache() -> None:
     """Forget cached decompositions (they are only a speed-up: results are the same without them)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    with _SVDS_LOCK:
+        _SVDS.clear()
 
 
 def _cached_factors(weight: torch.Tensor, rank: int, iterations: int, tol: float) -> CPFactors:
@@ -347,13 +392,14 @@ def cp_error_curve(weight: torch.Tensor, ranks: list[int], *, iterations: int = 
 
 
 def make_cp_separable(
-    conv: nn.Conv2d, rank: int, init: str = "svd", *, iterations: int = DEFAULT_ITERATIONS, tol: float = DEFAULT_TOL
+    conv: nn.Conv2d, rank: int, init: str = "svd", *, iterations: int | None = None, tol: float = DEFAULT_TOL
 ) -> tuple[SeparableConv2d, CPFactors | None]:
     """Build the 1×1 → depthwise k×k → 1×1 replacement of a groups=1 ``conv`` at CP rank ``rank``.
 
     The first 1×1 conv (``reduce``) has no bias and runs at the input's resolution; the depthwise conv
     carries stride, padding (``"same"`` too), dilation and padding mode; the last 1×1 conv carries the CP
     weights and the original bias. ``init="random"`` keeps PyTorch's default initialisation instead.
+    ``iterations`` (ALS sweeps) defaults to :func:`als_sweeps` with ``build=True``.
 
     >>> sep, f = make_cp_separable(nn.Conv2d(16, 16, 3, padding=1, bias=False), 32)
     >>> [tuple(p.shape) for p in sep.parameters()]
@@ -367,6 +413,10 @@ def make_cp_separable(
     if conv.groups != 1:
         raise SurgeryError(f"the CP form needs a groups=1 conv, got groups={conv.groups}")
     c_out, c_in, kh, kw = conv.weight.shape
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise SurgeryError(f"CP rank must be an int >= 1, got {rank!r}")
+    if iterations is None:
+        iterations = als_sweeps(conv.weight.shape, min(rank, cp_max_rank(conv.weight.shape)), build=True)
     factors = _cached_factors(conv.weight, rank, iterations, tol) if init == "svd" else None
     r = factors.rank if factors is not None else min(rank, cp_max_rank(conv.weight.shape))
     factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -408,24 +458,27 @@ class PointwiseDepthwisePointwise:
     def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
         """Costs and data-free errors on a grid of ranks (:func:`cp_rank_grid`), not every rank.
 
-        Each error is that of :data:`CHOICE_ITERATIONS` ALS sweeps: an upper bound on what :meth:`build`
-        reaches at that rank (same start, more sweeps).
+        Each error is that of :func:`als_sweeps` (``build=False``) ALS sweeps: an upper bound on what
+        :meth:`build` reaches at that rank (same start, at least as many sweeps).
         """
         _check_weight(conv.weight)
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         out = []
         for r in cp_rank_grid(conv.weight.shape, top):
             c = self.cost(conv, r)
-            f = _cached_factors(conv.weight, r, CHOICE_ITERATIONS, DEFAULT_TOL)
+            f = _cached_factors(conv.weight, r, als_sweeps(conv.weight.shape, r, build=False), DEFAULT_TOL)
             out.append(LayerChoice(c.form, r, c.params, c.macs_in, c.macs_out, f.error, c.exact or f.error == 0,
                                    extra={"relative_error": f.relative_error, "error_bound": True}))
         return out
 
     def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
-        """Squared Frobenius weight error at each rank, after :data:`CHOICE_ITERATIONS` ALS sweeps (a bound)."""
+        """Squared Frobenius weight error at each rank, after :func:`als_sweeps` ALS sweeps (a bound)."""
         _check_weight(conv.weight)
-        return [_cached_factors(conv.weight, min(r, self.full_rank(conv)), CHOICE_ITERATIONS, DEFAULT_TOL).error
-                for r in ranks]
+        out = []
+        for r in ranks:
+            r = min(r, self.full_rank(conv))
+            out.append(_cached_factors(conv.weight, r, als_sweeps(conv.weight.shape, r, build=False), DEFAULT_TOL).error)
+        return out
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
         sep, f = make_cp_separable(conv, rank, init=init)
