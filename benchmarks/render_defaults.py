@@ -34,8 +34,8 @@ def defaults_section(data: dict) -> list[str]:
            "Each config converts the model from its weights alone (no data, no synthetic images), every 3×3 conv but "
            "the stem, at a whole-model MAC target (`separable=dict(target_macs=t, ...)`), and is compared with the "
            "original on the 5,000 images of `x[1::2]`: logit error (relative L2 of all logits), top-1 agreement with "
-           "the original, accuracy. `separable=dict(target_macs=t)` with nothing else set resolves to the options of the "
-           "`dw-pw` row (`fxsurgeon.budget.allocation.BUDGET_DEFAULTS`: `form=\"auto\"` costs minutes per wide layer, see "
+           "the original, accuracy. `separable=dict(target_macs=t)` with nothing else set is the `defaults` row "
+           "(`fxsurgeon.budget.allocation.BUDGET_DEFAULTS`, the same options as `auto, bias corr.`; see "
            "[the defaults page](../accuracy-defaults.md)). A dash: not measured.", ""]
     for m in models:
         orig = next((r for r in rows if r["model"] == m and r["config"] == "original"), None)

@@ -185,6 +185,26 @@ def test_sweep_budget_shrinks_menu_work_on_wide_layers_and_keeps_the_bound(monke
     cp.clear_cache()
 
 
+def test_menu_points_bound_the_menu_work(monkeypatch):
+    import fxsurgeon.forms.cp as cp
+
+    assert cp.menu_points((64, 64, 3, 3), 269) == cp.CHOICE_POINTS  # CIFAR widths: the full grid
+    shape = (160, 160, 3, 3)
+    wide = cp.menu_points(shape, 700)
+    assert cp.MIN_CHOICE_POINTS < wide < cp.CHOICE_POINTS
+    work = [sum(2 * 160 * 160 * 9 * r * cp.als_sweeps(shape, r, build=False) for r in cp.cp_rank_grid(shape, 700, n))
+            for n in (wide, wide + 1)]
+    assert work[0] <= cp.MENU_WORK < work[1]  # the most points within the work
+    assert cp.menu_points((2048, 2048, 3, 3), 9000) == cp.MIN_CHOICE_POINTS  # floor, even past the work
+    # the menu follows it
+    monkeypatch.setattr(cp, "MENU_WORK", 1.0)
+    cp.clear_cache()
+    conv = nn.Conv2d(12, 10, 3, bias=False)
+    menu = get_form("pw-dw-pw").choices(conv, 40)
+    assert [c.rank for c in menu] == cp.cp_rank_grid(conv.weight.shape, 40, cp.MIN_CHOICE_POINTS)
+    cp.clear_cache()
+
+
 def test_random_init_keeps_shapes_and_bias():
     conv = nn.Conv2d(8, 12, 3, padding=1, bias=True)
     sep, f = make_cp_separable(conv, 10, init="random")

@@ -48,9 +48,9 @@ def test_from_dict_to_dict_round_trip_and_changed_only():
 
 def test_budget_defaults_are_filled_in_and_reported():
     opts = SeparableOptions(target_macs=0.6)
-    assert opts.defaulted == {"form": "dw-pw", "weighting": None, "bias_correction": False}
-    given = SeparableOptions(target_macs=0.6, form="auto", weighting="bn")
-    assert given.defaulted == {"bias_correction": False} and given.form == "auto"
+    assert opts.defaulted == {"form": "auto", "weighting": None, "bias_correction": True}
+    given = SeparableOptions(target_macs=0.6, form="dw-pw", weighting="bn")
+    assert given.defaulted == {"bias_correction": True} and given.form == "dw-pw"
 
 
 @pytest.mark.parametrize(("options", "key", "kind", "message"), [

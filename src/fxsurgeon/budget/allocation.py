@@ -52,13 +52,11 @@ __all__ = [
 
 
 #: what the separable pass does with a budget (``target_macs`` / ``target_params``) when these options are not
-#: given: the MobileNet form, plain (unweighted) relative weight errors rank the choices, no bias correction.
-#: ``weighting`` and ``bias_correction`` were chosen on the mean logit error over the trained CIFAR ResNet-20 and
-#: ResNet-32 at 0.60× and 0.45× MACs (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
-#: ``form="auto"`` (the CP form competing per layer) had a far lower logit error on both, but fitting CP at every
-#: rank on the grid costs minutes per wide layer: torchvision's resnet18 at 224×224 did not finish in 25 minutes
-#: on 2 cores, and the ResNet-20 with calibration data took 771 s instead of 105 s. It is one option away.
-BUDGET_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
+#: given: every registered form competes per layer (``"auto"``), plain (unweighted) relative weight errors rank
+#: the choices, and each approximate layer gets its output mean back from the BatchNorm statistics. Chosen on the
+#: mean logit error over the trained CIFAR ResNet-20 and ResNet-32 at 0.60× and 0.45× MACs
+#: (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
+BUDGET_DEFAULTS: dict[str, Any] = {"form": "auto", "weighting": None, "bias_correction": True}
 #: ... and with a uniform ``multiplier`` (or none): the MobileNet form, plain weights, biases as they are
 UNIFORM_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
 
@@ -509,6 +507,7 @@ def plan_budget(
     fixed: dict[str, LayerChoice] | None = None,
     calibration: Any = None,
     errors: str = "auto",
+    added_bias: bool = False,
 ) -> BudgetPlan:
     """Choose (form, rank) for each conv in ``convs`` so the *whole* model meets the target fractions.
 
@@ -527,6 +526,8 @@ def plan_budget(
             errors weighted by how much the model's outputs move per unit of each layer's error,
             :func:`fxsurgeon.calibrate.output_sensitivity`), or ``"auto"`` (data when calibration batches are
             given).
+        added_bias: a rewrite of a conv without bias gains one (C_out parameters): bias correction puts the
+            output mean back there. Counted in every such choice, so a parameter budget holds either way.
 
     Returns:
         A :class:`BudgetPlan` whose allocation picks, per conv, a choice (``form == "original"``: keep it).
@@ -565,13 +566,18 @@ def plan_budget(
         orig = conv_cost(conv)
         fixed_macs -= sh.calls * orig.macs(sh.positions_in, sh.positions_out)
         fixed_params -= orig.params
+        bias = conv.out_channels if added_bias and conv.bias is None else 0
         if name in fixed:
             c = fixed[name]
             fixed_macs += sh.calls * c.macs(sh.positions_in, sh.positions_out)
-            fixed_params += c.params
+            fixed_params += c.params + bias
             continue
-        options.append(layer_options(name, conv, forms, positions_in=sh.positions_in,
-                                     positions_out=sh.positions_out, calls=sh.calls))
+        opt = layer_options(name, conv, forms, positions_in=sh.positions_in, positions_out=sh.positions_out,
+                            calls=sh.calls)
+        if bias:
+            opt = replace(opt, choices=tuple(c if c.form == "original" else replace(c, params=c.params + bias)
+                                             for c in opt.choices))
+        options.append(opt)
     how = "weight"
     if calibration is not None and errors in ("auto", "data", "sensitivity") and options:
         from ..calibrate import measure_choices, output_sensitivity
@@ -611,6 +617,7 @@ def budget_layers(
     target_params: float | None,
     calibration: Any = None,
     errors: str = "auto",
+    added_bias: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, LayerChoice], BudgetPlan]:
     """The separable pass's budget step: per-layer settings meeting the budget, and the layers to keep.
 
@@ -618,6 +625,7 @@ def budget_layers(
         candidates: the pass's candidates (``name``, ``aliases``, ``conv``).
         form: a registered form, or ``"auto"`` to choose among all registered forms per layer.
         layers: the user's per-layer settings; those layers are not chosen but their cost counts.
+        added_bias: bias correction is on (see :func:`plan_budget`).
 
     Returns:
         ``(settings, kept, plan)``: ``settings`` is ``{name: {"form", "rank"}}`` for the layers to rewrite,
@@ -633,7 +641,7 @@ def budget_layers(
         if isinstance(spec, dict) and "rank" in spec:
             fixed[c.name] = get_form(str(spec.get("form", forms[0]))).cost(c.conv, int(spec["rank"]))
     plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
-                       calibration=calibration, errors=errors)
+                       calibration=calibration, errors=errors, added_bias=added_bias)
     settings = plan.allocation.ranks()
     kept = {n: c for n, c in plan.allocation.picks.items() if c.form == "original"}
     return settings, kept, plan

@@ -162,6 +162,7 @@ class _Solver:
         self.multiple, self.second = multiple, second
         self.layers: list[_Layer] = []
         self.fixed: dict[str, tuple[list[str], nn.Conv2d, str, int]] = {}  # the user's per-layer settings
+        self.added_bias = False  # bias correction gives each rewritten bias-free conv a bias (C_out params)
 
     def time_layer(self, lay: _Layer, cands: list[tuple[str, int]]) -> None:
         lay.ms.update(self.table.measure(lay.conv, cands, lay.shapes))
@@ -204,7 +205,8 @@ class _Solver:
         for c in lay.menu:
             ns = round(lay.ms[(c.form, c.rank)] * _NS)
             real_macs = lay.calls * c.macs(lay.positions_in, lay.positions_out)
-            second = real_macs if self.second == "macs" else c.params
+            bias = self.added_bias if c.form != "original" and lay.conv.bias is None else 0
+            second = real_macs if self.second == "macs" else c.params + bias * lay.conv.out_channels
             choices.append(replace(c, macs_in=0, macs_out=ns, params=second))
         return LayerOptions(lay.name, tuple(choices), 1, 1, weight, 1)
 
@@ -234,6 +236,7 @@ def budget_latency(
     target_params: float | None = None,
     calibration: Any = None,
     errors: str = "auto",
+    added_bias: bool = False,
 ) -> LatencyPlan:
     """The separable pass's latency-budget step (see the module docstring).
 
@@ -245,7 +248,7 @@ def budget_latency(
         target_latency: fraction of the original model's measured latency to reach, in (0, 1].
         judge: where and how to time.
         target_macs / target_params: a second budget (one of them), as for MAC budgets.
-        calibration / errors: as for :func:`fxsurgeon.budget.allocation.plan_budget`.
+        calibration / errors / added_bias: as for :func:`fxsurgeon.budget.allocation.plan_budget`.
 
     Returns:
         A :class:`LatencyPlan`: ``settings`` ``{name: {"form", "rank"}}`` to rewrite, ``kept`` the layers left
@@ -272,6 +275,7 @@ def budget_latency(
     multiple = judge.rank_multiple or hardware_multiple(dev)
     table = LatencyTable(judge, dev, dtype, cl, batch, cache_dir=judge.cache_dir)
     solver = _Solver(gm, judge, table, forms, multiple, second)
+    solver.added_bias = bool(added_bias)
     compile_opts = compile_options(judge.compile)
 
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}
@@ -291,7 +295,8 @@ def budget_latency(
             if metas is not None:
                 ms = solver.table.measure(cand.conv, [ORIGINAL, (fname, c.rank)], [list(m.shape) for m in metas])
                 fixed_saving += ms[ORIGINAL] - ms[(fname, c.rank)]
-            fixed_second += sh.calls * c.macs(sh.positions_in, sh.positions_out) if second == "macs" else c.params
+            bias = cand.conv.out_channels if added_bias and cand.conv.bias is None else 0
+            fixed_second += sh.calls * c.macs(sh.positions_in, sh.positions_out) if second == "macs" else c.params + bias
             continue
         if metas is None:
             untimed[cand.name] = ("input shape unknown (the conv runs inside a leaf module, where ShapeProp does not "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..forms.cp import menu_builds
 from ..modes import eval_modes as _eval_modes
 from ..runtime import device_of, to_device
 from .data import as_batches, forward_batch
@@ -20,11 +21,36 @@ from .specs import RefitSpec, is_refittable, separable_refittable
 from .stats import Accumulator
 from .stepper import capture_module
 
-__all__ = ["measure_choices", "output_sensitivity"]
+__all__ = ["measure_choices", "output_sensitivity", "thin_choices"]
 
 
 #: activations kept per layer for :func:`measure_choices` (elements of the conv's input)
 MEASURE_MAX_ELEMENTS = 2**21
+#: ranks of one form measured per layer by :func:`measure_choices` (evenly spread over the menu's, both ends
+#: kept): each costs a refit (seconds on a wide CP choice), and the data-free menu may list 24
+MEASURED_PER_FORM = 12
+
+
+def thin_choices(choices: Sequence[Any], per_form: int) -> tuple[Any, ...]:
+    """At most ``per_form`` choices of each form, evenly spread over its ranks (first and last kept).
+
+    >>> from fxsurgeon.forms.registry import LayerChoice
+    >>> menu = [LayerChoice("f", r, 0, 0, 0, 0.0, False) for r in range(1, 11)]
+    >>> menu.append(LayerChoice("original", 0, 0, 0, 0, 0.0, True))
+    >>> [c.rank for c in thin_choices(menu, 4)]
+    [1, 4, 7, 10, 0]
+    """
+    by_form: dict[str, list[Any]] = {}
+    for c in choices:
+        by_form.setdefault(c.form, []).append(c)
+    keep: set[int] = set()
+    for form, cs in by_form.items():
+        if form == "original" or len(cs) <= per_form:
+            keep.update(id(c) for c in cs)
+            continue
+        cs = sorted(cs, key=lambda c: c.rank)
+        keep.update(id(cs[round(i * (len(cs) - 1) / (per_form - 1))]) for i in range(per_form))
+    return tuple(c for c in choices if id(c) in keep)
 
 
 def _last_refittable(module: nn.Module) -> nn.Module | None:
@@ -43,6 +69,7 @@ def measure_choices(
     *,
     ridge: float = DEFAULT_RIDGE,
     max_elements: int = MEASURE_MAX_ELEMENTS,
+    per_form: int = MEASURED_PER_FORM,
 ) -> list[Any]:
     """Each choice's error measured on data: the relative squared output error left after calibration.
 
@@ -58,6 +85,7 @@ def measure_choices(
         options: :class:`fxsurgeon.budget.allocation.LayerOptions` whose choices are to be measured.
         convs: layer name → the conv module.
         calibration: input batches (see :func:`as_batches`).
+        per_form: ranks of each form measured per layer (:func:`thin_choices`); the others leave the menu.
 
     Returns:
         New ``LayerOptions`` with measured errors and ``weight=1``.
@@ -91,7 +119,7 @@ def measure_choices(
         for h in handles:
             h.remove()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), menu_builds():  # candidates from the menu's own (cached) CP fits
         for o in options:
             conv = convs[o.name]
             xs = store.pop(o.name)
@@ -102,7 +130,7 @@ def measure_choices(
             yy = float(y.double().pow(2).sum())
             shared: SeparableAccumulator | None = None  # input-patch statistics: the same for every choice
             choices = []
-            for c in o.choices:
+            for c in thin_choices(o.choices, per_form):
                 if c.form == "original" or c.exact or yy == 0:
                     choices.append(replace(c, error=0.0 if (c.form == "original" or c.exact) else c.error))
                     continue

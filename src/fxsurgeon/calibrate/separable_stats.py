@@ -78,21 +78,27 @@ class SeparableAccumulator(RefitStatistics):
             return stop
         info = self.info
         dw, pw, k2 = self.dw, self.pw, self.k2
-        dev = self.gram.device
         c_dw, c_mid = dw.out_channels, dw.in_channels
         mult = c_dw // c_mid  # filter g = c·mult + j reads channel c
         dq = c_mid * k2
-        eye_k = torch.eye(k2, dtype=torch.float64, device=dev)
         gq = cq = g4 = c3 = s2 = None
 
         def project(t_red: torch.Tensor | None) -> None:
             """Statistics of the depthwise conv's input patches: T p (the first 1×1 conv acts on each tap alike)."""
             nonlocal gq, cq, g4, c3, s2
             if t_red is not None:
-                t = torch.kron(t_red, eye_k)
+                # (T ⊗ I_k²) G (T ⊗ I_k²)ᵀ without forming the Kronecker product: ~9× fewer multiply-adds
+                n_red, n_in = t_red.shape
+                d_in = n_in * k2
+                g = self.gram[:d_in, :d_in].reshape(n_in, k2, n_in, k2)
+                main = torch.einsum("rtCs,RC->rtRs", torch.einsum("rc,ctCs->rtCs", t_red, g), t_red)
+                gq = main.reshape(n_red * k2, n_red * k2)
+                cq = torch.einsum("rc,cto->rto", t_red, self.cross[:d_in].reshape(n_in, k2, -1)).reshape(
+                    n_red * k2, -1)
                 if self.has_bias:
-                    t = torch.block_diag(t, torch.ones(1, 1, dtype=torch.float64, device=dev))
-                gq, cq = t @ self.gram @ t.T, t @ self.cross
+                    side = torch.einsum("rc,ct->rt", t_red, self.gram[:d_in, d_in].reshape(n_in, k2)).reshape(-1, 1)
+                    gq = torch.cat([torch.cat([gq, side], 1), torch.cat([side.T, self.gram[d_in:, d_in:]], 1)])
+                    cq = torch.cat([cq, self.cross[d_in:]])
             else:
                 gq, cq = self.gram, self.cross
             g4 = gq[:dq, :dq].reshape(c_mid, k2, c_mid, k2)

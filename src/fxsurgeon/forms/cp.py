@@ -24,6 +24,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import threading
 from collections import OrderedDict
@@ -50,34 +51,44 @@ __all__ = [
     "cp_max_rank",
     "cp_rank_grid",
     "make_cp_separable",
+    "menu_builds",
+    "menu_points",
     "slice_svd_init",
 ]
 
-#: ALS sweeps when building a layer: past ~100 the weight error still falls slowly but accuracy does not
-#: follow (ResNet-20 at 0.60× MACs: 78.5 % at 50, 79.2 % at 200, 78.8 % at 1000 sweeps)
-DEFAULT_ITERATIONS = 100
+#: ALS sweeps when building a layer (where one sweep is cheap, see :data:`BUILD_WORK`). Chosen with
+#: benchmarks/defaults_two_models.py on the mean logit error of the trained ResNet-20 and ResNet-32 at 0.60× and
+#: 0.45× MACs (``form="auto"``, bias correction): 0.177 at 100 sweeps, 0.166 at 300, 0.163 at 1,000; 300 with
+#: :data:`CHOICE_POINTS` = 24 gives 0.154
+DEFAULT_ITERATIONS = 300
 #: ALS sweeps behind each error in :meth:`PointwiseDepthwisePointwise.choices`. Same start, same ALS, fewer
 #: sweeps: an upper bound on the error the build reaches (ALS never increases it), at a third of the cost.
 CHOICE_ITERATIONS = 30
 #: stop when a sweep improves the relative error by less than this
 DEFAULT_TOL = 1e-7
-#: ranks per layer that :meth:`PointwiseDepthwisePointwise.choices` decomposes
-CHOICE_POINTS = 12
+#: ranks per layer that :meth:`PointwiseDepthwisePointwise.choices` decomposes (12 → 24: mean logit error
+#: 0.166 → 0.154 on the two trained models, with 300 build sweeps; the menu takes twice as long)
+CHOICE_POINTS = 24
 #: multiply-adds one error on a menu may spend in ALS sweeps (2·C_out·C_in·k²·R per sweep): all
 #: :data:`CHOICE_ITERATIONS` sweeps up to 256×256×3×3 at rank 512, fewer (not under
 #: :data:`MIN_CHOICE_ITERATIONS`) on wider layers at high rank, where one sweep takes a second or more
 CHOICE_WORK = 2e10
 MIN_CHOICE_ITERATIONS = 5
-#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 256×256×3×3 at rank ~600, never fewer than
+#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 2·10⁸ multiply-adds a sweep (256×256×3×3 at
+#: rank ~170; every CIFAR ResNet layer at every rank), fewer above, never fewer than
 #: :data:`CHOICE_ITERATIONS` (so a menu's error stays an upper bound on what the build reaches)
 BUILD_WORK = 6e10
+#: multiply-adds one layer's whole menu may spend (~5 s on one core): :data:`CHOICE_POINTS` ranks where that is
+#: enough (every CIFAR ResNet layer), fewer on wide layers, never under :data:`MIN_CHOICE_POINTS`
+MENU_WORK = 6e10
+MIN_CHOICE_POINTS = 6
 
 
 def als_sweeps(shape: tuple[int, ...] | torch.Size, rank: int, *, build: bool) -> int:
     """ALS sweeps spent on a (C_out, C_in, kh, kw) weight at CP rank ``rank``, for a build or a menu's error.
 
     >>> als_sweeps((64, 64, 3, 3), 128, build=True), als_sweeps((512, 512, 3, 3), 1376, build=False)
-    (100, 5)
+    (300, 5)
     """
     c_out, c_in, kh, kw = shape
     per_sweep = 2 * c_out * c_in * kh * kw * max(rank, 1)
@@ -385,6 +396,39 @@ def cp_rank_grid(shape: tuple[int, ...] | torch.Size, max_rank: int, points: int
     return sorted({1 + round(i * step) for i in range(points)})
 
 
+_MENU_BUILDS: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsurgeon_cp_menu_builds", default=False)
+
+
+@contextlib.contextmanager
+def menu_builds() -> Iterator[None]:
+    """Within it, CP builds that name no sweep count get a menu's (:func:`als_sweeps` with ``build=False``).
+
+    For measuring many candidates on data (:func:`fxsurgeon.calibrate.measure_choices`): each is refitted
+    there anyway, and the one chosen is built again, outside, with the full count. The factors are the menu's
+    own (cached), so this costs no new decomposition.
+    """
+    token = _MENU_BUILDS.set(True)
+    try:
+        yield
+    finally:
+        _MENU_BUILDS.reset(token)
+
+
+def menu_points(shape: tuple[int, ...] | torch.Size, max_rank: int) -> int:
+    """How many ranks a layer's menu decomposes: the most (up to :data:`CHOICE_POINTS`) within :data:`MENU_WORK`.
+
+    >>> menu_points((64, 64, 3, 3), 269), menu_points((512, 512, 3, 3), 2284)
+    (24, 6)
+    """
+    c_out, c_in, kh, kw = shape
+    numel = c_out * c_in * kh * kw
+    for n in range(CHOICE_POINTS, MIN_CHOICE_POINTS, -1):
+        grid = cp_rank_grid(shape, max_rank, n)
+        if sum(2 * numel * r * als_sweeps(shape, r, build=False) for r in grid) <= MENU_WORK:
+            return n
+    return MIN_CHOICE_POINTS
+
+
 def cp_error_curve(weight: torch.Tensor, ranks: list[int], *, iterations: int = CHOICE_ITERATIONS,
                    tol: float = DEFAULT_TOL) -> list[float]:
     """Squared Frobenius error of the CP form at each rank in ``ranks`` (one decomposition per rank)."""
@@ -399,7 +443,8 @@ def make_cp_separable(
     The first 1×1 conv (``reduce``) has no bias and runs at the input's resolution; the depthwise conv
     carries stride, padding (``"same"`` too), dilation and padding mode; the last 1×1 conv carries the CP
     weights and the original bias. ``init="random"`` keeps PyTorch's default initialisation instead.
-    ``iterations`` (ALS sweeps) defaults to :func:`als_sweeps` with ``build=True``.
+    ``iterations`` (ALS sweeps) defaults to :func:`als_sweeps` with ``build=True`` (``False`` inside
+    :func:`menu_builds`).
 
     >>> sep, f = make_cp_separable(nn.Conv2d(16, 16, 3, padding=1, bias=False), 32)
     >>> [tuple(p.shape) for p in sep.parameters()]
@@ -416,7 +461,8 @@ def make_cp_separable(
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise SurgeryError(f"CP rank must be an int >= 1, got {rank!r}")
     if iterations is None:
-        iterations = als_sweeps(conv.weight.shape, min(rank, cp_max_rank(conv.weight.shape)), build=True)
+        iterations = als_sweeps(conv.weight.shape, min(rank, cp_max_rank(conv.weight.shape)),
+                                build=not _MENU_BUILDS.get())
     factors = _cached_factors(conv.weight, rank, iterations, tol) if init == "svd" else None
     r = factors.rank if factors is not None else min(rank, cp_max_rank(conv.weight.shape))
     factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
@@ -456,7 +502,7 @@ class PointwiseDepthwisePointwise:
         return LayerChoice(self.name, r, params, macs_in, macs_out, float("nan"), r >= self.full_rank(conv))
 
     def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
-        """Costs and data-free errors on a grid of ranks (:func:`cp_rank_grid`), not every rank.
+        """Costs and data-free errors on a grid of ranks (:func:`cp_rank_grid`, :func:`menu_points` of them).
 
         Each error is that of :func:`als_sweeps` (``build=False``) ALS sweeps: an upper bound on what
         :meth:`build` reaches at that rank (same start, at least as many sweeps).
@@ -464,7 +510,7 @@ class PointwiseDepthwisePointwise:
         _check_weight(conv.weight)
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         out = []
-        for r in cp_rank_grid(conv.weight.shape, top):
+        for r in cp_rank_grid(conv.weight.shape, top, menu_points(conv.weight.shape, top)):
             c = self.cost(conv, r)
             f = _cached_factors(conv.weight, r, als_sweeps(conv.weight.shape, r, build=False), DEFAULT_TOL)
             out.append(LayerChoice(c.form, r, c.params, c.macs_in, c.macs_out, f.error, c.exact or f.error == 0,

@@ -94,6 +94,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         plan = budget_latency(gm, ranked, form, layers, target_latency=target_latency, target_macs=target_macs,
                               target_params=target_params, calibration=calibration, errors=allocation,
+                              added_bias=bias_correction and init == "svd",
                               judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
         layers = {**chosen, **layers}
@@ -104,7 +105,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
                                              target_params=target_params, calibration=calibration,
-                                             errors=allocation)
+                                             errors=allocation, added_bias=bias_correction and init == "svd")
         layers = {**chosen, **layers}
         budget = budget.summary()
         budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)

@@ -156,7 +156,7 @@ class SeparableOptions(PassOptions):
     def validate(self) -> None:
         # options not given: a budget takes fxsurgeon.budget.allocation.BUDGET_DEFAULTS (chosen on two trained models),
         # a uniform multiplier keeps the MobileNet form without weighting or bias correction
-        budget = self.target_macs is not None or self.target_params is not None
+        budget = any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
         base = BUDGET_DEFAULTS if budget else UNIFORM_DEFAULTS
         defaulted = {k: base[k] for k, unset in (("form", self.form is None), ("weighting", self.weighting == "default"),
                                                  ("bias_correction", self.bias_correction is None)) if unset}
