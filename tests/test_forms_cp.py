@@ -189,10 +189,10 @@ def test_menu_points_bound_the_menu_work(monkeypatch):
     import fxsurgeon.forms.cp as cp
 
     assert cp.menu_points((64, 64, 3, 3), 269) == cp.CHOICE_POINTS  # CIFAR widths: the full grid
-    shape = (160, 160, 3, 3)
-    wide = cp.menu_points(shape, 700)
+    shape = (112, 112, 3, 3)
+    wide = cp.menu_points(shape, 484)
     assert cp.MIN_CHOICE_POINTS < wide < cp.CHOICE_POINTS
-    work = [sum(2 * 160 * 160 * 9 * r * cp.als_sweeps(shape, r, build=False) for r in cp.cp_rank_grid(shape, 700, n))
+    work = [sum(2 * 112 * 112 * 9 * r * cp.als_sweeps(shape, r, build=False) for r in cp.cp_rank_grid(shape, 484, n))
             for n in (wide, wide + 1)]
     assert work[0] <= cp.MENU_WORK < work[1]  # the most points within the work
     assert cp.menu_points((2048, 2048, 3, 3), 9000) == cp.MIN_CHOICE_POINTS  # floor, even past the work

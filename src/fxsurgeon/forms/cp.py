@@ -74,13 +74,13 @@ CHOICE_POINTS = 24
 #: :data:`MIN_CHOICE_ITERATIONS`) on wider layers at high rank, where one sweep takes a second or more
 CHOICE_WORK = 2e10
 MIN_CHOICE_ITERATIONS = 5
-#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 2·10⁸ multiply-adds a sweep (256×256×3×3 at
-#: rank ~170; every CIFAR ResNet layer at every rank), fewer above, never fewer than
+#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 6.7·10⁷ multiply-adds a sweep (64×64×3×3 at rank
+#: ~900: every CIFAR ResNet layer at every rank; 128×128×3×3 at rank ~230), fewer above, never fewer than
 #: :data:`CHOICE_ITERATIONS` (so a menu's error stays an upper bound on what the build reaches)
-BUILD_WORK = 6e10
-#: multiply-adds one layer's whole menu may spend (~5 s on one core): :data:`CHOICE_POINTS` ranks where that is
+BUILD_WORK = 2e10
+#: multiply-adds one layer's whole menu may spend (~2 s on one core): :data:`CHOICE_POINTS` ranks where that is
 #: enough (every CIFAR ResNet layer), fewer on wide layers, never under :data:`MIN_CHOICE_POINTS`
-MENU_WORK = 6e10
+MENU_WORK = 2e10
 MIN_CHOICE_POINTS = 6
 
 
