@@ -374,7 +374,9 @@ def test_quantized_and_fake_quant_modules_are_skipped_with_a_reason(snapshot):
     assert rewritten(out) == ["conv"]
     skip = next(s for s in rec.skipped if s.target == "qconv")
     assert "quantized module" in skip.reason and "float" in skip.reason
-    torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)
+    # the exact SVD form sums in another order than the dense conv: ~1e-5 absolute on outputs of order 1 with two
+    # threads (CI saw 1.9e-5); a wrong rewrite would be off by O(1)
+    torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
 
     import torch.ao.nn.qat as nnqat
 
