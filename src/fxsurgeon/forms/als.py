@@ -76,18 +76,21 @@ def cp_als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float
             last = [a.clone(), b.clone(), c.clone()]
         # mode 0: M0[i, r] = Σ_jk T[i,j,k] B[j,r] C[k,r]
         y = (t_ik_j @ b).reshape(i, k, rank)
-        a = _solve((b.T @ b) * (c.T @ c), (y * c[None]).sum(1))
+        gram_c = c.T @ c
+        a = _solve((b.T @ b) * gram_c, (y * c[None]).sum(1))
         # modes 1 and 2 share Z[j, k, r] = Σ_i T[i,j,k] A[i,r]
         z = (t_jk_i @ a).reshape(j, k, rank)
         gram_a = a.T @ a
-        b = _solve(gram_a * (c.T @ c), (z * c[None]).sum(1))
+        b = _solve(gram_a * gram_c, (z * c[None]).sum(1))
         m2 = (z * b[:, None, :]).sum(0)
-        c = _solve(gram_a * (b.T @ b), m2)
+        gram_b = b.T @ b
+        c = _solve(gram_a * gram_b, m2)
         sweeps += 1
         line_iter = iteration % 2 == 0 and iteration > 5
         if not line_iter:
-            # ||T − rec||² = ||T||² + ||rec||² − 2⟨T, rec⟩, ⟨T, rec⟩ from the last MTTKRP (as TensorLy)
-            rec_norm2 = float(((a.T @ a) * (b.T @ b) * (c.T @ c)).sum())
+            # ||T − rec||² = ||T||² + ||rec||² − 2⟨T, rec⟩, ⟨T, rec⟩ from the last MTTKRP (as TensorLy); the Grams
+            # of A and B are this sweep's (an R×R Gram of a wide factor is up to ~15 % of a sweep at high rank)
+            rec_norm2 = float((gram_a * gram_b * (c.T @ c)).sum())
             iprod = float((m2 * c).sum())
             unnormed = math.sqrt(abs(norm ** 2 + rec_norm2 - 2 * iprod))
         else:

@@ -396,6 +396,11 @@ def cp_rank_grid(shape: tuple[int, ...] | torch.Size, max_rank: int, points: int
     return sorted({1 + round(i * step) for i in range(points)})
 
 
+def _menu_factors(weight: torch.Tensor, rank: int) -> CPFactors:
+    """The decomposition behind a menu's error at ``rank``: :func:`als_sweeps` (``build=False``) sweeps, cached."""
+    return _cached_factors(weight, rank, als_sweeps(weight.shape, rank, build=False), DEFAULT_TOL)
+
+
 _MENU_BUILDS: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsurgeon_cp_menu_builds", default=False)
 
 
@@ -512,7 +517,7 @@ class PointwiseDepthwisePointwise:
         out = []
         for r in cp_rank_grid(conv.weight.shape, top, menu_points(conv.weight.shape, top)):
             c = self.cost(conv, r)
-            f = _cached_factors(conv.weight, r, als_sweeps(conv.weight.shape, r, build=False), DEFAULT_TOL)
+            f = _menu_factors(conv.weight, r)
             out.append(LayerChoice(c.form, r, c.params, c.macs_in, c.macs_out, f.error, c.exact or f.error == 0,
                                    extra={"relative_error": f.relative_error, "error_bound": True}))
         return out
@@ -520,11 +525,7 @@ class PointwiseDepthwisePointwise:
     def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
         """Squared Frobenius weight error at each rank, after :func:`als_sweeps` ALS sweeps (a bound)."""
         _check_weight(conv.weight)
-        out = []
-        for r in ranks:
-            r = min(r, self.full_rank(conv))
-            out.append(_cached_factors(conv.weight, r, als_sweeps(conv.weight.shape, r, build=False), DEFAULT_TOL).error)
-        return out
+        return [_menu_factors(conv.weight, min(r, self.full_rank(conv))).error for r in ranks]
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
         sep, f = make_cp_separable(conv, rank, init=init)
