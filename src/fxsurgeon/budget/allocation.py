@@ -41,6 +41,7 @@ __all__ = [
     "BudgetPlan",
     "LayerOptions",
     "LayerShape",
+    "added_bias_params",
     "allocate",
     "conv_shapes",
     "layer_options",
@@ -305,6 +306,15 @@ def max_useful_rank(form: Any, conv: nn.Conv2d, positions_in: int, positions_out
     return best
 
 
+def added_bias_params(conv: nn.Conv2d, added_bias: bool) -> int:
+    """Parameters a rewrite of ``conv`` gains when bias correction is on: a bias of C_out where it had none.
+
+    >>> added_bias_params(nn.Conv2d(4, 8, 3, bias=False), True), added_bias_params(nn.Conv2d(4, 8, 3), True)
+    (8, 0)
+    """
+    return conv.out_channels if added_bias and conv.bias is None else 0
+
+
 def layer_options(
     name: str,
     conv: nn.Conv2d,
@@ -566,7 +576,7 @@ def plan_budget(
         orig = conv_cost(conv)
         fixed_macs -= sh.calls * orig.macs(sh.positions_in, sh.positions_out)
         fixed_params -= orig.params
-        bias = conv.out_channels if added_bias and conv.bias is None else 0
+        bias = added_bias_params(conv, added_bias)
         if name in fixed:
             c = fixed[name]
             fixed_macs += sh.calls * c.macs(sh.positions_in, sh.positions_out)

@@ -46,6 +46,7 @@ from ..graph import replace_module
 from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
 from .allocation import (
     LayerOptions,
+    added_bias_params,
     allocate,
     conv_shapes,
     example_inputs_from_graph,
@@ -157,12 +158,12 @@ class _Solver:
     """Builds the menus, solves the allocation on measured milliseconds, checks the whole model."""
 
     def __init__(self, gm: fx.GraphModule, judge: LatencyJudge, table: LatencyTable, forms: list[str],
-                 multiple: int, second: str | None) -> None:
+                 multiple: int, second: str | None, added_bias: bool) -> None:
         self.gm, self.judge, self.table, self.forms = gm, judge, table, forms
         self.multiple, self.second = multiple, second
+        self.added_bias = added_bias  # bias correction gives each rewritten bias-free conv a bias (C_out params)
         self.layers: list[_Layer] = []
         self.fixed: dict[str, tuple[list[str], nn.Conv2d, str, int]] = {}  # the user's per-layer settings
-        self.added_bias = False  # bias correction gives each rewritten bias-free conv a bias (C_out params)
 
     def time_layer(self, lay: _Layer, cands: list[tuple[str, int]]) -> None:
         lay.ms.update(self.table.measure(lay.conv, cands, lay.shapes))
@@ -205,8 +206,8 @@ class _Solver:
         for c in lay.menu:
             ns = round(lay.ms[(c.form, c.rank)] * _NS)
             real_macs = lay.calls * c.macs(lay.positions_in, lay.positions_out)
-            bias = self.added_bias if c.form != "original" and lay.conv.bias is None else 0
-            second = real_macs if self.second == "macs" else c.params + bias * lay.conv.out_channels
+            bias = added_bias_params(lay.conv, self.added_bias) if c.form != "original" else 0
+            second = real_macs if self.second == "macs" else c.params + bias
             choices.append(replace(c, macs_in=0, macs_out=ns, params=second))
         return LayerOptions(lay.name, tuple(choices), 1, 1, weight, 1)
 
@@ -274,8 +275,7 @@ def budget_latency(
     dev, dtype, cl, batch = _placement(judge, gm)
     multiple = judge.rank_multiple or hardware_multiple(dev)
     table = LatencyTable(judge, dev, dtype, cl, batch, cache_dir=judge.cache_dir)
-    solver = _Solver(gm, judge, table, forms, multiple, second)
-    solver.added_bias = bool(added_bias)
+    solver = _Solver(gm, judge, table, forms, multiple, second, bool(added_bias))
     compile_opts = compile_options(judge.compile)
 
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}
@@ -295,8 +295,8 @@ def budget_latency(
             if metas is not None:
                 ms = solver.table.measure(cand.conv, [ORIGINAL, (fname, c.rank)], [list(m.shape) for m in metas])
                 fixed_saving += ms[ORIGINAL] - ms[(fname, c.rank)]
-            bias = cand.conv.out_channels if added_bias and cand.conv.bias is None else 0
-            fixed_second += sh.calls * c.macs(sh.positions_in, sh.positions_out) if second == "macs" else c.params + bias
+            fixed_second += (sh.calls * c.macs(sh.positions_in, sh.positions_out) if second == "macs"
+                             else c.params + added_bias_params(cand.conv, added_bias))
             continue
         if metas is None:
             untimed[cand.name] = ("input shape unknown (the conv runs inside a leaf module, where ShapeProp does not "

@@ -86,6 +86,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
             scales = bn_channel_scales(gm, cand.aliases, cand.conv)
             if scales is not None:
                 work[cand.name] = (scaled_conv(cand.conv, scales), scales)
+    corrects_bias = bias_correction and init == "svd"  # approximate rewrites get the output mean back (a new bias)
     budget = kept = None
     if target_latency is not None:
         from ...budget.latency_budget import budget_latency
@@ -94,7 +95,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         plan = budget_latency(gm, ranked, form, layers, target_latency=target_latency, target_macs=target_macs,
                               target_params=target_params, calibration=calibration, errors=allocation,
-                              added_bias=bias_correction and init == "svd",
+                              added_bias=corrects_bias,
                               judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
         layers = {**chosen, **layers}
@@ -105,7 +106,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
                                              target_params=target_params, calibration=calibration,
-                                             errors=allocation, added_bias=bias_correction and init == "svd")
+                                             errors=allocation, added_bias=corrects_bias)
         layers = {**chosen, **layers}
         budget = budget.summary()
         budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
@@ -161,7 +162,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
             replace_module(gm, alias, new)
         exact = bool(built.pop("exact", False))
         shift = None
-        if bias_correction and init == "svd" and not exact:
+        if corrects_bias and not exact:
             mean = input_channel_mean(gm, cand.aliases, conv)
             if mean is not None:
                 delta = correct_mean_shift(conv, new, mean[0])
