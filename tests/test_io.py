@@ -504,6 +504,28 @@ def test_cp_form_and_calibrated_weights_round_trip(tmp_path):
     assert "calibration" in fxsurgeon.get_record(again).extras
 
 
+def bias_free_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+
+def test_bias_correction_on_bias_free_convs_round_trips(tmp_path):
+    """Budgets correct the mean by default, giving bias-free convs' replacements a bias: the replay rebuilds it."""
+    torch.manual_seed(0)
+    model = bias_free_net().eval()
+    x = torch.randn(2, 3, 12, 12)
+    small = fxsurgeon.convert(model, source=bias_free_net, example_inputs=x, conv_head=False,
+                              separable=dict(target_macs=0.5, form="dw-pw"))
+    corrected = [r.target for r in fxsurgeon.get_record(small).rewrites if "bias_correction" in r.details]
+    assert corrected and all(small.get_submodule(t).pointwise.bias is not None for t in corrected)
+    path = tmp_path / "corrected.safetensors"
+    fxsurgeon.save(small, path)
+    again = load(path)
+    torch.testing.assert_close(again(x), small.eval()(x), rtol=0, atol=0)
+
+
 def test_budget_allocated_ranks_round_trip(tmp_path):
     """Ranks chosen by a MAC budget are replayed from the record, not re-allocated (which needs the weights)."""
     if "target_macs" not in fxsurgeon.get_pass("separable").options():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -158,6 +159,11 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
                 skipped.append(Skip(cand.name, why, details={"module": describe(conv), "form": form_name,
                                                              "rank": rank, "latency": timing}))
                 continue
+        spec = next((layers[a] for a in cand.aliases if a in layers), None)
+        if isinstance(spec, dict) and spec.get("bias") is True and new.pointwise.bias is None:
+            pw = new.pointwise  # the bias a bias correction gave it (see layers in SeparableOptions)
+            pw.bias = nn.Parameter(torch.zeros(pw.out_channels, dtype=pw.weight.dtype, device=pw.weight.device),
+                                   requires_grad=pw.weight.requires_grad)
         for alias in cand.aliases:
             replace_module(gm, alias, new)
         exact = bool(built.pop("exact", False))

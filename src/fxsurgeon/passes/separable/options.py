@@ -43,7 +43,7 @@ def _check_options(multiplier, energy, init, kernel_sizes) -> None:
                           key="kernel_sizes")
 
 
-_LAYER_KEYS = {"form", "rank"}
+_LAYER_KEYS = {"form", "rank", "bias"}
 
 
 def _check_option_values(kernel_sizes: Any, exclude: Any, allocation: Any) -> None:
@@ -71,7 +71,9 @@ def check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
         extra = sorted(set(spec) - _LAYER_KEYS) if isinstance(spec, dict) else []
         if extra:
             raise SurgeryError(f"separable: layers[{name!r}] has unknown key(s) {extra}; an entry takes 'rank' "
-                               "and optionally 'form'")
+                               "and optionally 'form' and 'bias'")
+        if isinstance(spec, dict) and "bias" in spec and not isinstance(spec["bias"], bool):
+            raise SurgeryError(f"separable: layers[{name!r}]['bias'] must be True or False, got {spec['bias']!r:.40}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,9 @@ class SeparableOptions(PassOptions):
             only with ``multiplier="full"``, which asks for exactness over savings.
         exclude: fnmatch patterns of qualified names to leave alone, e.g. ``["layer4.*"]``.
         layers: per-layer settings that override the uniform ones, ``{"layer1.0.conv1": {"form": "dw-pw",
-            "rank": 3}}``; the record's rewrites give exactly this, so a conversion can be replayed.
+            "rank": 3}}``; the record's rewrites give exactly this, so a conversion can be replayed. ``"bias":
+            True`` gives the replacement's last conv a (zero) bias even where the conv has none — the shape bias
+            correction leaves, which a replay must rebuild before the saved weights load.
         latency_aware: time each candidate conv and its replacement at the layer's input shape, dtype and
             memory format (needs ``example_inputs``) and keep a rewrite only where it is faster; True, or a
             dict of :class:`fxsurgeon.budget.latency.LatencyJudge` settings (``dtype``, ``channels_last``,

@@ -30,7 +30,7 @@ def replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Mo
     """Options reproducing exactly the recorded separable rewrites on the freshly built ``model``.
 
     Every recorded layer gets its recorded form and rank through ``layers=`` (which forces the rewrite
-    whatever its profitability); every other spatial conv is excluded by name; data-driven choices
+    whatever its profitability; and a bias where bias correction added one); every other spatial conv is excluded by name; data-driven choices
     (``energy=``, budgets) are therefore not recomputed, and ``init="random"`` skips the SVDs.
     """
     layers: dict[str, dict[str, Any]] = {}
@@ -44,6 +44,8 @@ def replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Mo
             raise SurgeryError(f"separable rewrite of '{r['target']}': field 'record'['rewrites'][{i}]['details']"
                                f"['form'] must be a string, got {form!r:.40}")
         layers[r["target"]] = {"form": form, "rank": rank}
+        if "bias_correction" in d:  # the correction gave the replacement a bias: the saved weights fill it
+            layers[r["target"]]["bias"] = True
     groups: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.modules.conv._ConvNd):
