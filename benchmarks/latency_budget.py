@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--form", default="auto")
+    p.add_argument("--kernel-sizes", type=csv(int), default=[3],
+                   help="the separable pass's kernel_sizes; 1,3 lets the budget rewrite 1×1 convs too (form pw-pw)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final timing")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -166,12 +168,13 @@ def run_row(args, row: dict) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small = fxsurgeon.convert(model, example_inputs=sample, conv_head=False, verify=False, calibration=calib,
-                                  separable=dict(target_latency=row["target"], form=args.form, latency_aware=lat))
+                                  separable=dict(target_latency=row["target"], form=args.form, latency_aware=lat,
+                                                 kernel_sizes=args.kernel_sizes))
     seconds = time.perf_counter() - t0
     rec = fxsurgeon.get_record(small)
     alloc = rec.extras["allocation"]
     out = dict(row, device=args.device, device_name=device_name(device), dtype=args.dtype, form=args.form,
-               torch=torch.__version__, machine=platform.machine(), cpu_threads_available=os.cpu_count(),
+               kernel_sizes=args.kernel_sizes, torch=torch.__version__, machine=platform.machine(), cpu_threads_available=os.cpu_count(),
                convert_seconds=round(seconds, 1), load_before=[round(v, 2) for v in load0],
                load_after=[round(v, 2) for v in os.getloadavg()], status=alloc["status"],
                conversion_ratio=alloc["measured_ratio"], table=alloc["table"] | {"context": None},
@@ -198,7 +201,7 @@ def run_row(args, row: dict) -> dict:
 
 def key(row: dict) -> tuple:
     return (row["model"], row["target"], row.get("threads"), row["batch"], row.get("device", "cpu"),
-            row.get("dtype", "fp32"), row.get("form", "auto"))
+            row.get("dtype", "fp32"), row.get("form", "auto"), tuple(row.get("kernel_sizes", [3])))
 
 
 def merge(path: Path, new: dict) -> list[dict]:
@@ -223,13 +226,15 @@ def table(rows: list[dict]) -> str:
         return f"{v['ratio']:.3f} ({v['ratio_min']:.3f}–{v['ratio_max']:.3f})" if v else "–"
 
     for r in rows:
+        form = r.get("form", "auto") + ("" if r.get("kernel_sizes", [3]) == [3] else
+                                        f" ({'+'.join(f'{k}×{k}' for k in r['kernel_sizes'])})")
         acc = (f"{r['accuracy_converted']:.2f} % (orig. {r['accuracy_original']:.2f} %)"
                if "accuracy_converted" in r else "–")
         t = r["table"]
         ratio = f" ({r['conversion_ratio']:.3f}×)" if r.get("conversion_ratio") is not None else ""
         status = ("met" if r["status"] == "met" else r["status"].split(":")[0][:60]) + ratio
         lines.append(
-            f"| {r['model']} | {r.get('form', 'auto')} | {r['device_name']} ({r['dtype']}) | {r.get('threads') or '–'} | {r['batch']} | "
+            f"| {r['model']} | {form} | {r['device_name']} ({r['dtype']}) | {r.get('threads') or '–'} | {r['batch']} | "
             f"{r['target']} | {cell(r, 'eager')} | {cell(r, 'onnxruntime')} | {cell(r, 'compiled')} | "
             f"{r['mac_ratio']:.3f} | {acc} | {r['convert_seconds']:.0f} ({t['hits']}/{t['measured']}; "
             f"{r['load_before'][0]:.1f}) | {status} |")

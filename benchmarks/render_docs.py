@@ -398,7 +398,7 @@ def _latency_budget_line() -> list[str]:
     out = ["", f"Latency budget (timm resnet50, {rows[0]['device_name']} CPU, 1 thread, batch 1, "
                "`target_latency=0.6`; targets: ≤ 0.65× eager, ≤ 0.7× onnxruntime, converted in ≤ 3 min cold; "
                "[latency budgets](docs/latency.md)):", ""]
-    for r in sorted(rows, key=lambda r: r["form"]):
+    for r in sorted(rows, key=lambda r: (r["form"], r.get("kernel_sizes", [3]))):
         runtimes = r["runtimes"]
         eager = runtimes["eager"]
         parts = [f"eager channels_last {eager['ratio']:.2f}× ({eager['ratio_min']:.2f}–{eager['ratio_max']:.2f}, "
@@ -407,7 +407,9 @@ def _latency_budget_line() -> list[str]:
             ort = runtimes["onnxruntime"]["ratio"]
             parts.append(f"onnxruntime {ort:.2f}× ({'met' if ort <= 0.7 else 'not met'})")
         check = f"{r['conversion_ratio']:.2f}×" if r.get("conversion_ratio") is not None else "—"
-        out.append(f"- `form=\"{r['form']}\"`: {', '.join(parts)}; the conversion's own check {check}; "
+        ks = r.get("kernel_sizes", [3])
+        label = f"form=\"{r['form']}\"" + ("" if ks == [3] else f", kernel_sizes={ks}")
+        out.append(f"- `{label}`: {', '.join(parts)}; the conversion's own check {check}; "
                    f"{r['mac_ratio']:.2f}× MACs; converted in {r['convert_seconds']:.0f} s with a cold cache "
                    f"({'met' if r['convert_seconds'] <= 180 else 'not met'}).")
     out.append("")

@@ -144,7 +144,7 @@ def test_random_init_is_not_exact():
         (dict(energy=2.0), "energy"),
         (dict(energy=0.9, multiplier=2), "either"),
         (dict(init="xavier"), "init"),
-        (dict(kernel_sizes=[1]), "kernel_sizes"),
+        (dict(kernel_sizes=[0]), "kernel_sizes"),
         (dict(mutliplier=2), "unknown option 'mutliplier'"),
     ],
 )

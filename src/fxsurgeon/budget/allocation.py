@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from ..forms.registry import LayerChoice, conv_cost, get_form
+from ..forms.registry import LayerChoice, applies, conv_cost, default_form, get_form
 from ..modes import eval_modes
 from ..runtime import data_device_of
 
@@ -338,6 +338,8 @@ def layer_options(
     """
     choices: list[LayerChoice] = []
     for fname in forms:
+        if not applies(fname, conv):  # a spatial form on a 1×1 conv, or pw-pw on a k×k one
+            continue
         form = get_form(fname)
         top = max_useful_rank(form, conv, positions_in, positions_out)
         if top >= 1:
@@ -643,13 +645,14 @@ def budget_layers(
     """
     from ..forms.registry import auto_forms
 
-    forms = auto_forms() if form == "auto" else [form]
+    forms = auto_forms(pointwise=None) if form == "auto" else [form]
     convs = {c.name: (list(c.aliases), c.conv) for c in candidates}
     fixed = {}
     for c in candidates:
         spec = next((layers[a] for a in c.aliases if a in layers), None)
         if isinstance(spec, dict) and "rank" in spec:
-            fixed[c.name] = get_form(str(spec.get("form", forms[0]))).cost(c.conv, int(spec["rank"]))
+            fname = str(spec["form"]) if "form" in spec else default_form(form, c.conv)
+            fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
     plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
                        calibration=calibration, errors=errors, added_bias=added_bias)
     settings = plan.allocation.ranks()

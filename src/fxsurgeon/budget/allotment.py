@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from ..forms.registry import FORMS, LayerChoice, auto_forms, conv_cost, get_form
+from ..forms.registry import FORMS, LayerChoice, conv_cost, forms_for, get_form
 
 __all__ = ["Allotted", "allot", "check_form", "layer_positions", "macs_of", "rank_within"]
 
@@ -106,7 +106,7 @@ def allot(
     >>> a.form in ("dw-pw", "pw-dw-pw"), sorted(a.considered)
     (True, ['dw-pw', 'pw-dw-pw'])
     """
-    names = auto_forms() if form == "auto" else [form]
+    names = forms_for(form, conv)
     forms = [get_form(n) for n in names]
     base = get_form("dw-pw")
     full = multiplier == "full"

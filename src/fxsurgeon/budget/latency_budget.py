@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..forms.dense import rank_grid
-from ..forms.registry import LayerChoice, auto_forms, conv_cost, get_form
+from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, default_form, get_form
 from ..graph import replace_module
 from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
 from .allocation import (
@@ -173,6 +173,8 @@ class _Solver:
         lay = _Layer(name, aliases, conv, shapes, calls, p_in, p_out, {}, [], {})
         cands: list[tuple[str, int]] = [ORIGINAL]
         for fname in self.forms:
+            if not applies(fname, conv):  # a spatial form on a 1×1 conv, or pw-pw on a k×k one
+                continue
             form = get_form(fname)
             top = max_useful_rank(form, conv, p_in, p_out)
             ranks = menu_ranks(form, conv, top, self.judge.grid_points, self.multiple) if top >= 1 else []
@@ -238,6 +240,7 @@ def budget_latency(
     calibration: Any = None,
     errors: str = "auto",
     added_bias: bool = False,
+    hint: str | None = None,
 ) -> LatencyPlan:
     """The separable pass's latency-budget step (see the module docstring).
 
@@ -250,6 +253,8 @@ def budget_latency(
         judge: where and how to time.
         target_macs / target_params: a second budget (one of them), as for MAC budgets.
         calibration / errors / added_bias: as for :func:`fxsurgeon.budget.allocation.plan_budget`.
+        hint: what else could reach the target, added to the status and warning when it is not met (the pass
+            names the 1×1 convs that ``kernel_sizes`` left out).
 
     Returns:
         A :class:`LatencyPlan`: ``settings`` ``{name: {"form", "rank"}}`` to rewrite, ``kept`` the layers left
@@ -271,7 +276,7 @@ def budget_latency(
     if not has_shapes(gm):
         raise SurgeryError("separable: target_latency times each layer at its real input shape, and this graph has "
                            "none: pass example_inputs= to convert()")
-    forms = auto_forms(latency=True) if form == "auto" else [form]
+    forms = auto_forms(latency=True, pointwise=None) if form == "auto" else [form]
     dev, dtype, cl, batch = _placement(judge, gm)
     multiple = judge.rank_multiple or hardware_multiple(dev)
     table = LatencyTable(judge, dev, dtype, cl, batch, cache_dir=judge.cache_dir)
@@ -288,7 +293,7 @@ def budget_latency(
         spec = next((layers[a] for a in cand.aliases if a in layers), None)
         sh = shapes[cand.name]
         if isinstance(spec, dict) and "rank" in spec:  # the user decided: its time and cost count as fixed
-            fname = str(spec.get("form", forms[0]))
+            fname = str(spec["form"]) if "form" in spec else default_form(form, cand.conv, latency=True)
             rank = int(spec["rank"])
             c = get_form(fname).cost(cand.conv, rank)
             solver.fixed[cand.name] = (list(cand.aliases), cand.conv, fname, c.rank)
@@ -454,16 +459,18 @@ def budget_latency(
             points.append((pred, ratio))
             bracket_ms = _bracket(points, target_latency)
 
+    used = [f for f in forms if any(lay.ranks.get(f) for lay in solver.layers)] or forms
     if best is None:
         final: dict[str, LayerChoice] = {lay.name: lay.menu[-1] for lay in solver.layers}
         final_check = None
         if not choosable:
-            status = (f"no candidate of {', '.join(forms)} is faster than the original conv at any layer on "
+            status = (f"no candidate of {', '.join(used)} is faster than the original conv at any layer on "
                       f"{dev} ({dtype_name(dtype)}, batch {batch}): every conv is kept")
         else:
             ratios = ", ".join(f"{c['ratio']:.3f}" for c in checks)
             status = (f"no conversion measured faster than the original (measured ratios {ratios}): every conv "
                       "is kept")
+        status += f"; {hint}" if hint else ""
         if solver.layers:
             warnings.warn(f"separable: target_latency={target_latency} not met: {status}", stacklevel=3)
     else:
@@ -473,7 +480,7 @@ def budget_latency(
             status = "met"
         else:
             status = (f"not met: the best conversion found measures {ratio:.3f}× the original's latency "
-                      f"(asked {target_latency}, tolerance {judge.tolerance})")
+                      f"(asked {target_latency}, tolerance {judge.tolerance})" + (f"; {hint}" if hint else ""))
             warnings.warn(f"separable: target_latency={target_latency} {status}; it is returned", stacklevel=3)
     table.flush()
 
@@ -498,7 +505,7 @@ def budget_latency(
         "tolerance": judge.tolerance, "checks": checks, "notes": notes,
         "device": str(dev), "dtype": dtype_name(dtype), "memory_format": "channels_last" if cl else "contiguous",
         "batch_size": batch, "compile": judge.compile if not isinstance(judge.compile, dict) else dict(judge.compile),
-        "rank_multiple": multiple, "forms": forms, "errors": how, "table": table.summary(),
+        "rank_multiple": multiple, "forms": used, "errors": how, "table": table.summary(),
         "untimed": untimed, "fixed_layers_saving_ms": fixed_saving, "seconds": round(time.perf_counter() - t_start, 3),
         "layers": layer_rows, "macs_per": "sample",
     }

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..errors import SurgeryError
 
-__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
+__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "conv_cost", "default_form", "forms_for",
+           "get_form", "is_pointwise", "register_form"]
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,49 @@ def register_form(cls: type) -> type:
     return cls
 
 
-def auto_forms(latency: bool = False) -> list[str]:
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1×1 conv: nothing spatial to separate; only the ``pointwise`` forms (``"pw-pw"``) rewrite it."""
+    return tuple(conv.kernel_size) == (1, 1)
+
+
+def applies(name: str, conv: nn.Conv2d) -> bool:
+    """Form ``name`` can rewrite ``conv``: a form with ``pointwise = True`` takes 1×1 convs only, the others
+    take k×k convs with k > 1 only.
+
+    >>> applies("dw-pw", nn.Conv2d(8, 8, 3)), applies("dw-pw", nn.Conv2d(8, 8, 1)), applies("pw-pw", nn.Conv2d(8, 8, 1))
+    (True, False, True)
+    """
+    return bool(getattr(get_form(name), "pointwise", False)) == is_pointwise(conv)
+
+
+def auto_forms(latency: bool = False, pointwise: bool | None = False) -> list[str]:
     """The forms ``form="auto"`` chooses among: every registered form under a latency target, else those
     meant to compete on MACs (a form with ``in_mac_auto = False``, such as the dense low-rank ones of
     :mod:`fxsurgeon.forms.dense`, is there for speed and joins only when speed is measured).
 
-    >>> auto_forms()
-    ['dw-pw', 'pw-dw-pw']
+    ``pointwise`` picks the forms for k×k convs (False), for 1×1 convs (True, :func:`applies`) or both (None).
+
+    >>> auto_forms(), auto_forms(pointwise=True)
+    (['dw-pw', 'pw-dw-pw'], ['pw-pw'])
     """
-    return sorted(n for n, f in FORMS.items() if latency or getattr(f, "in_mac_auto", True))
+    names = sorted(n for n, f in FORMS.items() if latency or getattr(f, "in_mac_auto", True))
+    if pointwise is None:
+        return names
+    return [n for n in names if bool(getattr(FORMS[n], "pointwise", False)) == pointwise]
+
+
+def forms_for(form: str, conv: nn.Conv2d, latency: bool = False) -> list[str]:
+    """The forms that may rewrite ``conv`` when the pass asks for ``form`` (``"auto"`` or a name): for a name
+    that cannot (a spatial form on a 1×1 conv, ``"pw-pw"`` on a k×k one), none."""
+    if form == "auto":
+        return auto_forms(latency, pointwise=is_pointwise(conv))
+    return [form] if applies(form, conv) else []
+
+
+def default_form(form: str, conv: nn.Conv2d, latency: bool = False) -> str:
+    """The form of a layer whose settings name none: ``form``, or for ``"auto"`` the first that applies."""
+    names = forms_for(form, conv, latency) if form == "auto" else [form]
+    return names[0] if names else form
 
 
 def get_form(name: str) -> Form:

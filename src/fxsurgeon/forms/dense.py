@@ -56,7 +56,7 @@ HOOI_SWEEPS = 2
 CHOICE_POINTS = 12
 
 
-def _check_weight(weight: torch.Tensor, what: str) -> None:
+def check_weight(weight: torch.Tensor, what: str) -> None:
     if weight.dim() != 4:
         raise SurgeryError(f"{what}: expected a 4-D conv weight (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")
     if weight.is_meta:
@@ -66,7 +66,7 @@ def _check_weight(weight: torch.Tensor, what: str) -> None:
         raise SurgeryError(f"{what}: the conv weight has NaN or infinite values: it cannot be decomposed")
 
 
-def _check_rank(rank: Any, what: str) -> int:
+def check_rank(rank: Any, what: str) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise SurgeryError(f"{what}: rank must be an int >= 1, got {rank!r}")
     return rank
@@ -106,7 +106,7 @@ def tucker2_error_table(weight: torch.Tensor) -> torch.Tensor:
     >>> e.shape, float(e[-1, -1]) < 1e-9, bool((e[:, 1:] <= e[:, :-1] + 1e-9).all())
     (torch.Size([7, 5]), True, True)
     """
-    _check_weight(weight, "tucker2")
+    check_weight(weight, "tucker2")
     c_out, c_in = weight.shape[:2]
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     u_in = _top_eigvecs(w.transpose(0, 1).reshape(c_in, -1), c_in)
@@ -160,7 +160,7 @@ def tucker2_factors(weight: torch.Tensor, rank_out: int, rank_in: int, *, sweeps
     >>> f.error < 1e-20 * f.norm2, f.core.shape
     (True, torch.Size([8, 6, 3, 3]))
     """
-    _check_weight(weight, "tucker2")
+    check_weight(weight, "tucker2")
     c_out, c_in = weight.shape[:2]
     r_out, r_in = min(rank_out, c_out), min(rank_in, c_in)
     w = weight.detach().to(device="cpu", dtype=torch.float64)
@@ -189,7 +189,7 @@ class TuckerConv2d(nn.Sequential):
         super().__init__(OrderedDict(reduce=reduce, core=core, pointwise=pointwise))
 
 
-def _core_conv(conv: nn.Conv2d, c_in: int, c_out: int, kernel: tuple[int, int], stride: Any, padding: Any,
+def core_conv(conv: nn.Conv2d, c_in: int, c_out: int, kernel: tuple[int, int], stride: Any, padding: Any,
                dilation: Any, factory: dict[str, Any]) -> nn.Conv2d:
     """A plain conv (or timm's Conv2dSame, which pads in forward) like ``conv`` with the given geometry."""
     cls = depthwise_conv_class(conv)
@@ -201,7 +201,7 @@ def _core_conv(conv: nn.Conv2d, c_in: int, c_out: int, kernel: tuple[int, int], 
     return cls(c_in, c_out, kernel, stride=stride, dilation=dilation, bias=False).to(**factory)
 
 
-def _finish_block(conv: nn.Conv2d, block: nn.Module, last: nn.Conv2d) -> None:
+def finish_block(conv: nn.Conv2d, block: nn.Module, last: nn.Conv2d) -> None:
     if conv.bias is not None:
         with torch.no_grad():
             last.bias.copy_(conv.bias)
@@ -210,7 +210,7 @@ def _finish_block(conv: nn.Conv2d, block: nn.Module, last: nn.Conv2d) -> None:
     block.train(conv.training)
 
 
-def _check_conv(conv: nn.Conv2d, what: str) -> None:
+def check_conv(conv: nn.Conv2d, what: str) -> None:
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
         raise SurgeryError(f"{what}: needs a groups=1 nn.Conv2d, got {conv!r}")
 
@@ -248,11 +248,11 @@ class Tucker2:
     def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         ranks = rank_grid(top)
-        return [_with_error(self.cost(conv, r), e) for r, e in zip(ranks, self.error_at(conv, ranks))]
+        return [with_error(self.cost(conv, r), e) for r, e in zip(ranks, self.error_at(conv, ranks))]
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
-        _check_conv(conv, "tucker2")
-        rank = _check_rank(rank, "tucker2")
+        check_conv(conv, "tucker2")
+        rank = check_rank(rank, "tucker2")
         if init not in ("svd", "random"):
             raise SurgeryError(f"tucker2: init must be 'svd' or 'random', got {init!r}")
         c_out, c_in, kh, kw = conv.weight.shape
@@ -261,7 +261,7 @@ class Tucker2:
         f = tucker2_factors(conv.weight, r_out, r_in) if init == "svd" else None
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         reduce = nn.Conv2d(c_in, r_in, 1, bias=False, **factory)
-        core = _core_conv(conv, r_in, r_out, (kh, kw), conv.stride, conv.padding, conv.dilation, factory)
+        core = core_conv(conv, r_in, r_out, (kh, kw), conv.stride, conv.padding, conv.dilation, factory)
         pointwise = nn.Conv2d(r_out, c_out, 1, bias=conv.bias is not None, **factory)
         if f is not None:
             with torch.no_grad():
@@ -269,7 +269,7 @@ class Tucker2:
                 core.weight.copy_(f.core)
                 pointwise.weight.copy_(f.pointwise)
         block = TuckerConv2d(reduce, core, pointwise)
-        _finish_block(conv, block, pointwise)
+        finish_block(conv, block, pointwise)
         details: dict[str, Any] = {"tucker_ranks": [r_out, r_in], "full_rank": self.full_rank(conv)}
         details["exact"] = f is not None and (r >= self.full_rank(conv) or f.error <= 1e-12 * (f.norm2 + 1e-300))
         if f is not None:
@@ -277,7 +277,7 @@ class Tucker2:
         return block, details
 
 
-def _with_error(c: LayerChoice, err: float) -> LayerChoice:
+def with_error(c: LayerChoice, err: float) -> LayerChoice:
     return LayerChoice(c.form, c.rank, c.params, c.macs_in, c.macs_out, float(err), c.exact or err == 0.0)
 
 
@@ -296,7 +296,7 @@ def spatial_svd_error_curve(weight: torch.Tensor) -> torch.Tensor:
     >>> spatial_svd_error_curve(torch.ones(2, 2, 3, 3))[-1].item() < 1e-12
     True
     """
-    _check_weight(weight, "spatial-svd")
+    check_weight(weight, "spatial-svd")
     m = _spatial_matrix(weight)
     gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
     s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[: min(m.shape)]
@@ -359,11 +359,11 @@ class SpatialSVD:
     def choices(self, conv: nn.Conv2d, max_rank: int | None = None) -> list[LayerChoice]:
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         ranks = rank_grid(top)
-        return [_with_error(self.cost(conv, r), e) for r, e in zip(ranks, self.error_at(conv, ranks))]
+        return [with_error(self.cost(conv, r), e) for r, e in zip(ranks, self.error_at(conv, ranks))]
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
-        _check_conv(conv, "spatial-svd")
-        rank = _check_rank(rank, "spatial-svd")
+        check_conv(conv, "spatial-svd")
+        rank = check_rank(rank, "spatial-svd")
         if init not in ("svd", "random"):
             raise SurgeryError(f"spatial-svd: init must be 'svd' or 'random', got {init!r}")
         c_out, c_in, kh, kw = conv.weight.shape
@@ -371,13 +371,13 @@ class SpatialSVD:
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         pad_v, pad_h = _split_padding(conv.padding)
         (sh, sw), (dh, dw) = conv.stride, conv.dilation
-        vertical = _core_conv(conv, c_in, r, (kh, 1), (sh, 1), pad_v, (dh, 1), factory)
-        horizontal = _core_conv(conv, r, c_out, (1, kw), (1, sw), pad_h, (1, dw), factory)
+        vertical = core_conv(conv, c_in, r, (kh, 1), (sh, 1), pad_v, (dh, 1), factory)
+        horizontal = core_conv(conv, r, c_out, (1, kw), (1, sw), pad_h, (1, dw), factory)
         if conv.bias is not None:
             horizontal.bias = nn.Parameter(torch.zeros(c_out, **factory))
         details: dict[str, Any] = {"full_rank": self.full_rank(conv)}
         if init == "svd":
-            _check_weight(conv.weight, "spatial-svd")
+            check_weight(conv.weight, "spatial-svd")
             m = _spatial_matrix(conv.weight)
             u, s, vh = torch.linalg.svd(m, full_matrices=False)
             root = s[:r].sqrt()
@@ -393,6 +393,6 @@ class SpatialSVD:
         else:
             details["exact"] = False
         block = SpatialSeparableConv2d(vertical, horizontal)
-        _finish_block(conv, block, horizontal)
+        finish_block(conv, block, horizontal)
         return block, details
 

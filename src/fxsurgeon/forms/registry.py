@@ -14,10 +14,23 @@ from typing import Any
 from torch import nn
 
 from ..modules import make_separable
-from .base import FORMS, Form, LayerChoice, auto_forms, conv_cost, get_form, register_form
+from .base import (
+    FORMS,
+    Form,
+    LayerChoice,
+    applies,
+    auto_forms,
+    conv_cost,
+    default_form,
+    forms_for,
+    get_form,
+    is_pointwise,
+    register_form,
+)
 from .decompose import separable_error_curve
 
-__all__ = ["FORMS", "Form", "LayerChoice", "auto_forms", "conv_cost", "get_form", "register_form"]
+__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "conv_cost", "default_form", "forms_for",
+           "get_form", "is_pointwise", "register_form"]
 
 
 @register_form
@@ -70,3 +83,4 @@ class DepthwisePointwise:
 # dw-pw first, as it always has.
 from . import cp as _cp  # noqa: E402, F401
 from . import dense as _dense  # noqa: E402, F401
+from . import pointwise as _pointwise  # noqa: E402, F401

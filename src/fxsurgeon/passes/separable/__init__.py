@@ -28,12 +28,12 @@ from ...forms.importance import (
     input_channel_mean,
     scaled_conv,
 )
-from ...forms.registry import conv_cost, get_form
+from ...forms.registry import conv_cost, get_form, is_pointwise
 from ...graph import describe, replace_module
 from ..base import PassResult, Rewrite, Skip
 from ..registry import register_pass
-from .candidates import Candidate, find_candidates
-from .options import SeparableOptions, check_layer_names
+from .candidates import Candidate, find_candidates, pointwise_left_out
+from .options import SeparableOptions, check_forms_apply, check_layer_names
 from .plan import Planned, build_all, layer_setting
 from .replay import replay_separable
 
@@ -78,6 +78,11 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
     candidates, skipped = find_candidates(
         gm, kernel_sizes=kernel_sizes, include_stem=include_stem, exclude=exclude or ()
     )
+    budgeted = target_latency is not None or target_macs is not None or target_params is not None
+    # a rank in `layers` without a form takes the pass's form, or where the form was left to its default, the
+    # first that applies to the conv (pw-pw for a 1×1 conv; dw-pw, the default, for a k×k one)
+    layer_form = "auto" if "form" in defaulted else form
+    check_forms_apply(candidates, form, layers, budgeted, layer_form)
     if include_unprofitable is None:
         include_unprofitable = multiplier == "full"
     # weighting="bn": decompose importance-scaled copies (unscaled after building); see fxsurgeon.forms.importance
@@ -96,7 +101,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         plan = budget_latency(gm, ranked, form, layers, target_latency=target_latency, target_macs=target_macs,
                               target_params=target_params, calibration=calibration, errors=allocation,
-                              added_bias=corrects_bias,
+                              added_bias=corrects_bias, hint=pointwise_left_out(gm, kernel_sizes),
                               judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
         layers = {**chosen, **layers}
@@ -120,6 +125,11 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
             skipped.append(Skip(cand.name, f"kept as it is by the budget allocation: {why}",
                                 details={"module": describe(conv), "form": "original"}))
             continue
+        if is_pointwise(conv) and not any(n in layers for n in cand.aliases):
+            skipped.append(Skip(cand.name, "a 1×1 conv has no multiplier or energy setting: 1×1 convs are rewritten "
+                                "(form pw-pw) under a budget (target_macs, target_params, target_latency) or with a "
+                                "rank in `layers`", details={"module": describe(conv)}))
+            continue
         decomp, scales = work.get(cand.name, (conv, None))
         uniform = not any(n in layers for n in cand.aliases) and energy is None
         allotted = None
@@ -132,7 +142,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
                 continue
             form_name, rank = allotted.form, allotted.rank
         else:
-            form_name, rank = layer_setting(cand, form, multiplier, energy, layers)
+            form_name, rank = layer_setting(cand, form, multiplier, energy, layers, layer_form)
         impl = get_form(form_name)
         before = conv_cost(conv).params
         after = impl.cost(conv, rank).params

@@ -16,7 +16,7 @@ from ...graph.index import ModuleIndex, SwapWording, swap_refusal
 from ...modules import depthwise_conv_class
 from ..base import Skip
 
-__all__ = ["Candidate", "find_candidates"]
+__all__ = ["Candidate", "find_candidates", "pointwise_left_out"]
 
 
 @dataclass
@@ -36,8 +36,8 @@ class Candidate:
 
 def _kernel_ok(conv: nn.Conv2d, kernel_sizes: str | tuple[int, ...]) -> str | None:
     kh, kw = conv.kernel_size
-    if kh * kw == 1:
-        return "1x1"  # not a spatial conv: nothing to separate, not worth a record line
+    if kh * kw == 1:  # not a spatial conv: rewritten (form pw-pw) only when asked for, else not worth a record line
+        return None if kernel_sizes != "all" and 1 in kernel_sizes else "1x1"
     if kernel_sizes == "all":
         return None
     if kh != kw:
@@ -129,3 +129,16 @@ def _weight_source(arg: object, depth: int = 6) -> str | None:
             nxt += node.all_input_nodes
         frontier = nxt
     return None
+
+
+def pointwise_left_out(gm: fx.GraphModule, kernel_sizes: str | tuple[int, ...]) -> str | None:
+    """When ``kernel_sizes`` leaves out 1×1 convs and the model has standard ones: how to include them (a hint
+    for a latency target that was not met), else None."""
+    if kernel_sizes != "all" and 1 in kernel_sizes:
+        return None
+    n = sum(1 for _, m in ModuleIndex(gm).unique_modules()
+            if type(m) is nn.Conv2d and m.groups == 1 and tuple(m.kernel_size) == (1, 1))
+    if not n:
+        return None
+    return (f"the model's {n} standard 1×1 convs were not candidates: with 1 in kernel_sizes (e.g. [1, 3]) the "
+            "budget may rewrite them too (form pw-pw, a low-rank pair of 1×1 convs)")

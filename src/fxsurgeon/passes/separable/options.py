@@ -17,9 +17,10 @@ from torch import nn
 from ...budget.allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
 from ...budget.allotment import check_form
 from ...errors import SurgeryError
+from ...forms.registry import applies, default_form, is_pointwise
 from ..options import OptionError, PassOptions
 
-__all__ = ["SeparableOptions", "check_layer_names"]
+__all__ = ["SeparableOptions", "check_forms_apply", "check_layer_names"]
 
 
 def _check_options(multiplier, energy, init, kernel_sizes) -> None:
@@ -37,9 +38,9 @@ def _check_options(multiplier, energy, init, kernel_sizes) -> None:
         raise OptionError(f"separable: init must be 'svd' or 'random', got {init!r}", key="init")
     if kernel_sizes != "all" and (
         isinstance(kernel_sizes, (str, bytes))
-        or not all(isinstance(k, int) and not isinstance(k, bool) and k > 1 for k in kernel_sizes)
+        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel_sizes)
     ):
-        raise OptionError(f"separable: kernel_sizes must be 'all' or ints > 1, got {kernel_sizes!r}",
+        raise OptionError(f"separable: kernel_sizes must be 'all' or ints >= 1, got {kernel_sizes!r}",
                           key="kernel_sizes")
 
 
@@ -74,6 +75,31 @@ def check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
                                "and optionally 'form' and 'bias'")
         if isinstance(spec, dict) and "bias" in spec and not isinstance(spec["bias"], bool):
             raise SurgeryError(f"separable: layers[{name!r}]['bias'] must be True or False, got {spec['bias']!r:.40}")
+
+
+def check_forms_apply(candidates: Iterable[Any], form: str, layers: dict[str, Any], budgeted: bool,
+                      layer_form: str | None = None) -> None:
+    """Every form a candidate would be rewritten with can rewrite it: a rank in ``layers`` (with its form, else
+    ``layer_form``, by default the pass's), or under a budget the pass's ``form``; refused, naming the layer,
+    otherwise. (1×1 convs take ``"pw-pw"``; k×k convs the spatial forms; ``"auto"`` picks per layer.)"""
+    for cand in candidates:
+        alias, spec = next(((a, layers[a]) for a in cand.aliases if a in layers), (None, None))
+        if isinstance(spec, dict) and "form" in spec:
+            name, where, key = str(spec["form"]), f"layers[{alias!r}]['form']", "layers"
+        elif spec is not None or budgeted:
+            name, where, key = default_form(form if spec is None else layer_form or form, cand.conv), "form", "form"
+        else:
+            continue  # a 1×1 conv without a budget or rank is skipped by the pass, with its reason
+        if name == "auto" or applies(name, cand.conv):
+            continue
+        kh, kw = cand.conv.kernel_size
+        if is_pointwise(cand.conv):
+            hint = "1×1 convs take form 'pw-pw' (or 'auto'); leave 1 out of kernel_sizes to keep them"
+        else:
+            hint = (f"'{name}' rewrites 1×1 convs only; {kh}×{kw} convs take 'dw-pw', 'pw-dw-pw', 'tucker2' or "
+                    "'spatial-svd' (or 'auto'); kernel_sizes=[1] matches only the 1×1 convs")
+        raise OptionError(f"separable: {where}={name!r} cannot rewrite '{cand.name}' ({kh}×{kw} conv): {hint}",
+                          key=key)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from ...forms.decompose import multiplier_for_energy
 from ...forms.importance import (
     unscale_separable,
 )
-from ...forms.registry import get_form
+from ...forms.registry import default_form, get_form
 from ...graph import describe
 from .candidates import Candidate
 
@@ -28,8 +28,10 @@ __all__ = ["Planned", "build_all", "layer_setting"]
 def layer_setting(
     cand: Candidate, form: str, multiplier: int | str | None, energy: float | None,
     layers: dict[str, dict[str, Any]],
+    layer_form: str | None = None,
 ) -> tuple[str, int]:
-    """(form, rank) for one candidate: a per-layer override, else the uniform options."""
+    """(form, rank) for one candidate: a per-layer override (its form, else ``layer_form``, by default
+    ``form``), else the uniform options."""
     for name in cand.aliases:
         if name in layers:
             spec = layers[name]
@@ -38,7 +40,8 @@ def layer_setting(
             rank = spec["rank"]
             if isinstance(rank, bool) or not hasattr(rank, "__index__") or operator.index(rank) < 1:
                 raise SurgeryError(f"separable: layers[{name!r}]['rank'] must be an int >= 1, got {rank!r}")
-            return str(spec.get("form", form)), operator.index(rank)
+            fname = str(spec["form"]) if "form" in spec else default_form(layer_form or form, cand.conv)
+            return fname, operator.index(rank)
     impl = get_form(form)
     if energy is not None:
         return form, multiplier_for_energy(cand.conv.weight, float(energy))

@@ -47,10 +47,21 @@ def replay_separable(options: dict[str, Any], rewrites: list[dict], model: nn.Mo
         if "bias_correction" in d:  # the correction gave the replacement a bias: the saved weights fill it
             layers[r["target"]]["bias"] = True
     groups: dict[int, list[str]] = {}
+    kernels = set()
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.modules.conv._ConvNd):
             groups.setdefault(id(mod), []).append(name)
+            if name in layers:
+                kernels.add(tuple(mod.kernel_size))
     exclude = [escape_name(n) for names in groups.values() if not set(names) & set(layers) for n in names]
-    return {"layers": layers, "exclude": exclude, "include_stem": True, "kernel_sizes": "all", "init": "random"}
+    # "all" matches every spatial kernel; recorded 1×1 rewrites (pw-pw) need 1 named, and then every recorded
+    # kernel is square (a conversion that rewrote 1×1 convs listed its sizes: "all" leaves 1×1 out)
+    sizes: Any = "all"
+    if (1, 1) in kernels:
+        if any(len(set(k)) != 1 for k in kernels):
+            raise SurgeryError("the separable record rewrites 1×1 convs and non-square kernels together, which no "
+                               "single kernel_sizes selects; it cannot be replayed")
+        sizes = tuple(sorted(k[0] for k in kernels))
+    return {"layers": layers, "exclude": exclude, "include_stem": True, "kernel_sizes": sizes, "init": "random"}
 
 
