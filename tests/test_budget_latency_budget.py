@@ -299,3 +299,38 @@ def test_real_clock_smoke(tmp_path):
         assert alloc["measured_ratio_min"] <= alloc["measured_ratio"] <= alloc["measured_ratio_max"]
         assert alloc["measured_ratio"] < 1.0
     assert small(X).shape == (2, 10)
+
+
+class _Leaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class _WithLeaf(Net):
+    def __init__(self):
+        super().__init__()
+        self.leaf = _Leaf()
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x)).relu()
+        x = self.leaf(self.bn1(self.a(x)).relu())
+        return self.head(self.bn3(self.c(x)).relu().mean((2, 3)))
+
+
+def test_a_conv_the_budget_cannot_time_is_kept(tmp_path):
+    """A conv inside a leaf module has no input shape to time at: it stays as it is, as the summary says."""
+    lat = {"timer": Clock(), "cache_dir": str(tmp_path / "cache"), "model_rounds": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = fxsurgeon.convert(_WithLeaf().eval(), example_inputs=X, conv_head=False, leaf_modules=[_Leaf],
+                                  separable=dict(target_latency=0.7, form="auto", latency_aware=lat))
+    rec = fxsurgeon.get_record(small)
+    assert "leaf.conv" in rec.extras["allocation"]["untimed"]
+    assert "leaf.conv" not in {r.target for r in rec.rewrites}
+    why = {s.target: s.reason for s in rec.skipped}
+    assert "cannot be timed, so it is kept" in why["leaf.conv"]
+    assert isinstance(small.get_submodule("leaf").conv, nn.Conv2d) and type(small.get_submodule("leaf").conv) is nn.Conv2d

@@ -122,6 +122,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         if kept is not None and cand.name in kept:
             why = ("its error costs more than the time it saves elsewhere, or no candidate is faster"
                    if target_latency is not None else "its error costs more than its MACs save elsewhere")
+            why = (budget.get("untimed") or {}).get(cand.name, why) if target_latency is not None else why
             skipped.append(Skip(cand.name, f"kept as it is by the budget allocation: {why}",
                                 details={"module": describe(conv), "form": "original"}))
             continue
