@@ -14,7 +14,8 @@ compares the converted model's logits with the original's on the 5,000 evaluatio
 
 The decision is made on the *mean logit error over both models and both targets* (accuracy moves by ±0.3
 points by chance at these disagreement rates; the logit error does not). Rows are saved after each
-conversion, and a row already in the JSON is not measured again (``--fresh`` starts over), so configs can be
+conversion, and a row already in the JSON is not measured again (``--fresh`` starts over; with ``--synthetic``
+it redoes only the settings named), so configs can be
 added to a finished run. ``--configs`` picks configs by name; the default is all of them.
 
 ``--synthetic COUNT:STEPS[:LR][:KEY=VALUE...] ...`` measures synthetic calibration instead (on the ResNet-20,
@@ -155,7 +156,12 @@ def effective_options(extra: dict) -> dict:
 def synthetic_rows(settings: list[str], targets: list[float], path: Path, fresh: bool,
                    model_name: str = "resnet20", repeats: int = 1) -> None:
     """Synthetic calibration on one model: one row per (setting, target, repeat), saved after each."""
-    rows: list[dict] = [] if fresh or not path.exists() else json.loads(path.read_text())["rows"]
+    rows: list[dict] = json.loads(path.read_text())["rows"] if path.exists() else []
+    if fresh:  # measure these settings again; every other row stays
+        again = {(model_name, *parse_setting(st)[:3], json.dumps(parse_setting(st)[3], sort_keys=True))
+                 for st in settings}
+        rows = [r for r in rows if (r.get("model", "resnet20"), r["count"], r["steps"], r["lr"],
+                                    json.dumps(r.get("options", {}), sort_keys=True)) not in again]
     x, y = load_cifar10_test(split="eval")
     base = load_model(model_name)
     ref = logits(base, x)
@@ -199,7 +205,8 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.60, 0.45])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
     ap.add_argument("--json", default="benchmarks/results/defaults_two_models.json")
-    ap.add_argument("--fresh", action="store_true", help="ignore rows already in --json")
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure again: --json starts over; with --synthetic, only the settings named are redone")
     ap.add_argument("--synthetic", nargs="+", metavar="COUNT:STEPS[:LR]",
                     help="measure synthetic calibration on the ResNet-20 for these settings instead")
     ap.add_argument("--synthetic-json", default="benchmarks/results/synthetic_speed.json")

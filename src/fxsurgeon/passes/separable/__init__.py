@@ -94,11 +94,12 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
                 work[cand.name] = (scaled_conv(cand.conv, scales), scales)
     corrects_bias = bias_correction and init == "svd"  # approximate rewrites get the output mean back (a new bias)
     budget = kept = None
+    # a data-free budget ranks the importance-scaled copies; errors measured on data use the convs themselves
+    data_free = calibration is None or allocation == "weight"
+    ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
     if target_latency is not None:
         from ...budget.latency_budget import budget_latency
 
-        data_free = calibration is None or allocation == "weight"
-        ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         plan = budget_latency(gm, ranked, form, layers, target_latency=target_latency, target_macs=target_macs,
                               target_params=target_params, calibration=calibration, errors=allocation,
                               added_bias=corrects_bias, hint=pointwise_left_out(gm, kernel_sizes),
@@ -108,8 +109,6 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
     elif target_macs is not None or target_params is not None:
         from ...budget.allocation import budget_layers
 
-        data_free = calibration is None or allocation == "weight"
-        ranked = [replace(c, conv=work[c.name][0]) if data_free and c.name in work else c for c in candidates]
         chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
                                              target_params=target_params, calibration=calibration,
                                              errors=allocation, added_bias=corrects_bias)
