@@ -71,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--form", default="auto")
-    p.add_argument("--kernel-sizes", type=csv(int), default=[3],
-                   help="the separable pass's kernel_sizes; 1,3 lets the budget rewrite 1×1 convs too (form pw-pw)")
+    p.add_argument("--kernel-sizes", type=csv(int), default=None,
+                   help="the separable pass's kernel_sizes (default: the pass's, 1,3 under a latency target; 3 leaves "
+                        "the 1×1 convs out)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final timing")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -169,12 +170,12 @@ def run_row(args, row: dict) -> dict:
         warnings.simplefilter("always")
         small = fxsurgeon.convert(model, example_inputs=sample, conv_head=False, verify=False, calibration=calib,
                                   separable=dict(target_latency=row["target"], form=args.form, latency_aware=lat,
-                                                 kernel_sizes=args.kernel_sizes))
+                                                 **({"kernel_sizes": args.kernel_sizes} if args.kernel_sizes else {})))
     seconds = time.perf_counter() - t0
     rec = fxsurgeon.get_record(small)
     alloc = rec.extras["allocation"]
     out = dict(row, device=args.device, device_name=device_name(device), dtype=args.dtype, form=args.form,
-               kernel_sizes=args.kernel_sizes, torch=torch.__version__, machine=platform.machine(), cpu_threads_available=os.cpu_count(),
+               kernel_sizes=list(args.kernel_sizes or alloc["defaults"]["kernel_sizes"]), torch=torch.__version__, machine=platform.machine(), cpu_threads_available=os.cpu_count(),
                convert_seconds=round(seconds, 1), load_before=[round(v, 2) for v in load0],
                load_after=[round(v, 2) for v in os.getloadavg()], status=alloc["status"],
                conversion_ratio=alloc["measured_ratio"], table=alloc["table"] | {"context": None},

@@ -328,7 +328,7 @@ def test_budget_defaults_are_recorded_and_options_given_win():
     given = fxsurgeon.convert(net, example_inputs=x, conv_head=False,
                               separable=dict(target_macs=0.8, form="dw-pw", bias_correction=False, weighting=None))
     grec = fxsurgeon.get_record(given)
-    assert grec.extras["allocation"]["defaults"] == {}
+    assert grec.extras["allocation"]["defaults"] == {"kernel_sizes": (3,)}
     assert all(r.details["form"] == "dw-pw" and "bias_correction" not in r.details
                for r in grec.rewrites if r.pass_name == "separable")
     auto = fxsurgeon.get_record(fxsurgeon.convert(net, example_inputs=x, conv_head=False,

@@ -216,12 +216,14 @@ def _latency(tmp_path, target, **sep):
 
 
 def test_a_latency_target_out_of_reach_of_the_3x3_convs_names_the_1x1_ones(tmp_path, monkeypatch):
+    """Left out (kernel_sizes=[3]), the 1×1 convs are named in the warning; by default they are candidates."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    _, alloc, warned = _latency(tmp_path, 0.4)
+    _, alloc, warned = _latency(tmp_path, 0.4, kernel_sizes=[3])
     assert alloc["status"].startswith("not met") or alloc["status"].startswith("no ")
     assert "3 standard 1×1 convs were not candidates" in alloc["status"]
     assert any("with 1 in kernel_sizes" in w for w in warned)
-    small, alloc, warned = _latency(tmp_path, 0.4, kernel_sizes=[1, 3])
+    small, alloc, warned = _latency(tmp_path, 0.4)  # the default under a latency target: (1, 3)
+    assert tuple(alloc["defaults"]["kernel_sizes"]) == (1, 3)
     assert alloc["status"] == "met", alloc["status"]
     assert "pw-pw" in alloc["forms"] and "pw-pw" in set(_forms(small).values())
     assert not any("not candidates" in w for w in warned)

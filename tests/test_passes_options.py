@@ -48,9 +48,14 @@ def test_from_dict_to_dict_round_trip_and_changed_only():
 
 def test_budget_defaults_are_filled_in_and_reported():
     opts = SeparableOptions(target_macs=0.6)
-    assert opts.defaulted == {"form": "auto", "weighting": None, "bias_correction": True}
-    given = SeparableOptions(target_macs=0.6, form="dw-pw", weighting="bn")
+    assert opts.defaulted == {"form": "auto", "weighting": None, "bias_correction": True, "kernel_sizes": (3,)}
+    given = SeparableOptions(target_macs=0.6, form="dw-pw", weighting="bn", kernel_sizes=[3, 5])
     assert given.defaulted == {"bias_correction": True} and given.form == "dw-pw"
+    # a latency budget also matches the 1×1 convs, unless told otherwise
+    assert SeparableOptions(target_latency=0.6).kernel_sizes == (1, 3)
+    assert SeparableOptions(target_latency=0.6, kernel_sizes=[3]).kernel_sizes == (3,)
+    assert SeparableOptions(multiplier=2).kernel_sizes == (3,)
+    assert "kernel_sizes" not in SeparableOptions(multiplier=2).to_dict(changed_only=True)
 
 
 @pytest.mark.parametrize(("options", "key", "kind", "message"), [

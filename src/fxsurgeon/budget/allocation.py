@@ -36,6 +36,7 @@ from ..runtime import data_device_of
 
 __all__ = [
     "BUDGET_DEFAULTS",
+    "LATENCY_DEFAULTS",
     "UNIFORM_DEFAULTS",
     "Allocation",
     "BudgetPlan",
@@ -57,9 +58,14 @@ __all__ = [
 #: the choices, and each approximate layer gets its output mean back from the BatchNorm statistics. Chosen on the
 #: mean logit error over the trained CIFAR ResNet-20 and ResNet-32 at 0.60× and 0.45× MACs
 #: (benchmarks/defaults_two_models.py; docs/benchmarks/defaults.md).
-BUDGET_DEFAULTS: dict[str, Any] = {"form": "auto", "weighting": None, "bias_correction": True}
+#: The convs matched are the 3×3 ones; a latency budget (``target_latency``) also matches the 1×1 convs (form
+#: ``pw-pw``), where bottleneck networks spend most of their time (:data:`LATENCY_DEFAULTS`).
+BUDGET_DEFAULTS: dict[str, Any] = {"form": "auto", "weighting": None, "bias_correction": True, "kernel_sizes": (3,)}
+#: ... under ``target_latency``: the same, and the 1×1 convs too (timm resnet50 at batch 1 on a CPU reaches 0.6×
+#: of its latency with them; its 3×3 convs alone stop at about 0.73×: docs/latency.md)
+LATENCY_DEFAULTS: dict[str, Any] = {**BUDGET_DEFAULTS, "kernel_sizes": (1, 3)}
 #: ... and with a uniform ``multiplier`` (or none): the MobileNet form, plain weights, biases as they are
-UNIFORM_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False}
+UNIFORM_DEFAULTS: dict[str, Any] = {"form": "dw-pw", "weighting": None, "bias_correction": False, "kernel_sizes": (3,)}
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
                               added_bias=corrects_bias, hint=pointwise_left_out(gm, kernel_sizes),
                               judge=LatencyJudge.from_options(latency_aware or True, device, budget=True))
         chosen, kept, budget = plan.settings, plan.kept, plan.summary
+        budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
         layers = {**chosen, **layers}
     elif target_macs is not None or target_params is not None:
         from ...budget.allocation import budget_layers

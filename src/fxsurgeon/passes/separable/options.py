@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ...budget.allocation import BUDGET_DEFAULTS, UNIFORM_DEFAULTS
+from ...budget.allocation import BUDGET_DEFAULTS, LATENCY_DEFAULTS, UNIFORM_DEFAULTS
 from ...budget.allotment import check_form
 from ...errors import SurgeryError
 from ...forms.registry import applies, default_form, is_pointwise
@@ -117,8 +117,10 @@ class SeparableOptions(PassOptions):
             Frobenius norm (e.g. 0.9); ``dw-pw`` only.
         init: ``"svd"`` (keep the trained function as well as m allows) or ``"random"`` (PyTorch's default
             init, for training from scratch).
-        kernel_sizes: square kernel sizes to match, default ``(3,)``; ``"all"`` matches every k×k and
-            non-square kernel bigger than 1×1.
+        kernel_sizes: square kernel sizes to match, default ``(3,)``, and ``(1, 3)`` under ``target_latency``
+            (:data:`fxsurgeon.budget.allocation.LATENCY_DEFAULTS`); 1 matches the 1×1 convs, which only the
+            ``"pw-pw"`` form rewrites, under a budget or by ``layers``. ``"all"`` matches every k×k and non-square
+            kernel bigger than 1×1.
         include_stem: also rewrite convs with ≤ 3 input channels (RGB stems); they gain little and lose much.
         include_unprofitable: also rewrite layers whose separable form has no fewer parameters. Default:
             only with ``multiplier="full"``, which asks for exactness over savings.
@@ -168,7 +170,7 @@ class SeparableOptions(PassOptions):
     multiplier: int | str | None = None
     energy: float | None = None
     init: str = "svd"
-    kernel_sizes: str | Iterable[int] = (3,)
+    kernel_sizes: str | Iterable[int] | None = None
     include_stem: bool = False
     include_unprofitable: bool | None = None
     exclude: Iterable[str] | None = None
@@ -187,9 +189,10 @@ class SeparableOptions(PassOptions):
         # options not given: a budget takes fxsurgeon.budget.allocation.BUDGET_DEFAULTS (chosen on two trained models),
         # a uniform multiplier keeps the MobileNet form without weighting or bias correction
         budget = any(v is not None for v in (self.target_macs, self.target_params, self.target_latency))
-        base = BUDGET_DEFAULTS if budget else UNIFORM_DEFAULTS
+        base = LATENCY_DEFAULTS if self.target_latency is not None else BUDGET_DEFAULTS if budget else UNIFORM_DEFAULTS
         defaulted = {k: base[k] for k, unset in (("form", self.form is None), ("weighting", self.weighting == "default"),
-                                                 ("bias_correction", self.bias_correction is None)) if unset}
+                                                 ("bias_correction", self.bias_correction is None),
+                                                 ("kernel_sizes", self.kernel_sizes is None)) if unset}
         set_ = partial(object.__setattr__, self)
         set_("defaulted", defaulted)
         for key, value in defaulted.items():
