@@ -408,8 +408,9 @@ def _latency_budget_line() -> list[str]:
             parts.append(f"onnxruntime {ort:.2f}× ({'met' if ort <= 0.7 else 'not met'})")
         check = f"{r['conversion_ratio']:.2f}×" if r.get("conversion_ratio") is not None else "—"
         ks = r.get("kernel_sizes", [3])
-        label = f"form=\"{r['form']}\"" + ("" if ks == [3] else f", kernel_sizes={ks}")
-        out.append(f"- `{label}`: {', '.join(parts)}; the conversion's own check {check}; "
+        label = (f"`form=\"{r['form']}\"` (the 1×1 convs too: the latency default)" if ks == [1, 3]
+                 else f"`form=\"{r['form']}\", kernel_sizes={ks}`")
+        out.append(f"- {label}: {', '.join(parts)}; the conversion's own check {check}; "
                    f"{r['mac_ratio']:.2f}× MACs; converted in {r['convert_seconds']:.0f} s with a cold cache "
                    f"({'met' if r['convert_seconds'] <= 180 else 'not met'}).")
     out.append("")
