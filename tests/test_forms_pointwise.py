@@ -160,11 +160,13 @@ def test_without_a_budget_a_1x1_conv_needs_a_rank_in_layers():
 
 @pytest.mark.parametrize("sep, match", [
     (dict(kernel_sizes=[1, 3], form="dw-pw", target_macs=0.5), r"form='dw-pw' cannot rewrite '3' \(1×1 conv\)"),
-    (dict(form="pw-pw", target_macs=0.5), r"form='pw-pw' cannot rewrite '9' \(3×3 conv\).*kernel_sizes=\[1\]"),
+    (dict(form="pw-pw", kernel_sizes=[3], target_macs=0.5),
+     r"form='pw-pw' cannot rewrite '9' \(3×3 conv\).*kernel_sizes=\[1\]"),
     (dict(kernel_sizes=[1, 3], layers={"6": {"form": "tucker2", "rank": 4}}),
      r"layers\['6'\]\['form'\]='tucker2' cannot rewrite '6'"),
     (dict(kernel_sizes=[1, 3], form="dw-pw", layers={"6": {"rank": 4}}), r"form='dw-pw' cannot rewrite '6'"),
     (dict(kernel_sizes=[0, 3]), r"kernel_sizes must be 'all' or ints >= 1"),
+    (dict(form="pw-pw", kernel_sizes=[1, 3], multiplier=2), r"form='pw-pw' cannot rewrite '9' \(3×3 conv\)"),
 ])
 def test_forms_that_cannot_apply_are_refused_by_name(sep, match):
     net = bottleneck_net()
@@ -227,3 +229,10 @@ def test_a_latency_target_out_of_reach_of_the_3x3_convs_names_the_1x1_ones(tmp_p
     assert alloc["status"] == "met", alloc["status"]
     assert "pw-pw" in alloc["forms"] and "pw-pw" in set(_forms(small).values())
     assert not any("not candidates" in w for w in warned)
+
+
+def test_pw_pw_by_name_matches_the_1x1_convs():
+    small = fxsurgeon.convert(bottleneck_net(), example_inputs=X, conv_head=False,
+                              separable=dict(form="pw-pw", target_macs=0.8))
+    assert set(_forms(small)) <= POINTWISE and set(_forms(small).values()) == {"pw-pw"}
+    assert fxsurgeon.get_record(small).extras["allocation"]["defaults"]["kernel_sizes"] == (1,)

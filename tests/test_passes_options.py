@@ -54,6 +54,8 @@ def test_budget_defaults_are_filled_in_and_reported():
     # a latency budget also matches the 1×1 convs, unless told otherwise
     assert SeparableOptions(target_latency=0.6).kernel_sizes == (1, 3)
     assert SeparableOptions(target_latency=0.6, kernel_sizes=[3]).kernel_sizes == (3,)
+    assert SeparableOptions(target_latency=0.6, form="tucker2").kernel_sizes == (3,)  # a named spatial form
+    assert SeparableOptions(target_macs=0.6, form="pw-pw").kernel_sizes == (1,)
     assert SeparableOptions(multiplier=2).kernel_sizes == (3,)
     assert "kernel_sizes" not in SeparableOptions(multiplier=2).to_dict(changed_only=True)
 

@@ -327,8 +327,9 @@ def approximate_options(d: Draw) -> dict[str, Any]:
     known = _passes()
     opts: dict[str, Any] = {}
     if "separable" in known:
-        sep: dict[str, Any] = {"kernel_sizes": d.choice([(3,), (3, 5), "all"]), "include_stem": d.bool(0.5),
-                               "form": d.choice(sorted(FORMS))}
+        # pw-pw (1×1 convs only) takes no uniform setting: it is exercised by budgets and layers, not here
+        sep: dict[str, Any] = {"kernel_sizes": d.choice([(3,), (3, 5), "all", (1, 3)]), "include_stem": d.bool(0.5),
+                               "form": d.choice(sorted(f for f in FORMS if f != "pw-pw"))}
         if sep["form"] != "dw-pw" or d.bool(0.5):  # energy= is a dw-pw option
             sep["multiplier"] = d.choice([1, 2, 3, 4, "full"])
         else:

@@ -80,14 +80,16 @@ def check_layer_names(gm: fx.GraphModule, layers: Any) -> None:
 def check_forms_apply(candidates: Iterable[Any], form: str, layers: dict[str, Any], budgeted: bool,
                       layer_form: str | None = None) -> None:
     """Every form a candidate would be rewritten with can rewrite it: a rank in ``layers`` (with its form, else
-    ``layer_form``, by default the pass's), or under a budget the pass's ``form``; refused, naming the layer,
-    otherwise. (1×1 convs take ``"pw-pw"``; k×k convs the spatial forms; ``"auto"`` picks per layer.)"""
+    ``layer_form``, by default the pass's), else the pass's ``form``; refused, naming the layer, otherwise.
+    (1×1 convs take ``"pw-pw"``; k×k convs the spatial forms; ``"auto"`` picks per layer.)"""
     for cand in candidates:
         alias, spec = next(((a, layers[a]) for a in cand.aliases if a in layers), (None, None))
         if isinstance(spec, dict) and "form" in spec:
             name, where, key = str(spec["form"]), f"layers[{alias!r}]['form']", "layers"
-        elif spec is not None or budgeted:
-            name, where, key = default_form(form if spec is None else layer_form or form, cand.conv), "form", "form"
+        elif spec is not None:
+            name, where, key = default_form(layer_form or form, cand.conv), "form", "form"
+        elif budgeted or not is_pointwise(cand.conv):
+            name, where, key = default_form(form, cand.conv), "form", "form"
         else:
             continue  # a 1×1 conv without a budget or rank is skipped by the pass, with its reason
         if name == "auto" or applies(name, cand.conv):
@@ -118,8 +120,9 @@ class SeparableOptions(PassOptions):
         init: ``"svd"`` (keep the trained function as well as m allows) or ``"random"`` (PyTorch's default
             init, for training from scratch).
         kernel_sizes: square kernel sizes to match, default ``(3,)``, and ``(1, 3)`` under ``target_latency``
-            (:data:`fxsurgeon.budget.allocation.LATENCY_DEFAULTS`); 1 matches the 1×1 convs, which only the
-            ``"pw-pw"`` form rewrites, under a budget or by ``layers``. ``"all"`` matches every k×k and non-square
+            with ``form="auto"`` (:data:`fxsurgeon.budget.allocation.LATENCY_DEFAULTS`; ``(1,)`` with
+            ``form="pw-pw"``); 1 matches the 1×1 convs, which only the ``"pw-pw"`` form rewrites, under a budget
+            or by ``layers``. ``"all"`` matches every k×k and non-square
             kernel bigger than 1×1.
         include_stem: also rewrite convs with ≤ 3 input channels (RGB stems); they gain little and lose much.
         include_unprofitable: also rewrite layers whose separable form has no fewer parameters. Default:
@@ -193,6 +196,9 @@ class SeparableOptions(PassOptions):
         defaulted = {k: base[k] for k, unset in (("form", self.form is None), ("weighting", self.weighting == "default"),
                                                  ("bias_correction", self.bias_correction is None),
                                                  ("kernel_sizes", self.kernel_sizes is None)) if unset}
+        if "kernel_sizes" in defaulted and self.form not in (None, "auto"):
+            # a named form says which convs are meant: pw-pw the 1×1 ones, any other the 3×3 ones
+            defaulted["kernel_sizes"] = (1,) if self.form == "pw-pw" else (3,)
         set_ = partial(object.__setattr__, self)
         set_("defaulted", defaulted)
         for key, value in defaulted.items():
