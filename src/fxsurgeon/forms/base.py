@@ -55,6 +55,11 @@ def conv_cost(conv: nn.Conv2d) -> LayerChoice:
 
 
 class Form(Protocol):
+    """What a registered form answers for one conv. Optional class attributes: ``pointwise = True`` for a form
+    that rewrites 1×1 convs only (the others take k×k convs, :func:`applies`); ``in_mac_auto = False`` for one
+    that joins ``form="auto"`` only under a latency target; ``rank_is_channels = False`` when the rank is not
+    a channel count (no hardware multiples for it)."""
+
     name: str
 
     def full_rank(self, conv: nn.Conv2d) -> int:
