@@ -8,9 +8,10 @@ weight error of any rank-r pair, and exact once r reaches ``min(C_in, C_out)``. 
 rewrites.
 
 In bottleneck networks the 1×1 convs carry most of the time (on timm resnet50 at batch 1 on a CPU the sixteen
-3×3 convs are about a quarter of it), so a latency target far below 1 can only be met with them. The separable pass rewrites them only when
-asked, with ``kernel_sizes`` containing 1, and only under a budget or a rank in ``layers``; ``form="auto"``
-gives 1×1 convs this form and k×k convs the spatial ones (:func:`fxsurgeon.forms.base.applies`).
+3×3 convs are about a quarter of it), so a latency target far below 1 can only be met with them. The separable
+pass rewrites them when ``kernel_sizes`` contains 1 — the default under ``target_latency`` with ``form="auto"``
+— and only under a budget or with a rank in ``layers``; ``form="auto"`` gives 1×1 convs this form and k×k convs
+the spatial ones (:func:`fxsurgeon.forms.base.applies`).
 
 >>> from fxsurgeon.forms import get_form
 >>> conv = nn.Conv2d(64, 32, 1, stride=2)
