@@ -236,3 +236,12 @@ def test_pw_pw_by_name_matches_the_1x1_convs():
                               separable=dict(form="pw-pw", target_macs=0.8))
     assert set(_forms(small)) <= POINTWISE and set(_forms(small).values()) == {"pw-pw"}
     assert fxsurgeon.get_record(small).extras["allocation"]["defaults"]["kernel_sizes"] == (1,)
+
+
+def test_a_mac_budget_out_of_reach_of_the_3x3_convs_names_the_1x1_ones():
+    net = bottleneck_net()
+    with pytest.raises(SurgeryError, match=r"cannot be met.*3 standard 1×1 convs were not candidates"):
+        fxsurgeon.convert(net, example_inputs=X, conv_head=False, separable=dict(target_macs=0.3))
+    small = fxsurgeon.convert(net, example_inputs=X, conv_head=False,
+                              separable=dict(target_macs=0.3, kernel_sizes=[1, 3]))
+    assert fxsurgeon.get_record(small).extras["allocation"]["macs_fraction"] <= 0.3 + 1e-9

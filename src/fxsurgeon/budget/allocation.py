@@ -636,6 +636,7 @@ def budget_layers(
     calibration: Any = None,
     errors: str = "auto",
     added_bias: bool = False,
+    hint: str | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, LayerChoice], BudgetPlan]:
     """The separable pass's budget step: per-layer settings meeting the budget, and the layers to keep.
 
@@ -644,6 +645,8 @@ def budget_layers(
         form: a registered form, or ``"auto"`` to choose among all registered forms per layer.
         layers: the user's per-layer settings; those layers are not chosen but their cost counts.
         added_bias: bias correction is on (see :func:`plan_budget`).
+        hint: what else could meet a budget that cannot be met, added to that error (the pass names the 1×1
+            convs that ``kernel_sizes`` left out).
 
     Returns:
         ``(settings, kept, plan)``: ``settings`` is ``{name: {"form", "rank"}}`` for the layers to rewrite,
@@ -659,8 +662,13 @@ def budget_layers(
         if isinstance(spec, dict) and "rank" in spec:
             fname = str(spec["form"]) if "form" in spec else default_form(form, c.conv)
             fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
-    plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
-                       calibration=calibration, errors=errors, added_bias=added_bias)
+    try:
+        plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
+                           calibration=calibration, errors=errors, added_bias=added_bias)
+    except SurgeryError as exc:
+        if hint and "cannot be met" in str(exc):
+            raise SurgeryError(f"{exc}; {hint}") from None
+        raise
     settings = plan.allocation.ranks()
     kept = {n: c for n, c in plan.allocation.picks.items() if c.form == "original"}
     return settings, kept, plan

@@ -112,7 +112,8 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
 
         chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
                                              target_params=target_params, calibration=calibration,
-                                             errors=allocation, added_bias=corrects_bias)
+                                             errors=allocation, added_bias=corrects_bias,
+                                             hint=pointwise_left_out(gm, kernel_sizes))
         layers = {**chosen, **layers}
         budget = budget.summary()
         budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
