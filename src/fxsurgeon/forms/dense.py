@@ -44,8 +44,10 @@ __all__ = [
     "Tucker2",
     "TuckerConv2d",
     "TuckerFactors",
+    "balanced_svd",
     "rank_grid",
     "spatial_svd_error_curve",
+    "svd_tail_curve",
     "tucker2_error_table",
     "tucker2_factors",
 ]
@@ -290,6 +292,36 @@ def _spatial_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(device="cpu", dtype=torch.float64).permute(1, 2, 0, 3).reshape(c_in * kh, c_out * kw)
 
 
+def svd_tail_curve(m: torch.Tensor) -> torch.Tensor:
+    """``||M − M_r||²`` of the truncated SVD of a float64 matrix for r = 0 … min(M.shape) (Eckart–Young), from
+    the eigenvalues of its smaller Gram matrix.
+
+    >>> svd_tail_curve(torch.eye(3, dtype=torch.float64)).tolist()
+    [3.0, 2.0, 1.0, 0.0]
+    """
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[: min(m.shape)]
+    total = float(m.pow(2).sum())
+    kept = torch.cat([s2.new_zeros(1), s2.cumsum(0)])
+    return (total - kept).clamp_min(0)
+
+
+def balanced_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], bool]:
+    """The rank-``rank`` truncated SVD of a float64 matrix as ``M ≈ left @ right``, each side carrying √σ:
+    ``(left, right, {"relative_error", "discarded_energy"}, exact)``, exact when nothing measurable is left.
+
+    >>> left, right, fit, exact = balanced_svd(torch.eye(3, dtype=torch.float64), 2)
+    >>> tuple(left.shape), tuple(right.shape), fit["discarded_energy"], exact
+    ((3, 2), (2, 3), 1.0, False)
+    """
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    root = s[:rank].sqrt()
+    norm2 = float(s.pow(2).sum())
+    err = float(s[rank:].pow(2).sum())
+    fit = {"relative_error": math.sqrt(err / norm2) if norm2 > 0 else 0.0, "discarded_energy": err}
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank], fit, err <= 1e-12 * (norm2 + 1e-300)
+
+
 def spatial_svd_error_curve(weight: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius error of the rank-r spatial SVD for r = 0 … min(C_in·kh, C_out·kw) (Eckart–Young).
 
@@ -297,12 +329,7 @@ def spatial_svd_error_curve(weight: torch.Tensor) -> torch.Tensor:
     True
     """
     check_weight(weight, "spatial-svd")
-    m = _spatial_matrix(weight)
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[: min(m.shape)]
-    total = float(m.pow(2).sum())
-    kept = torch.cat([s2.new_zeros(1), s2.cumsum(0)])
-    return (total - kept).clamp_min(0)
+    return svd_tail_curve(_spatial_matrix(weight))
 
 
 class SpatialSeparableConv2d(nn.Sequential):
@@ -378,18 +405,14 @@ class SpatialSVD:
         details: dict[str, Any] = {"full_rank": self.full_rank(conv)}
         if init == "svd":
             check_weight(conv.weight, "spatial-svd")
-            m = _spatial_matrix(conv.weight)
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-            root = s[:r].sqrt()
-            first = (u[:, :r] * root).reshape(c_in, kh, r).permute(2, 0, 1).unsqueeze(-1)
-            second = (root.unsqueeze(1) * vh[:r]).reshape(r, c_out, kw).permute(1, 0, 2).unsqueeze(2)
-            norm2 = float(s.pow(2).sum())
-            err = float(s[r:].pow(2).sum())
+            left, right, fit, exact = balanced_svd(_spatial_matrix(conv.weight), r)
+            first = left.reshape(c_in, kh, r).permute(2, 0, 1).unsqueeze(-1)
+            second = right.reshape(r, c_out, kw).permute(1, 0, 2).unsqueeze(2)
             with torch.no_grad():
                 vertical.weight.copy_(first.to(vertical.weight.dtype))
                 horizontal.weight.copy_(second.to(horizontal.weight.dtype))
-            details.update(relative_error=math.sqrt(err / norm2) if norm2 > 0 else 0.0, discarded_energy=err)
-            details["exact"] = r >= self.full_rank(conv) or err <= 1e-12 * (norm2 + 1e-300)
+            details.update(fit)
+            details["exact"] = r >= self.full_rank(conv) or exact
         else:
             details["exact"] = False
         block = SpatialSeparableConv2d(vertical, horizontal)

@@ -22,7 +22,6 @@ the spatial ones (:func:`fxsurgeon.forms.base.applies`).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -31,7 +30,17 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .base import LayerChoice, register_form
-from .dense import check_conv, check_rank, check_weight, core_conv, finish_block, rank_grid, with_error
+from .dense import (
+    balanced_svd,
+    check_conv,
+    check_rank,
+    check_weight,
+    core_conv,
+    finish_block,
+    rank_grid,
+    svd_tail_curve,
+    with_error,
+)
 
 __all__ = ["LowRankConv2d", "PointwisePair", "pointwise_error_curve"]
 
@@ -53,11 +62,7 @@ def pointwise_error_curve(weight: torch.Tensor) -> torch.Tensor:
     (5, True, True)
     """
     check_weight(weight, "pw-pw")
-    m = _matrix(weight)
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    s2 = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    kept = torch.cat([s2.new_zeros(1), s2.cumsum(0)])
-    return (float(m.pow(2).sum()) - kept).clamp_min(0)
+    return svd_tail_curve(_matrix(weight))
 
 
 class LowRankConv2d(nn.Sequential):
@@ -113,16 +118,12 @@ class PointwisePair:
         details: dict[str, Any] = {"full_rank": self.full_rank(conv)}
         if init == "svd":
             check_weight(conv.weight, "pw-pw")
-            m = _matrix(conv.weight)
-            u, s, vh = torch.linalg.svd(m, full_matrices=False)
-            root = s[:r].sqrt()
-            norm2 = float(s.pow(2).sum())
-            err = float(s[r:].pow(2).sum())
+            left, right, fit, exact = balanced_svd(_matrix(conv.weight), r)
             with torch.no_grad():
-                reduce.weight.copy_((root.unsqueeze(1) * vh[:r]).reshape(r, c_in, 1, 1).to(reduce.weight.dtype))
-                pointwise.weight.copy_((u[:, :r] * root).reshape(c_out, r, 1, 1).to(pointwise.weight.dtype))
-            details.update(relative_error=math.sqrt(err / norm2) if norm2 > 0 else 0.0, discarded_energy=err)
-            details["exact"] = r >= self.full_rank(conv) or err <= 1e-12 * (norm2 + 1e-300)
+                reduce.weight.copy_(right.reshape(r, c_in, 1, 1).to(reduce.weight.dtype))
+                pointwise.weight.copy_(left.reshape(c_out, r, 1, 1).to(pointwise.weight.dtype))
+            details.update(fit)
+            details["exact"] = r >= self.full_rank(conv) or exact
         else:
             details["exact"] = False
         block = LowRankConv2d(reduce, pointwise)
