@@ -526,6 +526,7 @@ def plan_budget(
     calibration: Any = None,
     errors: str = "auto",
     added_bias: bool = False,
+    hint: str | None = None,
 ) -> BudgetPlan:
     """Choose (form, rank) for each conv in ``convs`` so the *whole* model meets the target fractions.
 
@@ -546,6 +547,8 @@ def plan_budget(
             given).
         added_bias: a rewrite of a conv without bias gains one (C_out parameters): bias correction puts the
             output mean back there. Counted in every such choice, so a parameter budget holds either way.
+        hint: what else could meet a budget that cannot be met, added to that error (the pass names the 1×1
+            convs that ``kernel_sizes`` left out).
 
     Returns:
         A :class:`BudgetPlan` whose allocation picks, per conv, a choice (``form == "original"``: keep it).
@@ -620,6 +623,7 @@ def plan_budget(
         raise SurgeryError(
             f"separable: the budget cannot be met: rewriting every candidate at its cheapest still leaves "
             f"{' and '.join(lows)} (the rest of the model is not rewritten by this pass). {exc}"
+            + (f"; {hint}" if hint else "")
         ) from None
     return BudgetPlan(alloc, options, total_macs, total_params, fixed_macs, fixed_params, target_macs,
                       target_params, counter, how)
@@ -644,9 +648,7 @@ def budget_layers(
         candidates: the pass's candidates (``name``, ``aliases``, ``conv``).
         form: a registered form, or ``"auto"`` to choose among all registered forms per layer.
         layers: the user's per-layer settings; those layers are not chosen but their cost counts.
-        added_bias: bias correction is on (see :func:`plan_budget`).
-        hint: what else could meet a budget that cannot be met, added to that error (the pass names the 1×1
-            convs that ``kernel_sizes`` left out).
+        added_bias / hint: as for :func:`plan_budget`.
 
     Returns:
         ``(settings, kept, plan)``: ``settings`` is ``{name: {"form", "rank"}}`` for the layers to rewrite,
@@ -662,13 +664,8 @@ def budget_layers(
         if isinstance(spec, dict) and "rank" in spec:
             fname = str(spec["form"]) if "form" in spec else default_form(form, c.conv)
             fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
-    try:
-        plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
-                           calibration=calibration, errors=errors, added_bias=added_bias)
-    except SurgeryError as exc:
-        if hint and "cannot be met" in str(exc):
-            raise SurgeryError(f"{exc}; {hint}") from None
-        raise
+    plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
+                       calibration=calibration, errors=errors, added_bias=added_bias, hint=hint)
     settings = plan.allocation.ranks()
     kept = {n: c for n, c in plan.allocation.picks.items() if c.form == "original"}
     return settings, kept, plan

@@ -486,8 +486,7 @@ def budget_latency(
 
     settings = {n: {"form": c.form, "rank": c.rank} for n, c in final.items() if c.form != "original"}
     kept = {n: c for n, c in final.items() if c.form == "original"}
-    convs_by_name = {c.name: c.conv for c in candidates}
-    kept.update((n, conv_cost(convs_by_name[n])) for n in untimed)  # kept, as the summary says, not rewritten
+    kept.update((n, conv_cost(convs[n][1])) for n in untimed)  # kept, as the summary says, not rewritten
     by_name = {lay.name: lay for lay in solver.layers}
     layer_rows = {}
     for n, c in final.items():
