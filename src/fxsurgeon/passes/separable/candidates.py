@@ -34,10 +34,14 @@ class Candidate:
         return min(c_out, kh * kw)
 
 
+def _matches_1x1(kernel_sizes: str | tuple[int, ...]) -> bool:
+    return kernel_sizes != "all" and 1 in kernel_sizes  # "all" means every spatial kernel
+
+
 def _kernel_ok(conv: nn.Conv2d, kernel_sizes: str | tuple[int, ...]) -> str | None:
     kh, kw = conv.kernel_size
     if kh * kw == 1:  # not a spatial conv: rewritten (form pw-pw) only when asked for, else not worth a record line
-        return None if kernel_sizes != "all" and 1 in kernel_sizes else "1x1"
+        return None if _matches_1x1(kernel_sizes) else "1x1"
     if kernel_sizes == "all":
         return None
     if kh != kw:
@@ -134,7 +138,7 @@ def _weight_source(arg: object, depth: int = 6) -> str | None:
 def pointwise_left_out(gm: fx.GraphModule, kernel_sizes: str | tuple[int, ...]) -> str | None:
     """When ``kernel_sizes`` leaves out 1×1 convs and the model has standard ones: how to include them (a hint
     for a latency target that was not met), else None."""
-    if kernel_sizes != "all" and 1 in kernel_sizes:
+    if _matches_1x1(kernel_sizes):
         return None
     n = sum(1 for _, m in ModuleIndex(gm).unique_modules()
             if type(m) is nn.Conv2d and m.groups == 1 and tuple(m.kernel_size) == (1, 1))

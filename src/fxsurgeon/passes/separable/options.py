@@ -122,8 +122,7 @@ class SeparableOptions(PassOptions):
         kernel_sizes: square kernel sizes to match, default ``(3,)``, and ``(1, 3)`` under ``target_latency``
             with ``form="auto"`` (:data:`fxsurgeon.budget.allocation.LATENCY_DEFAULTS`; ``(1,)`` with
             ``form="pw-pw"``); 1 matches the 1×1 convs, which only the ``"pw-pw"`` form rewrites, under a budget
-            or by ``layers``. ``"all"`` matches every k×k and non-square
-            kernel bigger than 1×1.
+            or by ``layers``. ``"all"`` matches every k×k and non-square kernel bigger than 1×1.
         include_stem: also rewrite convs with ≤ 3 input channels (RGB stems); they gain little and lose much.
         include_unprofitable: also rewrite layers whose separable form has no fewer parameters. Default:
             only with ``multiplier="full"``, which asks for exactness over savings.
