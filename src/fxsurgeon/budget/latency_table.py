@@ -19,9 +19,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cachefile import CacheFile
 from ..errors import SurgeryError
 from ..forms.registry import get_form
 from ..runtime import device_name, dtype_name
@@ -46,9 +45,6 @@ __all__ = [
 CACHE_ENV = "FXSURGEON_CACHE_DIR"
 FORMAT = "fxsurgeon-latency-table"
 VERSION = 1
-#: a cache file larger than this is not read (a table holds a few thousand short entries)
-MAX_FILE_BYTES = 16 * 1024 * 1024
-MAX_KEY_CHARS = 1000
 
 #: (form, rank) of the original conv in a table
 ORIGINAL = ("original", 0)
@@ -108,20 +104,8 @@ def candidate_key(conv: nn.Conv2d, form: str, rank: int, shapes: Sequence[Sequen
     return f"{shape}|{conv_signature(conv)}|{form}:{rank}"
 
 
-def _valid_entries(data: Any, context: dict[str, Any]) -> dict[str, float] | None:
-    """The entries of a parsed cache file, or None when anything in it is not as written by :meth:`flush`."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        return None
-    if data.get("context") != context or not isinstance(data.get("entries"), dict):
-        return None
-    out: dict[str, float] = {}
-    for key, value in data["entries"].items():
-        if not isinstance(key, str) or len(key) > MAX_KEY_CHARS:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            return None
-        out[key] = float(value)
-    return out
+def _valid_ms(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 class LatencyTable:
@@ -156,67 +140,37 @@ class LatencyTable:
         }
         if cache_dir is False:
             self.path: Path | None = None
+            self.file: CacheFile | None = None
         else:
             folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
             digest = hashlib.sha256(json.dumps(self.context, sort_keys=True).encode()).hexdigest()[:20]
             self.path = folder / f"{digest}.json"
+            self.file = CacheFile(self.path, FORMAT, VERSION, self.context, valid=_valid_ms, what="latency cache")
         self.entries: dict[str, float] = {}
         self._new: dict[str, float] = {}
         self._loaded = False
         self.hits = 0
         self.measured = 0
         self.seconds = 0.0
-        self.warnings: list[str] = []
 
     # ------------------------------------------------------------------------------------------- disk
 
-    def _warn(self, msg: str) -> None:
-        self.warnings.append(msg)
-        warnings.warn(msg, stacklevel=3)
-
-    def _read(self) -> dict[str, float]:
-        if self.path is None or not self.path.exists():
-            return {}
-        try:
-            if self.path.stat().st_size > MAX_FILE_BYTES:
-                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            self._warn(f"latency cache {self.path} is not a readable JSON table ({exc}); ignored, it will be rewritten")
-            return {}
-        entries = _valid_entries(data, self.context)
-        if entries is None:
-            self._warn(f"latency cache {self.path} does not validate as an fxsurgeon latency table for this "
-                       "setting; ignored, it will be rewritten")
-            return {}
-        return entries
+    @property
+    def warnings(self) -> list[str]:
+        return self.file.warnings if self.file is not None else []
 
     def load(self) -> None:
         """Read the cache file once (lazily, on the first lookup)."""
         if not self._loaded:
-            self.entries.update(self._read())
+            if self.file is not None:
+                self.entries.update({k: float(v) for k, v in self.file.read().items()})
             self._loaded = True
 
     def flush(self) -> None:
         """Write new measurements to the cache file atomically (merged with what another process wrote)."""
-        if self.path is None or not self._new:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(), **self._new}
-            payload = json.dumps({"format": FORMAT, "version": VERSION, "context": self.context,
-                                  "entries": dict(sorted(merged.items()))}, indent=0)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(payload)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        if self.file is not None and self._new:
+            self.file.write(self._new)
             self._new.clear()
-        except OSError as exc:  # a read-only home, a full disk: the cache is only a speed-up
-            self._warn(f"latency cache {self.path} could not be written ({exc}); measurements are not kept")
 
     # ------------------------------------------------------------------------------------------ timing
 
