@@ -215,6 +215,25 @@ def test_cache_cold_then_warm_then_corrupt(tmp_path):
         json.loads(Path(path).read_text())  # rewritten as a valid table
 
 
+def test_cp_menu_errors_are_cached_beside_the_latency_table(tmp_path, monkeypatch):
+    from fxsurgeon.forms import cp
+
+    cp.clear_cache()
+    _, cold, _, _ = run(tmp_path, form="pw-dw-pw")
+    assert cold["cp_errors"]["fits"] > 0 and cold["cp_errors"]["hits"] == 0
+    path = Path(cold["cp_errors"]["cache_file"])
+    assert path.parent == Path(cold["table"]["cache_file"]).parent
+    assert json.loads(path.read_text())["format"] == "fxsurgeon-cp-menu-errors"
+    cp.clear_cache()
+    fits = []
+    menu_factors = cp._menu_factors
+    monkeypatch.setattr(cp, "_menu_factors", lambda w, r: fits.append(r) or menu_factors(w, r))
+    _, warm, _, _ = run(tmp_path, form="pw-dw-pw")
+    assert fits == []  # no menu fit ran: every error came from the file
+    assert warm["cp_errors"]["hits"] == cold["cp_errors"]["fits"] and warm["cp_errors"]["fits"] == 0
+    assert warm["layers"] == cold["layers"]  # the same errors, so the same allocation
+
+
 def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "root"))
     assert default_cache_dir() == tmp_path / "root" / "latency"
@@ -229,6 +248,8 @@ def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
 def test_no_disk_cache(tmp_path):
     _, alloc, _, _ = run(tmp_path, form="tucker2", latency={"cache_dir": False})
     assert alloc["table"]["cache_file"] is None and not (tmp_path / "cache").exists()
+    _, alloc, _, _ = run(tmp_path, form="pw-dw-pw", latency={"cache_dir": False})
+    assert alloc["cp_errors"] is None and not (tmp_path / "cache").exists()
 
 
 def test_ranks_on_hardware_multiples(tmp_path):

@@ -40,6 +40,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
+from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.dense import rank_grid
 from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, default_form, get_form
 from ..graph import replace_module
@@ -162,6 +163,7 @@ class _Solver:
         self.gm, self.judge, self.table, self.forms = gm, judge, table, forms
         self.multiple, self.second = multiple, second
         self.added_bias = added_bias  # bias correction gives each rewritten bias-free conv a bias (C_out params)
+        self.store = CPErrorStore(table.path.parent) if table.path is not None else None
         self.layers: list[_Layer] = []
         self.fixed: dict[str, tuple[list[str], nn.Conv2d, str, int]] = {}  # the user's per-layer settings
 
@@ -191,7 +193,9 @@ class _Solver:
     def errors_for(self, lay: _Layer, fname: str, ranks: list[int]) -> list[LayerChoice]:
         form = get_form(fname)
         out = []
-        for r, e in zip(ranks, _errors(form, lay.conv, ranks)):
+        with cp_error_store(self.store):  # CP errors kept on disk beside the latency table
+            errors = _errors(form, lay.conv, ranks)
+        for r, e in zip(ranks, errors):
             c = form.cost(lay.conv, r)
             out.append(LayerChoice(c.form, c.rank, c.params, c.macs_in, c.macs_out, float(e), c.exact or e == 0.0))
         return out
@@ -483,6 +487,8 @@ def budget_latency(
                       f"(asked {target_latency}, tolerance {judge.tolerance})" + (f"; {hint}" if hint else ""))
             warnings.warn(f"separable: target_latency={target_latency} {status}; it is returned", stacklevel=3)
     table.flush()
+    if solver.store is not None:
+        solver.store.flush()
 
     settings = {n: {"form": c.form, "rank": c.rank} for n, c in final.items() if c.form != "original"}
     kept = {n: c for n, c in final.items() if c.form == "original"}
@@ -507,6 +513,7 @@ def budget_latency(
         "device": str(dev), "dtype": dtype_name(dtype), "memory_format": "channels_last" if cl else "contiguous",
         "batch_size": batch, "compile": judge.compile if not isinstance(judge.compile, dict) else dict(judge.compile),
         "rank_multiple": multiple, "forms": used, "errors": how, "table": table.summary(),
+        "cp_errors": solver.store.summary() if solver.store is not None else None,
         "untimed": untimed, "fixed_layers_saving_ms": fixed_saving, "seconds": round(time.perf_counter() - t_start, 3),
         "layers": layer_rows, "macs_per": "sample",
     }

@@ -39,6 +39,7 @@ from ..errors import SurgeryError
 from ..modules import SeparableConv2d, depthwise_conv_class
 from .als import cp_als, cp_error
 from .base import LayerChoice, register_form
+from .cp_store import active_store
 
 __all__ = [
     "CPFactors",
@@ -248,12 +249,19 @@ def slice_svd_init(t: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], floa
     return best
 
 
+def _fit_threads(work: int) -> int:
+    """Intra-op threads a decomposition of ``work`` (tensor elements × rank) runs on: one below 5·10⁷, where
+    thread hand-offs cost more than they save (7× slower with 2 threads on a 24×16×9 tensor on a busy 2-core
+    machine), else the process's."""
+    n = torch.get_num_threads()
+    return 1 if work < 50_000_000 else n
+
+
 @contextlib.contextmanager
 def _threads_for(work: int) -> Iterator[None]:
-    """One intra-op thread for small decompositions: on tensors this size, thread hand-offs cost more than
-    they save (7× slower with 2 threads on a 24×16×9 tensor on a busy 2-core machine). Restored after."""
+    """Run on :func:`_fit_threads` threads; restored after."""
     n = torch.get_num_threads()
-    if n > 1 and work < 50_000_000:
+    if _fit_threads(work) != n:
         torch.set_num_threads(1)
         try:
             yield
@@ -401,6 +409,27 @@ def _menu_factors(weight: torch.Tensor, rank: int) -> CPFactors:
     return _cached_factors(weight, rank, als_sweeps(weight.shape, rank, build=False), DEFAULT_TOL)
 
 
+def _menu_errors(weight: torch.Tensor, ranks: list[int]) -> list[tuple[float, float]]:
+    """``(error, norm2)`` of :func:`_menu_factors` at each rank, from the active :func:`cp_error_store` when it
+    kept them (the same floats: the key names everything a fit depends on), else fitted and kept there."""
+    store = active_store()
+    if store is None:
+        return [(f.error, f.norm2) for f in (_menu_factors(weight, r) for r in ranks)]
+    wid = store.weight_id(weight)
+    numel = weight.numel()
+    out = []
+    for r in ranks:
+        sweeps = als_sweeps(weight.shape, r, build=False)
+        threads = _fit_threads(numel * r)
+        hit = store.get(wid, r, sweeps, DEFAULT_TOL, threads)
+        if hit is None:
+            f = _menu_factors(weight, r)
+            hit = (f.error, f.norm2)
+            store.put(wid, r, sweeps, DEFAULT_TOL, threads, *hit)
+        out.append(hit)
+    return out
+
+
 _MENU_BUILDS: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsurgeon_cp_menu_builds", default=False)
 
 
@@ -515,17 +544,18 @@ class PointwiseDepthwisePointwise:
         _check_weight(conv.weight)
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         out = []
-        for r in cp_rank_grid(conv.weight.shape, top, menu_points(conv.weight.shape, top)):
+        ranks = cp_rank_grid(conv.weight.shape, top, menu_points(conv.weight.shape, top))
+        for r, (error, norm2) in zip(ranks, _menu_errors(conv.weight, ranks)):
             c = self.cost(conv, r)
-            f = _menu_factors(conv.weight, r)
-            out.append(LayerChoice(c.form, r, c.params, c.macs_in, c.macs_out, f.error, c.exact or f.error == 0,
-                                   extra={"relative_error": f.relative_error, "error_bound": True}))
+            relative = math.sqrt(error / norm2) if norm2 > 0 else 0.0
+            out.append(LayerChoice(c.form, r, c.params, c.macs_in, c.macs_out, error, c.exact or error == 0,
+                                   extra={"relative_error": relative, "error_bound": True}))
         return out
 
     def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
         """Squared Frobenius weight error at each rank, after :func:`als_sweeps` ALS sweeps (a bound)."""
         _check_weight(conv.weight)
-        return [_menu_factors(conv.weight, min(r, self.full_rank(conv))).error for r in ranks]
+        return [e for e, _ in _menu_errors(conv.weight, [min(r, self.full_rank(conv)) for r in ranks])]
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:
         sep, f = make_cp_separable(conv, rank, init=init)
