@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from ..forms.registry import LayerChoice, applies, conv_cost, default_form, get_form
+from ..forms.registry import LayerChoice, applies, conv_cost, get_form, layer_form
 from ..modes import eval_modes
 from ..runtime import data_device_of
 
@@ -662,7 +662,7 @@ def budget_layers(
     for c in candidates:
         spec = next((layers[a] for a in c.aliases if a in layers), None)
         if isinstance(spec, dict) and "rank" in spec:
-            fname = str(spec["form"]) if "form" in spec else default_form(form, c.conv)
+            fname = layer_form(spec, form, c.conv)
             fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
     plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
                        calibration=calibration, errors=errors, added_bias=added_bias, hint=hint)

@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import SurgeryError
 from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.dense import rank_grid
-from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, default_form, get_form
+from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, get_form, layer_form
 from ..graph import replace_module
 from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
 from .allocation import (
@@ -297,7 +297,7 @@ def budget_latency(
         spec = next((layers[a] for a in cand.aliases if a in layers), None)
         sh = shapes[cand.name]
         if isinstance(spec, dict) and "rank" in spec:  # the user decided: its time and cost count as fixed
-            fname = str(spec["form"]) if "form" in spec else default_form(form, cand.conv, latency=True)
+            fname = layer_form(spec, form, cand.conv, latency=True)
             rank = int(spec["rank"])
             c = get_form(fname).cost(cand.conv, rank)
             solver.fixed[cand.name] = (list(cand.aliases), cand.conv, fname, c.rank)

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import SurgeryError
 
 __all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "conv_cost", "default_form", "forms_for",
-           "get_form", "is_pointwise", "register_form"]
+           "get_form", "is_pointwise", "layer_form", "register_form"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,15 @@ def default_form(form: str, conv: nn.Conv2d, latency: bool = False) -> str:
     """The form of a layer whose settings name none: ``form``, or for ``"auto"`` the first that applies."""
     names = forms_for(form, conv, latency) if form == "auto" else [form]
     return names[0] if names else form
+
+
+def layer_form(spec: Any, form: str, conv: nn.Conv2d, latency: bool = False) -> str:
+    """The form of a layer set by ``layers={name: spec}``: the spec's ``"form"``, else :func:`default_form`.
+
+    >>> layer_form({"rank": 2, "form": "tucker2"}, "auto", nn.Conv2d(4, 4, 3)), layer_form({"rank": 2}, "auto", nn.Conv2d(4, 4, 1))
+    ('tucker2', 'pw-pw')
+    """
+    return str(spec["form"]) if isinstance(spec, dict) and "form" in spec else default_form(form, conv, latency)
 
 
 def get_form(name: str) -> Form:

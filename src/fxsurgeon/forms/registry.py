@@ -25,12 +25,13 @@ from .base import (
     forms_for,
     get_form,
     is_pointwise,
+    layer_form,
     register_form,
 )
 from .decompose import separable_error_curve
 
 __all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "conv_cost", "default_form", "forms_for",
-           "get_form", "is_pointwise", "register_form"]
+           "get_form", "is_pointwise", "layer_form", "register_form"]
 
 
 @register_form

@@ -18,7 +18,8 @@ from ...forms.decompose import multiplier_for_energy
 from ...forms.importance import (
     unscale_separable,
 )
-from ...forms.registry import default_form, get_form
+from ...forms.registry import get_form
+from ...forms.registry import layer_form as form_of_layer  # the pass has an option named layer_form
 from ...graph import describe
 from .candidates import Candidate
 
@@ -40,7 +41,7 @@ def layer_setting(
             rank = spec["rank"]
             if isinstance(rank, bool) or not hasattr(rank, "__index__") or operator.index(rank) < 1:
                 raise SurgeryError(f"separable: layers[{name!r}]['rank'] must be an int >= 1, got {rank!r}")
-            fname = str(spec["form"]) if "form" in spec else default_form(layer_form or form, cand.conv)
+            fname = form_of_layer(spec, layer_form or form, cand.conv)
             return fname, operator.index(rank)
     impl = get_form(form)
     if energy is not None:
