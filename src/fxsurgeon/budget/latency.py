@@ -163,8 +163,8 @@ class LatencyJudge:
 
         compile: ``torch.compile`` both whole models (True, a mode name, or a dict of its options) for the
             end-to-end check; layers are timed eager.
-        cache_dir: where latency tables are cached (default ``$FXSURGEON_CACHE_DIR/latency``, else
-            ``~/.cache/fxsurgeon/latency``); False: no disk cache.
+        cache_dir: where latency tables and CP menu errors are cached (default ``$FXSURGEON_CACHE_DIR/latency``,
+            else ``~/.cache/fxsurgeon/latency``); False: no disk cache.
         rank_multiple: ranks counted in channels are multiples of this (default: 8 on CUDA, the SIMD width
             in floats on CPU, :func:`fxsurgeon.budget.latency_table.hardware_multiple`).
         grid_points: ranks per form first timed for each layer (then refined near the choice).

@@ -10,7 +10,8 @@ The cache is one JSON file per (device name, torch version, dtype, memory format
 under ``~/.cache/fxsurgeon/latency`` (``$FXSURGEON_CACHE_DIR/latency`` when that is set; the ``cache_dir``
 option overrides both, ``cache_dir=False`` turns the disk cache off). Files are written atomically (a
 temporary file renamed over the old one) and read as untrusted input: JSON only, every field checked; a file
-that does not validate is ignored with a warning and rewritten, never executed or partly trusted.
+that does not validate is ignored with a warning and rewritten, never executed or partly trusted. The same
+folder keeps the CP menu errors of :mod:`fxsurgeon.forms.cp_store`.
 """
 
 from __future__ import annotations
