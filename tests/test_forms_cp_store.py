@@ -118,3 +118,14 @@ def test_a_tampered_file_is_refitted(tmp_path, conv, entry):
     again.flush()
     rewritten = json.loads(store.path.read_text())
     assert rewritten["entries"][key][0] == truth[0]  # the whole file was rewritten from the new fit
+
+
+def test_cp_error_curve_gives_the_menu_errors_and_reads_the_store(tmp_path, conv, monkeypatch):
+    ranks = [2, 9, 300]  # 300 is above the full CP rank: capped, like the form's own menu
+    menu = get_form("pw-dw-pw").error_at(conv, ranks)
+    assert cp.cp_error_curve(conv.weight, ranks) == menu
+    store = CPErrorStore(tmp_path)
+    with cp_error_store(store):
+        cp.cp_error_curve(conv.weight, ranks)
+    assert store.fits + store.hits == 3
+    assert cp.cp_error_curve(conv.weight, [9], iterations=0)[0] >= menu[1]  # the start alone: never better

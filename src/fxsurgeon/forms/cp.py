@@ -463,9 +463,22 @@ def menu_points(shape: tuple[int, ...] | torch.Size, max_rank: int) -> int:
     return MIN_CHOICE_POINTS
 
 
-def cp_error_curve(weight: torch.Tensor, ranks: list[int], *, iterations: int = CHOICE_ITERATIONS,
+def cp_error_curve(weight: torch.Tensor, ranks: list[int], *, iterations: int | None = None,
                    tol: float = DEFAULT_TOL) -> list[float]:
-    """Squared Frobenius error of the CP form at each rank in ``ranks`` (one decomposition per rank)."""
+    """Squared Frobenius error of the CP form at each rank in ``ranks`` (one decomposition per rank).
+
+    ``iterations=None`` gives the errors a menu uses (:func:`als_sweeps` with ``build=False`` per rank, read
+    from the active :func:`~fxsurgeon.forms.cp_store.cp_error_store` when it has them); a number runs that many
+    sweeps at every rank.
+
+    >>> w = torch.randn(6, 4, 3, 3)
+    >>> curve = cp_error_curve(w, [1, 4, 36])
+    >>> curve[0] > curve[1] > 0, curve[2] < 1e-8 * float(w.pow(2).sum())
+    (True, True)
+    """
+    _check_weight(weight)
+    if iterations is None:
+        return [e for e, _ in _menu_errors(weight, [min(r, cp_max_rank(weight.shape)) for r in ranks])]
     return [_cached_factors(weight, r, iterations, tol).error for r in ranks]
 
 
