@@ -26,12 +26,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # last the command line. The facade ``fxsurgeon`` sits on top: nothing inside the package imports it.
 LAYERS: dict[str, int] = {
     # 0: leaves shared by everything: the exception type, device/dtype/timing/version helpers, train/eval flags,
-    # the table of moved module names, the on-disk cache file
+    # the table of moved module names, the on-disk cache file, ONNX export and onnxruntime sessions
     "fxsurgeon.errors": 0,
     "fxsurgeon.runtime": 0,
     "fxsurgeon.modes": 0,
     "fxsurgeon.moved": 0,
     "fxsurgeon.cachefile": 0,
+    "fxsurgeon.onnxrun": 0,
     # 1: pure maths and module builders (forms/), graph reading and editing (graph/), the pass vocabulary
     "fxsurgeon.forms": 1,
     "fxsurgeon.modules": 1,

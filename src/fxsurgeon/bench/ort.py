@@ -8,16 +8,13 @@ threads, and times it like :func:`fxsurgeon.benchmark` (warm-up, then timed call
 throughput), returning the same :class:`~fxsurgeon.bench.BenchmarkResult`, so ``compare()`` and
 ``fxsurgeon bench --runtime onnxruntime`` treat it as any other runtime. :func:`ort_runner` gives the bare
 callable, for interleaved timing (:func:`fxsurgeon.budget.latency.interleaved_ratio`), and
-:func:`benchmark_onnxruntime_pair` times an original and a converted model interleaved.
+:func:`benchmark_onnxruntime_pair` times an original and a converted model interleaved. The export and the
+session live in :mod:`fxsurgeon.onnxrun` (latency budgets time in onnxruntime with them too).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..onnxrun import export_onnx, ort_runner
+from ..onnxrun import onnxruntime_module as _ort
 from ..runtime import (
     batch_of,
     benchmark_inputs,
@@ -37,80 +36,6 @@ from ..runtime import (
 from .eager import BenchmarkResult, BenchmarkRow, Comparison, interleaved_rounds
 
 __all__ = ["benchmark_onnxruntime", "benchmark_onnxruntime_pair", "export_onnx", "ort_runner"]
-
-
-def _ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise SurgeryError("the onnxruntime runtime needs the onnxruntime package: pip install onnxruntime") from exc
-    return onnxruntime
-
-
-def export_onnx(model: nn.Module, inputs: tuple) -> bytes:
-    """The model (a float32 CPU copy in eval mode) as ONNX bytes, for inputs of exactly these shapes.
-
-    Shapes are static (one export per batch size): models that compute with their input's size — a
-    functional pool over ``x.size(3)``, a ``view(x.size(0), -1)`` — do not always export with a symbolic
-    batch. The dynamo exporter is tried first, the TorchScript one when it fails.
-
-    >>> blob = export_onnx(nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),))
-    >>> len(blob) > 0
-    True
-    """
-    m = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
-    xs = tuple(x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-               for x in inputs)
-    errors = []
-    with warnings.catch_warnings(), _quiet_exporter():
-        warnings.simplefilter("ignore")
-        try:
-            prog = torch.onnx.export(m, xs, dynamo=True, verbose=False)
-            return prog.model_proto.SerializeToString()
-        except Exception as exc:  # dynamo's exporter does not take every graph: try the TorchScript one
-            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        try:
-            buf = io.BytesIO()
-            torch.onnx.export(m, xs, buf, dynamo=False)
-            return buf.getvalue()
-        except Exception as exc:
-            errors.append(f"TorchScript exporter: {type(exc).__name__}: {exc}")
-    raise SurgeryError(f"exporting {model_name(model)} to ONNX failed: {'; '.join(e[:300] for e in errors)}")
-
-
-@contextlib.contextmanager
-def _quiet_exporter():
-    """Silence the exporters' progress prints (they write to stdout); errors still raise."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def ort_runner(model: nn.Module, inputs: tuple, *, threads: int | None = None) -> Callable[..., Any]:
-    """A callable running ``model`` in an onnxruntime CPU session: ``run(*tensors) -> list of numpy arrays``,
-    for inputs shaped like ``inputs`` (exported with static shapes).
-
-    ``threads``: intra-op threads (default: torch's current number), one inter-op thread, sequential
-    execution, every graph optimisation on.
-    """
-    ort = _ort()
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise SurgeryError(f"onnxruntime: threads must be a positive int, got {threads!r}")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(export_onnx(model, inputs), sess_options=opts,
-                                   providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*xs: Any) -> Any:
-        feed = {n: (x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else x)
-                for n, x in zip(names, xs)}
-        return session.run(None, feed)
-
-    run.session = session  # type: ignore[attr-defined]
-    return run
 
 
 def _check_settings(model: nn.Module, example_inputs: Any, batch_sizes: Sequence[int] | None, warmup: Any,
