@@ -278,11 +278,65 @@ def test_ranks_on_hardware_multiples(tmp_path):
     (dict(target_latency=0.6, latency_aware={"channels_last": "no"}), "channels_last"),
     (dict(target_latency=0.6, latency_aware={"bogus": 1}), "unknown option"),
     (dict(latency_aware={"cache_dir": "x"}), "apply to a latency budget only"),
+    (dict(target_latency=0.6, latency_aware={"runtime": "tensorrt"}), "runtime must be one of eager, onnxruntime"),
+    (dict(target_latency=0.6, latency_aware={"runtime": None}), "runtime must be one of"),
+    (dict(target_latency=0.6, latency_aware={"runtime": "onnxruntime", "compile": True}),
+     "compile=True applies to the eager runtime"),
+    (dict(target_latency=0.6, latency_aware={"runtime": "onnxruntime", "channels_last": True}),
+     "channels_last=True applies to the eager runtime"),
+    (dict(target_latency=0.6, latency_aware={"runtime": "onnxruntime", "dtype": "bf16"}), "float32 on the CPU"),
+    (dict(latency_aware={"runtime": "onnxruntime"}), "apply to a latency budget only"),
     (dict(target_latency=0.6, latency_aware="yes"), "latency_aware takes"),
 ])
 def test_bad_options(bad, match):
     with pytest.raises(SurgeryError, match=match):
         fxsurgeon.convert(Net().eval(), example_inputs=X, conv_head=False, separable=bad)
+
+
+def test_onnxruntime_runtime_times_sessions_and_keeps_its_own_table(tmp_path, monkeypatch):
+    """runtime='onnxruntime' on the real clock: layers and whole models timed as onnxruntime sessions."""
+    pytest.importorskip("onnxruntime")
+    from fxsurgeon.budget import latency, latency_budget
+
+    sessions = []
+
+    def counting(runner):
+        def make(model, inputs, **kw):
+            sessions.append((type(model).__name__, kw.get("exporter")))
+            return runner(model, inputs, **kw)
+        return make
+
+    monkeypatch.setattr(latency, "ort_runner", counting(latency.ort_runner))
+    monkeypatch.setattr(latency_budget, "ort_runner", counting(latency_budget.ort_runner))
+    lat = {"runtime": "onnxruntime", "device": "cpu", "batch_size": 1, "cache_dir": str(tmp_path / "cache"),
+           "grid_points": 2, "warmup": 1, "iters": 3, "rounds": 1, "model_rounds": 1, "model_iters": 3,
+           "solve_rounds": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = fxsurgeon.convert(Net().eval(), example_inputs=X, conv_head=False,
+                                  separable=dict(target_latency=0.8, form="tucker2", latency_aware=lat))
+    alloc = fxsurgeon.get_record(small).extras["allocation"]
+    assert alloc["runtime"] == "onnxruntime" and alloc["memory_format"] == "contiguous"
+    assert alloc["table"]["context"]["runtime"].startswith("onnxruntime ")
+    assert any(name == "GraphModule" or name.endswith("GraphModule") for name, _ in sessions)  # whole models
+    assert any(name == "Conv2d" for name, _ in sessions)  # the original layer, timed alone
+    assert all(exporter == "torchscript" for _, exporter in sessions)
+    assert alloc["checks"] and all(c["ratio"] > 0 for c in alloc["checks"])
+    # the eager table of the same setting is another file: timings of one runtime never stand for the other
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = fxsurgeon.convert(Net().eval(), example_inputs=X, conv_head=False, separable=dict(
+            target_latency=0.8, form="tucker2", latency_aware={**lat, "runtime": "eager"}))
+    eager_alloc = fxsurgeon.get_record(eager).extras["allocation"]
+    assert "runtime" not in eager_alloc["table"]["context"] and eager_alloc["runtime"] == "eager"
+    assert eager_alloc["table"]["cache_file"] != alloc["table"]["cache_file"]
+
+
+@pytest.mark.gpu
+def test_onnxruntime_runtime_refuses_a_cuda_budget():
+    with pytest.raises(SurgeryError, match="float32 on the CPU"):
+        fxsurgeon.convert(Net().eval().cuda(), example_inputs=X.cuda(), conv_head=False, separable=dict(
+            target_latency=0.6, latency_aware={"runtime": "onnxruntime", "cache_dir": False}))
 
 
 def test_needs_example_inputs():

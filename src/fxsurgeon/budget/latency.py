@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
+from ..onnxrun import ort_runner
 from ..runtime import (
     compile_options,
     cudnn_benchmark_mode,
@@ -54,7 +55,9 @@ _OPTIONS = ("device", "dtype", "channels_last", "batch_size", "warmup", "iters",
             "cudnn_benchmark")
 #: settings that only a latency budget (``target_latency``) uses; see :mod:`fxsurgeon.budget.latency_budget`
 _BUDGET_OPTIONS = ("compile", "cache_dir", "rank_multiple", "grid_points", "tolerance", "solve_rounds",
-                   "model_rounds", "model_warmup", "model_iters")
+                   "model_rounds", "model_warmup", "model_iters", "runtime")
+#: where a latency budget times: PyTorch itself, or the model exported to ONNX in an onnxruntime CPU session
+RUNTIMES = ("eager", "onnxruntime")
 
 
 def is_faster(original_s: float, replacement_s: float, margin: float = 0.0) -> bool:
@@ -173,6 +176,10 @@ class LatencyJudge:
         solve_rounds: most end-to-end checks (each one a solve of the allocation and a timing of the model).
         model_rounds / model_warmup / model_iters: the end-to-end timing: rounds alternating the original
             and the converted model, each ``model_warmup`` untimed and ``model_iters`` timed calls (median).
+        runtime: ``"eager"`` (PyTorch, the default) or ``"onnxruntime"``: every candidate layer and both
+            whole models are exported to ONNX and timed in an onnxruntime CPU session with torch's thread
+            count (CPU, float32; ``compile`` and ``channels_last`` do not apply: onnxruntime picks its own
+            kernels and layout).
 
     >>> judge = LatencyJudge(timer=lambda m, x: 2.0 if isinstance(m, nn.Conv2d) else 1.0)
     >>> conv, x = nn.Conv2d(8, 8, 3), torch.randn(1, 8, 8, 8)
@@ -199,6 +206,7 @@ class LatencyJudge:
     model_rounds: int = 3
     model_warmup: int = 1
     model_iters: int = 5
+    runtime: str = "eager"
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -220,6 +228,16 @@ class LatencyJudge:
                                f"{self.cudnn_benchmark!r} / {self.channels_last!r}")
         self._check_budget_options()
         self.dtype = parse_dtype(self.dtype)
+        if self.runtime == "onnxruntime":
+            if self.compile is not None and self.compile is not False:
+                raise SurgeryError(f"latency_aware: compile={self.compile!r} applies to the eager runtime; "
+                                   "runtime='onnxruntime' times the exported model as onnxruntime runs it")
+            if self.channels_last:
+                raise SurgeryError("latency_aware: channels_last=True applies to the eager runtime; onnxruntime "
+                                   "picks its own memory layout (leave channels_last unset)")
+            if self.dtype is not None and self.dtype != torch.float32:
+                raise SurgeryError(f"latency_aware: runtime='onnxruntime' times float32 on the CPU, got dtype "
+                                   f"{self.dtype}")
 
     def _check_budget_options(self) -> None:
         def count(name: str, low: int, high: int = 1_000_000) -> None:
@@ -240,6 +258,8 @@ class LatencyJudge:
             raise SurgeryError(f"latency_aware: cache_dir must be a directory path, or False for no disk cache, "
                                f"got {self.cache_dir!r}")
         compile_options(self.compile)  # a SurgeryError for a wrong type
+        if not isinstance(self.runtime, str) or self.runtime not in RUNTIMES:
+            raise SurgeryError(f"latency_aware: runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 
     @classmethod
     def from_options(cls, latency_aware: bool | dict[str, Any] | LatencyJudge | None,
@@ -313,6 +333,9 @@ class LatencyJudge:
         """Seconds of one ``module(*inputs)`` call: the injected timer, or the median of real calls."""
         if self.timer is not None:
             return float(self.timer(module, inputs))
+        if self.runtime == "onnxruntime":  # a session of this module alone: export it, then time its calls
+            run = ort_runner(module, tuple(inputs), threads=torch.get_num_threads(), exporter="torchscript")
+            return measure_module(run, tuple(inputs), device, warmup=self.warmup, iters=self.iters)
         with cudnn_benchmark_mode(self.cudnn_benchmark if device.type == "cuda" else None):
             return measure_module(module, inputs, device, warmup=self.warmup, iters=self.iters)
 

@@ -44,6 +44,7 @@ from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.dense import rank_grid
 from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, get_form, layer_form
 from ..graph import replace_module
+from ..onnxrun import ort_runner
 from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
 from .allocation import (
     LayerOptions,
@@ -146,8 +147,13 @@ def _model_inputs(gm: fx.GraphModule, device: torch.device, dtype: torch.dtype, 
     return tuple(out)
 
 
-def _placed(model: nn.Module, device: torch.device, dtype: torch.dtype, cl: bool, compile_opts: Any) -> Any:
+def _placed(model: nn.Module, device: torch.device, dtype: torch.dtype, cl: bool, compile_opts: Any,
+            judge: LatencyJudge, inputs: tuple) -> Any:
+    """The whole model as it is timed: a copy on the device (channels_last, compiled), or, for
+    ``runtime="onnxruntime"``, an onnxruntime session of it (unless a fake ``timer`` stands in for the clock)."""
     m = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
+    if judge.runtime == "onnxruntime" and judge.timer is None:
+        return ort_runner(m, inputs, threads=torch.get_num_threads(), exporter="torchscript")
     if cl:
         m = m.to(memory_format=torch.channels_last)
     if compile_opts is not None:
@@ -282,6 +288,11 @@ def budget_latency(
                            "none: pass example_inputs= to convert()")
     forms = auto_forms(latency=True, pointwise=None) if form == "auto" else [form]
     dev, dtype, cl, batch = _placement(judge, gm)
+    if judge.runtime == "onnxruntime" and (dev.type != "cpu" or dtype != torch.float32):
+        raise SurgeryError(f"separable: latency_aware runtime='onnxruntime' times float32 on the CPU; this budget "
+                           f"would time {dtype_name(dtype)} on {dev}: set device='cpu' (and dtype='fp32')")
+    if judge.runtime == "onnxruntime":
+        cl = False  # onnxruntime takes contiguous arrays and picks its own layout
     multiple = judge.rank_multiple or hardware_multiple(dev)
     table = LatencyTable(judge, dev, dtype, cl, batch, cache_dir=judge.cache_dir)
     solver = _Solver(gm, judge, table, forms, multiple, second, bool(added_bias))
@@ -340,7 +351,7 @@ def budget_latency(
 
     # the whole model, once, for the budget's reference
     inputs = _model_inputs(gm, dev, dtype, cl, batch)
-    original = _placed(gm, dev, dtype, cl, compile_opts)
+    original = _placed(gm, dev, dtype, cl, compile_opts, judge, inputs)
     total_second = None
     if second == "macs":
         raw, _counter = model_macs(gm, example_inputs_from_graph(gm))
@@ -438,7 +449,7 @@ def budget_latency(
                 notes.append(f"round {ran}: the layer budget of {budget_ms:.3f} ms is below the fastest menu; "
                              "every layer took its fastest choice")
             candidate = solver.model_with(picks)
-            placed = _placed(candidate, dev, dtype, cl, compile_opts)
+            placed = _placed(candidate, dev, dtype, cl, compile_opts, judge, inputs)
             check = interleaved_ratio(original, placed, inputs, dev, rounds=judge.model_rounds,
                                       warmup=judge.model_warmup, iters=judge.model_iters, timer=judge.timer)
             del placed, candidate
@@ -510,7 +521,8 @@ def budget_latency(
         "original_ms": final_check["original_ms"] if final_check else t_orig,
         "converted_ms": final_check["converted_ms"] if final_check else None,
         "tolerance": judge.tolerance, "checks": checks, "notes": notes,
-        "device": str(dev), "dtype": dtype_name(dtype), "memory_format": "channels_last" if cl else "contiguous",
+        "device": str(dev), "runtime": judge.runtime, "dtype": dtype_name(dtype),
+        "memory_format": "channels_last" if cl else "contiguous",
         "batch_size": batch, "compile": judge.compile if not isinstance(judge.compile, dict) else dict(judge.compile),
         "rank_multiple": multiple, "forms": used, "errors": how, "table": table.summary(),
         "cp_errors": solver.store.summary() if solver.store is not None else None,

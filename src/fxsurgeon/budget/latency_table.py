@@ -31,6 +31,7 @@ from torch import nn
 from ..cachefile import CacheFile
 from ..errors import SurgeryError
 from ..forms.registry import get_form
+from ..onnxrun import onnxruntime_module
 from ..runtime import device_name, dtype_name
 
 __all__ = [
@@ -139,6 +140,9 @@ class LatencyTable:
             "clock": "measured" if timer is None else f"timer:{getattr(timer, '__qualname__', type(timer).__name__)}",
             "warmup": judge.warmup, "iters": judge.iters, "rounds": judge.rounds,
         }
+        runtime = getattr(judge, "runtime", "eager")
+        if runtime != "eager":  # eager tables keep the context (and file) they had before runtimes existed
+            self.context["runtime"] = f"{runtime} {onnxruntime_module().__version__}"
         if cache_dir is False:
             self.path: Path | None = None
             self.file: CacheFile | None = None
