@@ -16,7 +16,7 @@ Each row is one conversion, ``separable=dict(target_latency=t, form=--form, late
 dtype, batch_size, channels_last=True, compile))`` at the row's threads and batch size (with
 ``--budget-runtime onnxruntime``: ``runtime="onnxruntime"``, the budget timed in onnxruntime), then the converted
 model is timed against the original, **interleaved** (``--rounds`` rounds alternating the two, each the
-median of ``--iters`` calls; the ratio is the median of the rounds' ratios, with the smallest and largest)
+median of ``--iters`` calls, more when they last less than ``--min-seconds``; the ratio is the median of the rounds' ratios, with the smallest and largest)
 in every runtime asked: ``eager`` (channels_last), ``compiled`` (``torch.compile``) and ``onnxruntime`` (CPU,
 both models exported to ONNX, the row's threads). MACs are fvcore's count for one sample (one multiply-add
 = one MAC) as a fraction of the original's. Conversion time is wall time, with the latency cache cold or
@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the final timing")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--min-seconds", type=float, default=0.05,
+                   help="each measurement of the final timing makes at least this many seconds of calls")
     p.add_argument("--calibration-images", type=int, default=1000, help="ResNet-20: images of x[0::2] to calibrate on")
     p.add_argument("--cache-dir", default=None, help="latency cache (default: fxsurgeon's)")
     p.add_argument("--deadline", type=float, default=None, help="Unix time after which no row starts")
@@ -200,7 +202,8 @@ def run_row(args, row: dict) -> dict:
     out["runtimes"] = {}
     for runtime in args.runtimes:
         a, b, x = runners(model, small, sample, runtime, row["batch"], device, dtype, row["threads"])
-        r = interleaved_ratio(a, b, x, device, rounds=args.rounds, warmup=args.warmup, iters=args.iters)
+        r = interleaved_ratio(a, b, x, device, rounds=args.rounds, warmup=args.warmup, iters=args.iters,
+                              min_seconds=args.min_seconds)
         out["runtimes"][runtime] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
         print(f"  {runtime}: ratio {r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] "
               f"({r['original_ms']:.2f} → {r['converted_ms']:.2f} ms)", flush=True)

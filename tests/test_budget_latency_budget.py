@@ -286,6 +286,9 @@ def test_ranks_on_hardware_multiples(tmp_path):
      "channels_last=True applies to the eager runtime"),
     (dict(target_latency=0.6, latency_aware={"runtime": "onnxruntime", "dtype": "bf16"}), "float32 on the CPU"),
     (dict(latency_aware={"runtime": "onnxruntime"}), "apply to a latency budget only"),
+    (dict(target_latency=0.6, latency_aware={"model_min_seconds": -1}), "model_min_seconds"),
+    (dict(target_latency=0.6, latency_aware={"model_min_seconds": True}), "model_min_seconds"),
+    (dict(target_latency=0.6, latency_aware={"model_min_seconds": "1"}), "model_min_seconds"),
     (dict(target_latency=0.6, latency_aware="yes"), "latency_aware takes"),
 ])
 def test_bad_options(bad, match):
@@ -337,6 +340,28 @@ def test_onnxruntime_runtime_refuses_a_cuda_budget():
     with pytest.raises(SurgeryError, match="float32 on the CPU"):
         fxsurgeon.convert(Net().eval().cuda(), example_inputs=X.cuda(), conv_head=False, separable=dict(
             target_latency=0.6, latency_aware={"runtime": "onnxruntime", "cache_dir": False}))
+
+
+def test_model_timing_makes_enough_calls_to_last_min_seconds():
+    import time
+
+    from fxsurgeon.budget.latency import interleaved_ratio, model_ms
+
+    calls = []
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.002)
+        return x
+
+    x = (torch.ones(1),)
+    model_ms(slow, x, torch.device("cpu"), warmup=1, iters=2)
+    assert len(calls) == 3  # min_seconds off: exactly warm-up + iters
+    calls.clear()
+    model_ms(slow, x, torch.device("cpu"), warmup=1, iters=2, min_seconds=0.04)
+    assert 10 <= len(calls) <= 2 + 20  # ~0.04 s of 2 ms calls, sized by the first timed call
+    r = interleaved_ratio(slow, slow, x, torch.device("cpu"), rounds=1, warmup=0, iters=1, min_seconds=0.01)
+    assert r["min_seconds"] == 0.01 and 0.5 < r["ratio"] < 2
 
 
 def test_needs_example_inputs():

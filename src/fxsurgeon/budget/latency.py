@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -55,7 +56,7 @@ _OPTIONS = ("device", "dtype", "channels_last", "batch_size", "warmup", "iters",
             "cudnn_benchmark")
 #: settings that only a latency budget (``target_latency``) uses; see :mod:`fxsurgeon.budget.latency_budget`
 _BUDGET_OPTIONS = ("compile", "cache_dir", "rank_multiple", "grid_points", "tolerance", "solve_rounds",
-                   "model_rounds", "model_warmup", "model_iters", "runtime")
+                   "model_rounds", "model_warmup", "model_iters", "model_min_seconds", "runtime")
 #: where a latency budget times: PyTorch itself, or the model exported to ONNX in an onnxruntime CPU session
 RUNTIMES = ("eager", "onnxruntime")
 
@@ -175,7 +176,9 @@ class LatencyJudge:
             is re-solved.
         solve_rounds: most end-to-end checks (each one a solve of the allocation and a timing of the model).
         model_rounds / model_warmup / model_iters: the end-to-end timing: rounds alternating the original
-            and the converted model, each ``model_warmup`` untimed and ``model_iters`` timed calls (median).
+            and the converted model, each ``model_warmup`` untimed and ``model_iters`` timed calls (median),
+            more when those last less than ``model_min_seconds`` (small models: a measurement of a few
+            milliseconds is mostly the machine's noise).
         runtime: ``"eager"`` (PyTorch, the default) or ``"onnxruntime"``: every candidate layer and both
             whole models are exported to ONNX and timed in an onnxruntime CPU session with torch's thread
             count (CPU, float32; ``compile`` and ``channels_last`` do not apply: onnxruntime picks its own
@@ -206,6 +209,7 @@ class LatencyJudge:
     model_rounds: int = 3
     model_warmup: int = 1
     model_iters: int = 5
+    model_min_seconds: float = 0.05
     runtime: str = "eager"
 
     def __post_init__(self) -> None:
@@ -250,6 +254,9 @@ class LatencyJudge:
             count(name, low, high)
         if self.rank_multiple is not None:
             count("rank_multiple", 1, 256)
+        ms = self.model_min_seconds
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms <= 10:
+            raise SurgeryError(f"latency_aware: model_min_seconds must be a number of seconds in [0, 10], got {ms!r}")
         tol = self.tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 0.5:
             raise SurgeryError(f"latency_aware: tolerance is an absolute margin on the latency ratio in [0, 0.5), "
@@ -409,23 +416,40 @@ def _fields(judge: LatencyJudge) -> dict[str, Any]:
     return out
 
 
+#: most calls one measurement of :func:`model_ms` makes to reach its ``min_seconds``
+MAX_MODEL_ITERS = 10_000
+
+
 def model_ms(model: Callable[..., Any], inputs: tuple, device: torch.device, *, warmup: int = 3, iters: int = 10,
-             timer: Timer | None = None) -> float:
-    """Median milliseconds of ``model(*inputs)`` (the injected ``timer`` when given)."""
+             timer: Timer | None = None, min_seconds: float = 0.0) -> float:
+    """Median milliseconds of ``model(*inputs)`` (the injected ``timer`` when given).
+
+    ``min_seconds``: make at least enough timed calls to last this long (one call after the warm-up sizes
+    them, up to :data:`MAX_MODEL_ITERS`): five calls of a 0.5 ms model are a few milliseconds of a shared
+    machine's noise, a hundred are not.
+
+    >>> model_ms(nn.Identity(), (torch.ones(1),), torch.device("cpu"), warmup=1, iters=2, min_seconds=0.001) > 0
+    True
+    """
     if timer is not None:
         return float(timer(model, inputs)) * 1000.0
     with torch.inference_mode():
+        if min_seconds > 0:
+            first = time_calls(lambda: model(*inputs), device, warmup=warmup, iters=1)[0]
+            iters = min(max(iters, math.ceil(min_seconds / max(first, 1e-9))), MAX_MODEL_ITERS)
+            warmup = 0
         times = time_calls(lambda: model(*inputs), device, warmup=warmup, iters=iters)
     return percentile(times, 50) * 1000.0
 
 
 def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any], inputs: tuple,
                       device: torch.device, *, rounds: int = 5, warmup: int = 3, iters: int = 10,
-                      timer: Timer | None = None) -> dict[str, Any]:
+                      timer: Timer | None = None, min_seconds: float = 0.0) -> dict[str, Any]:
     """Time two models alternately and return their latency ratio (converted / original) with its spread.
 
     Each round times the original then the converted model (``warmup`` untimed, ``iters`` timed calls, the
-    median counts); a round's ratio compares two measurements taken seconds apart, so slow drifts of the
+    median counts; at least ``min_seconds`` of calls, :func:`model_ms`); a round's ratio compares two
+    measurements taken seconds apart, so slow drifts of the
     machine's load cancel. The result is the median of the rounds' ratios, with the smallest and largest.
 
     >>> a, b = nn.Conv2d(8, 8, 3), nn.Identity()
@@ -438,12 +462,13 @@ def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any
     conv_ms: list[float] = []
     ratios: list[float] = []
     for _ in range(rounds):
-        pair = [model_ms(m, inputs, device, warmup=warmup, iters=iters, timer=timer) for m in (original, converted)]
+        pair = [model_ms(m, inputs, device, warmup=warmup, iters=iters, timer=timer, min_seconds=min_seconds)
+                for m in (original, converted)]
         orig_ms.append(pair[0])
         conv_ms.append(pair[1])
         ratios.append(pair[1] / pair[0] if pair[0] > 0 else float("inf"))
     return {
         "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "ratios": ratios, "original_ms": percentile(orig_ms, 50), "converted_ms": percentile(conv_ms, 50),
-        "rounds": rounds, "warmup": warmup, "iters": iters,
+        "rounds": rounds, "warmup": warmup, "iters": iters, "min_seconds": min_seconds,
     }

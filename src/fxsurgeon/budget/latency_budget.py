@@ -434,6 +434,7 @@ def budget_latency(
     if choosable:
         # one measurement of the original alone to size the first budget
         t_orig = model_ms(original, inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
+                          min_seconds=judge.model_min_seconds,
                           timer=judge.timer)
         bracket_ms = None  # set once checks fall on both sides of the target
         points: list[tuple[float, float]] = []  # (predicted layer ms, measured ratio) of every check
@@ -451,6 +452,7 @@ def budget_latency(
             candidate = solver.model_with(picks)
             placed = _placed(candidate, dev, dtype, cl, compile_opts, judge, inputs)
             check = interleaved_ratio(original, placed, inputs, dev, rounds=judge.model_rounds,
+                                      min_seconds=judge.model_min_seconds,
                                       warmup=judge.model_warmup, iters=judge.model_iters, timer=judge.timer)
             del placed, candidate
             objective = sum(weights[lay.name] * _loss(picks[lay.name]) for lay in solver.layers)
