@@ -364,6 +364,29 @@ def test_model_timing_makes_enough_calls_to_last_min_seconds():
     assert r["min_seconds"] == 0.01 and 0.5 < r["ratio"] < 2
 
 
+def test_a_check_whose_rounds_disagree_is_timed_again_and_pooled(monkeypatch):
+    from fxsurgeon.budget import latency_budget
+    from fxsurgeon.budget.latency import LatencyJudge
+
+    def result(ratios):
+        return {"ratio": sorted(ratios)[1], "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+                "original_ms": 1.0, "converted_ms": 0.6, "original_ms_rounds": [1.0] * 3,
+                "converted_ms_rounds": [r for r in ratios], "rounds": 3}
+
+    queue = [result([0.50, 0.90, 0.60]), result([0.61, 0.62, 0.60])]
+    calls = []
+    monkeypatch.setattr(latency_budget, "interleaved_ratio", lambda *a, **k: calls.append(k) or queue.pop(0))
+    judge = LatencyJudge(tolerance=0.03)
+    check = latency_budget._timed_check(judge, None, None, (), torch.device("cpu"))
+    assert len(calls) == 2 and check["retimed"] and check["rounds"] == 6
+    assert check["ratio"] == pytest.approx(0.605) and check["ratio_max"] == 0.9  # the burst no longer decides
+    assert calls[0]["min_seconds"] == judge.model_min_seconds
+    queue[:] = [result([0.60, 0.61, 0.62])]
+    calls.clear()
+    steady = latency_budget._timed_check(judge, None, None, (), torch.device("cpu"))
+    assert len(calls) == 1 and "retimed" not in steady
+
+
 def test_needs_example_inputs():
     with pytest.raises(SurgeryError, match="example_inputs"):
         fxsurgeon.convert(Net().eval(), conv_head=False, separable=dict(target_latency=0.6, latency_aware={

@@ -470,5 +470,6 @@ def interleaved_ratio(original: Callable[..., Any], converted: Callable[..., Any
     return {
         "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "ratios": ratios, "original_ms": percentile(orig_ms, 50), "converted_ms": percentile(conv_ms, 50),
+        "original_ms_rounds": orig_ms, "converted_ms_rounds": conv_ms,
         "rounds": rounds, "warmup": warmup, "iters": iters, "min_seconds": min_seconds,
     }

@@ -45,7 +45,7 @@ from ..forms.dense import rank_grid
 from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, get_form, layer_form
 from ..graph import replace_module
 from ..onnxrun import ort_runner
-from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
+from ..runtime import compile_options, dtype_name, parse_dtype, percentile, resolve_device
 from .allocation import (
     LayerOptions,
     added_bias_params,
@@ -451,9 +451,7 @@ def budget_latency(
                              "every layer took its fastest choice")
             candidate = solver.model_with(picks)
             placed = _placed(candidate, dev, dtype, cl, compile_opts, judge, inputs)
-            check = interleaved_ratio(original, placed, inputs, dev, rounds=judge.model_rounds,
-                                      min_seconds=judge.model_min_seconds,
-                                      warmup=judge.model_warmup, iters=judge.model_iters, timer=judge.timer)
+            check = _timed_check(judge, original, placed, inputs, dev)
             del placed, candidate
             objective = sum(weights[lay.name] * _loss(picks[lay.name]) for lay in solver.layers)
             pred = predicted_ms(picks)
@@ -532,6 +530,24 @@ def budget_latency(
         "layers": layer_rows, "macs_per": "sample",
     }
     return LatencyPlan(settings, kept, summary)
+
+
+def _timed_check(judge: LatencyJudge, original: Any, converted: Any, inputs: tuple, dev: torch.device) -> dict:
+    """The end-to-end ratio, interleaved; timed once more when its rounds disagree by more than twice the
+    tolerance (a burst of load on the machine), the rounds of both pooled. One noisy run is no result: the
+    budget corrects itself from this ratio, and a burst once made it tighten a 0.6 target to 0.38×."""
+    kw = dict(rounds=judge.model_rounds, warmup=judge.model_warmup, iters=judge.model_iters, timer=judge.timer,
+              min_seconds=judge.model_min_seconds)
+    check = interleaved_ratio(original, converted, inputs, dev, **kw)
+    if judge.timer is not None or check["ratio_max"] - check["ratio_min"] <= 2 * judge.tolerance:
+        return check
+    more = interleaved_ratio(original, converted, inputs, dev, **kw)
+    ratios = check["ratios"] + more["ratios"]
+    orig = check["original_ms_rounds"] + more["original_ms_rounds"]
+    conv = check["converted_ms_rounds"] + more["converted_ms_rounds"]
+    return {**check, "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratios": ratios, "original_ms": percentile(orig, 50), "converted_ms": percentile(conv, 50),
+            "original_ms_rounds": orig, "converted_ms_rounds": conv, "rounds": len(ratios), "retimed": True}
 
 
 def _bracket(points: list[tuple[float, float]], target: float) -> float | None:
