@@ -85,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="each measurement of the final timing makes at least this many seconds of calls")
     p.add_argument("--calibration-images", type=int, default=1000, help="ResNet-20: images of x[0::2] to calibrate on")
     p.add_argument("--cache-dir", default=None, help="latency cache (default: fxsurgeon's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="convert and time each row this many times (each with its own cold cache in a temporary "
+                        "folder); the row is the run with the median accuracy (else median ratio), all runs kept "
+                        "under 'repeats'")
     p.add_argument("--deadline", type=float, default=None, help="Unix time after which no row starts")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--dry-run", action="store_true", help="print the rows that would run, then stop")
@@ -98,8 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown runtime(s) {bad}; known: {', '.join(RUNTIMES)}")
     if any(not 0 < t <= 1 for t in args.targets):
         p.error("targets are fractions in (0, 1]")
-    if any(n < 1 for n in args.threads + args.batch_sizes) or args.rounds < 1 or args.iters < 1:
-        p.error("threads, batch sizes, rounds and iters must be positive")
+    if any(n < 1 for n in args.threads + args.batch_sizes) or args.rounds < 1 or args.iters < 1 or args.repeats < 1:
+        p.error("threads, batch sizes, rounds, iters and repeats must be positive")
     if args.device.startswith("cuda") and "onnxruntime" in args.runtimes:
         p.error("the onnxruntime runtime here is the CPU one: drop it with --device cuda")
     if args.device == "cpu" and args.dtype != "fp32":
@@ -211,6 +215,27 @@ def run_row(args, row: dict) -> dict:
     return out
 
 
+def run_repeats(args: argparse.Namespace, row: dict) -> dict:
+    """The row ``--repeats`` times, each from a cold cache: one conversion is one draw of the machine's noise."""
+    import tempfile
+
+    runs = []
+    for i in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="fxsurgeon-latency-repeat-") as cache:
+            runs.append(run_row(argparse.Namespace(**{**vars(args), "cache_dir": cache}), row))
+        print(f"  repeat {i + 1}/{args.repeats}: MACs {runs[-1]['mac_ratio']}, accuracy "
+              f"{runs[-1].get('accuracy_converted')}", flush=True)
+    first = args.budget_runtime if args.budget_runtime in runs[0]["runtimes"] else next(iter(runs[0]["runtimes"]))
+    by = (lambda r: r["accuracy_converted"]) if "accuracy_converted" in runs[0] else \
+        (lambda r: r["runtimes"][first]["ratio"])
+    median = sorted(runs, key=by)[(len(runs) - 1) // 2]
+    summary = [{"accuracy": r.get("accuracy_converted"), "mac_ratio": r["mac_ratio"],
+                "conversion_ratio": r["conversion_ratio"], "status": r["status"][:80],
+                "convert_seconds": r["convert_seconds"],
+                "ratios": {k: v["ratio"] for k, v in r["runtimes"].items()}} for r in runs]
+    return {**median, "repeats": summary}
+
+
 def key(row: dict) -> tuple:
     return (row["model"], row["target"], row.get("threads"), row["batch"], row.get("device", "cpu"),
             row.get("dtype", "fp32"), row.get("form", "auto"), tuple(row.get("kernel_sizes", [3])),
@@ -288,7 +313,7 @@ def main(argv=None) -> int:
         print(f"row {r}", flush=True)
         t = time.perf_counter()
         try:
-            res = run_row(args, r)
+            res = run_repeats(args, r) if args.repeats > 1 else run_row(args, r)
         except Exception as exc:  # one row's failure must not lose the others
             failed += 1
             print(f"latency_budget: ERROR {r}: {type(exc).__name__}: {exc}", flush=True)

@@ -426,6 +426,7 @@ def budget_latency(
 
     checks: list[dict[str, Any]] = []
     best: tuple[tuple, dict[str, LayerChoice], dict[str, Any]] | None = None
+    tried: list[tuple[float, dict[str, LayerChoice], dict[str, Any]]] = []  # (objective, picks, check) per check
     t_orig = None
     efficiency = 1.0
     budget_ms = None
@@ -462,6 +463,7 @@ def budget_latency(
             ratio = check["ratio"]
             meets = ratio <= target_latency + judge.tolerance
             key = (0, objective, ratio) if meets else (1, ratio, objective)
+            tried.append((objective, picks, check))
             if ratio < 1.0 and (best is None or key < best[0]):
                 best = (key, picks, check)
             if abs(ratio - target_latency) <= judge.tolerance or (not met and not meets):
@@ -473,6 +475,10 @@ def budget_latency(
             t_orig = check["original_ms"]
             points.append((pred, ratio))
             bracket_ms = _bracket(points, target_latency)
+
+    if best is not None and judge.timer is None:
+        best = _second_look(best, tried, target_latency, judge, solver, original, inputs, dev, dtype, cl,
+                            compile_opts, notes)
 
     used = [f for f in forms if any(lay.ranks.get(f) for lay in solver.layers)] or forms
     if best is None:
@@ -541,13 +547,46 @@ def _timed_check(judge: LatencyJudge, original: Any, converted: Any, inputs: tup
     check = interleaved_ratio(original, converted, inputs, dev, **kw)
     if judge.timer is not None or check["ratio_max"] - check["ratio_min"] <= 2 * judge.tolerance:
         return check
-    more = interleaved_ratio(original, converted, inputs, dev, **kw)
-    ratios = check["ratios"] + more["ratios"]
-    orig = check["original_ms_rounds"] + more["original_ms_rounds"]
-    conv = check["converted_ms_rounds"] + more["converted_ms_rounds"]
-    return {**check, "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
+    return {**_pooled(check, interleaved_ratio(original, converted, inputs, dev, **kw)), "retimed": True}
+
+
+def _second_look(best: tuple, tried: list, target: float, judge: LatencyJudge, solver: _Solver, original: Any,
+                 inputs: tuple, dev: torch.device, dtype: torch.dtype, cl: bool, compile_opts: Any,
+                 notes: list[str]) -> tuple:
+    """Time again the checked conversion that missed the target by the least (within three tolerances) and
+    has less error than the one kept; keep it if its pooled rounds meet the target.
+
+    A check is a few rounds on a machine with its own load: one that measured 0.65 for a 0.6 target may be a
+    0.60 conversion, and keeping a 0.45 one instead spends accuracy on speed nobody asked for (the trained
+    ResNet-20 in onnxruntime: 0.25× MACs and 74 % where 0.5× and 81 % met the target).
+    """
+    kept_objective = best[2]["objective"]
+    near = [t for t in tried if target + judge.tolerance < t[2]["ratio"] <= target + 3 * judge.tolerance
+            and t[0] < kept_objective]
+    if not near:
+        return best
+    objective, picks, check = min(near, key=lambda t: t[2]["ratio"])
+    candidate = solver.model_with(picks)
+    placed = _placed(candidate, dev, dtype, cl, compile_opts, judge, inputs)
+    more = _timed_check(judge, original, placed, inputs, dev)
+    del placed, candidate
+    first = check["ratio"]
+    check.update(_pooled(check, more), second_look=True)  # the record's checks show the pooled measurement
+    if check["ratio"] <= target + judge.tolerance:
+        notes.append(f"round {check['round']} measured {first:.3f} at first; timed again, its pooled ratio "
+                     f"{check['ratio']:.3f} meets the target with less error, so it is kept")
+        return ((0, objective, check["ratio"]), picks, check)
+    return best
+
+
+def _pooled(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two interleaved measurements of the same pair of models as one: their rounds together."""
+    ratios = a["ratios"] + b["ratios"]
+    orig = a["original_ms_rounds"] + b["original_ms_rounds"]
+    conv = a["converted_ms_rounds"] + b["converted_ms_rounds"]
+    return {**a, "ratio": percentile(ratios, 50), "ratio_min": min(ratios), "ratio_max": max(ratios),
             "ratios": ratios, "original_ms": percentile(orig, 50), "converted_ms": percentile(conv, 50),
-            "original_ms_rounds": orig, "converted_ms_rounds": conv, "rounds": len(ratios), "retimed": True}
+            "original_ms_rounds": orig, "converted_ms_rounds": conv, "rounds": len(ratios)}
 
 
 def _bracket(points: list[tuple[float, float]], target: float) -> float | None:
