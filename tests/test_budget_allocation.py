@@ -341,3 +341,43 @@ def test_budget_defaults_are_recorded_and_options_given_win():
                for r in uni.rewrites if r.pass_name == "separable")
     with pytest.raises(SurgeryError, match="weighting"):
         fxsurgeon.convert(net, example_inputs=x, conv_head=False, separable=dict(target_macs=0.8, weighting="no"))
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x).relu()).relu())
+
+
+def test_mac_budget_keeps_cp_errors_only_where_fxsurgeon_cache_dir_says(tmp_path, monkeypatch):
+    from fxsurgeon.forms import cp
+
+    x = torch.randn(1, 3, 12, 12)
+
+    def convert():
+        cp.clear_cache()
+        out = fxsurgeon.convert(SmallNet().eval(), example_inputs=x, conv_head=False,
+                                separable=dict(target_macs=0.5, form="pw-dw-pw"))
+        return fxsurgeon.get_record(out).extras["allocation"]
+
+    monkeypatch.delenv("FXSURGEON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a default cache would land here: nothing may
+    plain = convert()
+    assert "cp_errors" not in plain and not (tmp_path / "home").exists()
+
+    monkeypatch.setenv("FXSURGEON_CACHE_DIR", str(tmp_path / "root"))
+    cold = convert()
+    assert cold["cp_errors"]["fits"] > 0 and cold["cp_errors"]["hits"] == 0
+    assert cold["cp_errors"]["cache_file"].startswith(str(tmp_path / "root" / "latency"))
+    fits = []
+    menu_factors = cp._menu_factors
+    monkeypatch.setattr(cp, "_menu_factors", lambda w, r: fits.append(r) or menu_factors(w, r))
+    warm = convert()
+    assert fits == [] and warm["cp_errors"]["hits"] == cold["cp_errors"]["fits"]
+    assert warm["layers"] == cold["layers"] == plain["layers"]  # the same errors, the same allocation

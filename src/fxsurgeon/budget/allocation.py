@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,9 +31,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
+from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.registry import LayerChoice, applies, conv_cost, get_form, layer_form
 from ..modes import eval_modes
 from ..runtime import data_device_of
+from .latency_table import CACHE_ENV, default_cache_dir
 
 __all__ = [
     "BUDGET_DEFAULTS",
@@ -498,11 +501,13 @@ class BudgetPlan:
     target_params: float | None
     counter: str
     errors: str
+    cp_errors: dict[str, Any] | None = None  # the CP error cache's file, hits and fits, when one was used
 
     def summary(self) -> dict[str, Any]:
         a = self.allocation
         macs = self.fixed_macs + a.macs if self.total_macs else None
-        return {
+        extra = {"cp_errors": self.cp_errors} if self.cp_errors is not None else {}
+        return {**extra,
             "target_macs": self.target_macs, "target_params": self.target_params,
             "macs_before": self.total_macs, "macs_after": macs,
             "macs_fraction": (macs / self.total_macs) if macs is not None and self.total_macs else None,
@@ -664,8 +669,15 @@ def budget_layers(
         if isinstance(spec, dict) and "rank" in spec:
             fname = layer_form(spec, form, c.conv)
             fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
-    plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
-                       calibration=calibration, errors=errors, added_bias=added_bias, hint=hint)
+    # with $FXSURGEON_CACHE_DIR set, the CP menu errors are kept where latency budgets keep theirs (one file
+    # serves both); without it a MAC budget writes nothing outside the model
+    store = CPErrorStore(default_cache_dir()) if os.environ.get(CACHE_ENV, "").strip() else None
+    with cp_error_store(store):
+        plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
+                           calibration=calibration, errors=errors, added_bias=added_bias, hint=hint)
+    if store is not None:
+        store.flush()
+        plan.cp_errors = store.summary()
     settings = plan.allocation.ranks()
     kept = {n: c for n, c in plan.allocation.picks.items() if c.form == "original"}
     return settings, kept, plan
