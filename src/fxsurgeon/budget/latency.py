@@ -336,15 +336,22 @@ class LatencyJudge:
             m.to(memory_format=torch.channels_last)
         return m
 
-    def time(self, module: nn.Module, inputs: tuple, device: torch.device) -> float:
-        """Seconds of one ``module(*inputs)`` call: the injected timer, or the median of real calls."""
+    def runnable(self, module: nn.Module, inputs: Sequence[Any]) -> Callable[..., Any]:
+        """What :meth:`time` calls for ``module``: the module itself, or with ``runtime="onnxruntime"`` (and the
+        real clock) an onnxruntime session of it for inputs shaped like ``inputs``. Build it once for a module
+        timed several times: an export per call would repeat the same work."""
+        if self.runtime == "onnxruntime" and self.timer is None and isinstance(module, nn.Module):
+            return ort_runner(module, tuple(inputs), threads=torch.get_num_threads(), exporter="torchscript")
+        return module
+
+    def time(self, module: nn.Module | Callable[..., Any], inputs: tuple, device: torch.device) -> float:
+        """Seconds of one ``module(*inputs)`` call: the injected timer, or the median of real calls. ``module``
+        may be what :meth:`runnable` gave for it."""
         if self.timer is not None:
             return float(self.timer(module, inputs))
-        if self.runtime == "onnxruntime":  # a session of this module alone: export it, then time its calls
-            run = ort_runner(module, tuple(inputs), threads=torch.get_num_threads(), exporter="torchscript")
-            return measure_module(run, tuple(inputs), device, warmup=self.warmup, iters=self.iters)
+        run = self.runnable(module, inputs)
         with cudnn_benchmark_mode(self.cudnn_benchmark if device.type == "cuda" else None):
-            return measure_module(module, inputs, device, warmup=self.warmup, iters=self.iters)
+            return measure_module(run, inputs, device, warmup=self.warmup, iters=self.iters)
 
     def compare(self, target: str, original: nn.Module, replacement: nn.Module,
                 metas: Sequence[Any]) -> LayerTiming:
@@ -361,9 +368,10 @@ class LatencyJudge:
         repl = self._place(replacement, dev, dtype, cl)
         orig_s = repl_s = float("inf")
         try:
+            runs = [(self.runnable(orig, (x,)), self.runnable(repl, (x,)), x) for x in inputs]
             for _ in range(self.rounds):
-                orig_s = min(orig_s, sum(self.time(orig, (x,), dev) for x in inputs))
-                repl_s = min(repl_s, sum(self.time(repl, (x,), dev) for x in inputs))
+                orig_s = min(orig_s, sum(self.time(o, (x,), dev) for o, _, x in runs))
+                repl_s = min(repl_s, sum(self.time(r, (x,), dev) for _, r, x in runs))
         except SurgeryError:
             raise
         except Exception as exc:

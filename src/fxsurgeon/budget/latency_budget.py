@@ -44,7 +44,6 @@ from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.dense import rank_grid
 from ..forms.registry import LayerChoice, applies, auto_forms, conv_cost, get_form, layer_form
 from ..graph import replace_module
-from ..onnxrun import ort_runner
 from ..runtime import compile_options, dtype_name, parse_dtype, percentile, resolve_device
 from .allocation import (
     LayerOptions,
@@ -152,8 +151,8 @@ def _placed(model: nn.Module, device: torch.device, dtype: torch.dtype, cl: bool
     """The whole model as it is timed: a copy on the device (channels_last, compiled), or, for
     ``runtime="onnxruntime"``, an onnxruntime session of it (unless a fake ``timer`` stands in for the clock)."""
     m = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
-    if judge.runtime == "onnxruntime" and judge.timer is None:
-        return ort_runner(m, inputs, threads=torch.get_num_threads(), exporter="torchscript")
+    if judge.runtime == "onnxruntime":
+        return judge.runnable(m, inputs)
     if cl:
         m = m.to(memory_format=torch.channels_last)
     if compile_opts is not None:
