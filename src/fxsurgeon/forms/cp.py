@@ -260,9 +260,9 @@ def _fit_threads(work: int) -> int:
 @contextlib.contextmanager
 def _threads_for(work: int) -> Iterator[None]:
     """Run on :func:`_fit_threads` threads; restored after."""
-    n = torch.get_num_threads()
-    if _fit_threads(work) != n:
-        torch.set_num_threads(1)
+    n, fit = torch.get_num_threads(), _fit_threads(work)
+    if fit != n:
+        torch.set_num_threads(fit)
         try:
             yield
         finally:
