@@ -31,6 +31,26 @@ def test_round_trip_creates_the_folder_and_merges(tmp_path):
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_get_put_flush_read_lazily_and_write_only_new_entries(tmp_path):
+    make(tmp_path).write({"a": 1.0})
+    f = make(tmp_path)
+    f.put("b", 2.0)  # a put before any get still sees the file's entries
+    assert f.get("a") == 1.0 and f.get("b") == 2.0 and f.get("c") is None
+    make(tmp_path).write({"a": 5.0})  # another process, after we read: its value survives our flush
+    f.flush()
+    assert make(tmp_path).read() == {"a": 5.0, "b": 2.0}
+    f.flush()  # nothing new: no write
+    assert make(tmp_path).read() == {"a": 5.0, "b": 2.0}
+
+
+def test_no_path_keeps_entries_in_memory_only(tmp_path):
+    f = CacheFile(None, "demo", 1, {}, valid=positive)
+    f.put("a", 1.0)
+    f.flush()
+    assert f.get("a") == 1.0 and f.read() == {}
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_write_touches_nothing(tmp_path):
     make(tmp_path).write({})
     assert not (tmp_path / "sub").exists()

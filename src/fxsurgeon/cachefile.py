@@ -11,6 +11,14 @@ version and context compared, and every entry checked by the caller's ``valid`` 
 >>> f = CacheFile(Path(folder) / "t.json", "demo", 1, {"k": 1}, valid=lambda v: isinstance(v, float))
 >>> f.write({"a": 1.5}); f.read()
 {'a': 1.5}
+
+Most callers use it as a lazily loaded dict whose new entries are written together:
+
+>>> g = CacheFile(Path(folder) / "t.json", "demo", 1, {"k": 1}, valid=lambda v: isinstance(v, float))
+>>> g.get("a"), g.get("b")
+(1.5, None)
+>>> g.put("b", 2.5); g.flush(); sorted(f.read().items())
+[('a', 1.5), ('b', 2.5)]
 """
 
 from __future__ import annotations
@@ -34,18 +42,46 @@ class CacheFile:
     """A JSON file ``{"format", "version", "context", "entries": {key: value}}``.
 
     Args:
-        path: the file (its folder is created on the first write).
+        path: the file (its folder is created on the first write); None keeps entries in memory only.
         fmt / version / context: what a file must say to be read; anything else makes it "not this cache".
         valid: ``value -> bool``, each entry's check (a file with one bad entry is ignored whole).
         what: how warnings name the file (``"latency cache"``).
         max_entries: on writing, entries kept at most: the new ones first, then as many old ones as fit.
     """
 
-    def __init__(self, path: Path, fmt: str, version: int, context: dict[str, Any], *,
+    def __init__(self, path: Path | None, fmt: str, version: int, context: dict[str, Any], *,
                  valid: Callable[[Any], bool], what: str = "cache", max_entries: int = 200_000) -> None:
-        self.path, self.fmt, self.version, self.context = Path(path), fmt, version, context
+        self.path = Path(path) if path is not None else None
+        self.fmt, self.version, self.context = fmt, version, context
         self.valid, self.what, self.max_entries = valid, what, max_entries
         self.warnings: list[str] = []
+        self._memory: dict[str, Any] | None = None  # the file's entries and ours, read on the first get/put
+        self._pending: dict[str, Any] = {}  # ours, not yet written
+
+    # ---------------------------------------------------------------------- entries in memory
+
+    def _loaded(self) -> dict[str, Any]:
+        if self._memory is None:
+            self._memory = self.read()
+        return self._memory
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """An entry (the file is read on the first call), or ``default``."""
+        return self._loaded().get(key, default)
+
+    def put(self, key: str, value: Any) -> None:
+        """Keep an entry; :meth:`flush` writes the new ones."""
+        self._loaded()[key] = value
+        if self.path is not None:
+            self._pending[key] = value
+
+    def flush(self) -> None:
+        """Write the entries :meth:`put` since the last flush (merged with what another process wrote)."""
+        if self._pending:
+            self.write(self._pending)
+            self._pending.clear()
+
+    # --------------------------------------------------------------------------- the file
 
     def _warn(self, msg: str) -> None:
         if msg in self.warnings:  # the write re-reads the file it warned about: once is enough
@@ -67,7 +103,7 @@ class CacheFile:
 
     def read(self) -> dict[str, Any]:
         """The file's entries; ``{}`` when it is missing, and (with a warning) when it does not validate."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return {}
         try:
             if self.path.stat().st_size > MAX_FILE_BYTES:
@@ -86,7 +122,7 @@ class CacheFile:
     def write(self, new: dict[str, Any]) -> None:
         """Merge ``new`` into the file (re-read, so entries another process wrote are kept) and replace it
         atomically. An unwritable folder only warns: the cache is a speed-up."""
-        if not new:
+        if not new or self.path is None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,7 +34,7 @@ from ..forms.cp_store import CPErrorStore, cp_error_store
 from ..forms.registry import LayerChoice, applies, conv_cost, get_form, layer_form
 from ..modes import eval_modes
 from ..runtime import data_device_of
-from .latency_table import CACHE_ENV, default_cache_dir
+from .latency_table import cache_root_set, default_cache_dir
 
 __all__ = [
     "BUDGET_DEFAULTS",
@@ -671,7 +670,7 @@ def budget_layers(
             fixed[c.name] = get_form(fname).cost(c.conv, int(spec["rank"]))
     # with $FXSURGEON_CACHE_DIR set, the CP menu errors are kept where latency budgets keep theirs (one file
     # serves both); without it a MAC budget writes nothing outside the model
-    store = CPErrorStore(default_cache_dir()) if os.environ.get(CACHE_ENV, "").strip() else None
+    store = CPErrorStore(default_cache_dir()) if cache_root_set() is not None else None
     with cp_error_store(store):
         plan = plan_budget(gm, convs, forms, target_macs=target_macs, target_params=target_params, fixed=fixed,
                            calibration=calibration, errors=errors, added_bias=added_bias, hint=hint)

@@ -37,6 +37,7 @@ from ..runtime import device_name, dtype_name
 __all__ = [
     "CACHE_ENV",
     "LatencyTable",
+    "cache_root_set",
     "candidate_key",
     "conv_signature",
     "default_cache_dir",
@@ -52,15 +53,20 @@ VERSION = 1
 ORIGINAL = ("original", 0)
 
 
+def cache_root_set() -> Path | None:
+    """``$FXSURGEON_CACHE_DIR`` when the user set it (not empty), else None: the opt-in for caches that a default
+    conversion does not keep (the CP menu errors of MAC and parameter budgets)."""
+    root = os.environ.get(CACHE_ENV, "").strip()
+    return Path(root).expanduser() if root else None
+
+
 def default_cache_dir() -> Path:
     """``$FXSURGEON_CACHE_DIR/latency`` when the variable is set (and not empty), else ``~/.cache/fxsurgeon/latency``.
 
     >>> default_cache_dir().name
     'latency'
     """
-    root = os.environ.get(CACHE_ENV, "").strip()
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "fxsurgeon"
-    return base / "latency"
+    return (cache_root_set() or Path.home() / ".cache" / "fxsurgeon") / "latency"
 
 
 def hardware_multiple(device: torch.device) -> int:
@@ -140,20 +146,15 @@ class LatencyTable:
             "clock": "measured" if timer is None else f"timer:{getattr(timer, '__qualname__', type(timer).__name__)}",
             "warmup": judge.warmup, "iters": judge.iters, "rounds": judge.rounds,
         }
-        runtime = getattr(judge, "runtime", "eager")
+        runtime = judge.runtime
         if runtime != "eager":  # eager tables keep the context (and file) they had before runtimes existed
             self.context["runtime"] = f"{runtime} {onnxruntime_module().__version__}"
-        if cache_dir is False:
-            self.path: Path | None = None
-            self.file: CacheFile | None = None
-        else:
+        self.path: Path | None = None
+        if cache_dir is not False:
             folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
             digest = hashlib.sha256(json.dumps(self.context, sort_keys=True).encode()).hexdigest()[:20]
             self.path = folder / f"{digest}.json"
-            self.file = CacheFile(self.path, FORMAT, VERSION, self.context, valid=_valid_ms, what="latency cache")
-        self.entries: dict[str, float] = {}
-        self._new: dict[str, float] = {}
-        self._loaded = False
+        self.file = CacheFile(self.path, FORMAT, VERSION, self.context, valid=_valid_ms, what="latency cache")
         self.hits = 0
         self.measured = 0
         self.seconds = 0.0
@@ -162,20 +163,11 @@ class LatencyTable:
 
     @property
     def warnings(self) -> list[str]:
-        return self.file.warnings if self.file is not None else []
-
-    def load(self) -> None:
-        """Read the cache file once (lazily, on the first lookup)."""
-        if not self._loaded:
-            if self.file is not None:
-                self.entries.update({k: float(v) for k, v in self.file.read().items()})
-            self._loaded = True
+        return self.file.warnings
 
     def flush(self) -> None:
         """Write new measurements to the cache file atomically (merged with what another process wrote)."""
-        if self.file is not None and self._new:
-            self.file.write(self._new)
-            self._new.clear()
+        self.file.flush()
 
     # ------------------------------------------------------------------------------------------ timing
 
@@ -212,13 +204,13 @@ class LatencyTable:
         The uncached candidates are timed in ``judge.rounds`` rounds, each timing every candidate once in
         turn; a candidate's fastest round counts, so a burst of load does not decide it.
         """
-        self.load()
         keys = {c: candidate_key(conv, c[0], c[1], shapes) for c in dict.fromkeys(candidates)}
         out: dict[tuple[str, int], float] = {}
         todo = []
         for c, key in keys.items():
-            if key in self.entries:
-                out[c] = self.entries[key]
+            ms = self.file.get(key)
+            if ms is not None:
+                out[c] = float(ms)
                 self.hits += 1
             else:
                 todo.append(c)
@@ -240,7 +232,8 @@ class LatencyTable:
                                f"({dtype_name(self.dtype)}) failed: {type(exc).__name__}: {exc}") from exc
         for c in todo:
             ms = max(best[c] * 1000.0, 1e-9)
-            out[c] = self.entries[keys[c]] = self._new[keys[c]] = ms
+            out[c] = ms
+            self.file.put(keys[c], ms)
         self.measured += len(todo)
         self.seconds += time.perf_counter() - t0
         return out

@@ -82,8 +82,6 @@ class CPErrorStore:
         self.path = Path(folder).expanduser() / f"cp-menu-errors-{digest}.json"
         self.file = CacheFile(self.path, FORMAT, VERSION, self.context, valid=_valid, what="CP error cache",
                               max_entries=MAX_ENTRIES)
-        self.entries: dict[str, tuple[float, float]] | None = None
-        self._new: dict[str, list[float]] = {}
         self.hits = 0
         self.fits = 0
 
@@ -97,27 +95,20 @@ class CPErrorStore:
 
     def get(self, weight_id: str, rank: int, sweeps: int, tol: float, threads: int) -> tuple[float, float] | None:
         """``(error, norm2)`` of this fit when it was kept, else None."""
-        if self.entries is None:
-            self.entries = {k: (float(v[0]), float(v[1])) for k, v in self.file.read().items()}
-        hit = self.entries.get(f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}")
-        if hit is not None:
-            self.hits += 1
-        return hit
+        hit = self.file.get(f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}")
+        if hit is None:
+            return None
+        self.hits += 1
+        return float(hit[0]), float(hit[1])
 
     def put(self, weight_id: str, rank: int, sweeps: int, tol: float, threads: int, error: float,
             norm2: float) -> None:
-        key = f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}"
-        if self.entries is None:
-            self.entries = {}
-        self.entries[key] = (float(error), float(norm2))
-        self._new[key] = [float(error), float(norm2)]
+        self.file.put(f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}", [float(error), float(norm2)])
         self.fits += 1
 
     def flush(self) -> None:
         """Write the new errors (atomically, merged with what another process wrote)."""
-        if self._new:
-            self.file.write(self._new)
-            self._new.clear()
+        self.file.flush()
 
     def summary(self) -> dict[str, Any]:
         return {"cache_file": str(self.path), "hits": self.hits, "fits": self.fits,
