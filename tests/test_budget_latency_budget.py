@@ -387,9 +387,7 @@ def test_a_check_whose_rounds_disagree_is_timed_again_and_pooled(monkeypatch):
     assert len(calls) == 1 and "retimed" not in steady
 
 
-def test_second_look_keeps_a_near_miss_with_less_error_when_its_pooled_rounds_meet(monkeypatch):
-    import types
-
+def test_second_look_keeps_a_near_miss_with_less_error_when_its_pooled_rounds_meet():
     from fxsurgeon.budget import latency_budget as lb
     from fxsurgeon.budget.latency import LatencyJudge
 
@@ -398,24 +396,28 @@ def test_second_look_keeps_a_near_miss_with_less_error_when_its_pooled_rounds_me
                 "ratios": list(ratios), "original_ms": 1.0, "converted_ms": 0.5, "original_ms_rounds": [1.0] * len(ratios),
                 "converted_ms_rounds": list(ratios), "rounds": len(ratios), "objective": objective, "round": rnd}
 
-    judge = LatencyJudge(tolerance=0.03)
     timed = []
-    monkeypatch.setattr(lb, "_placed", lambda *a, **k: "placed")
-    solver = types.SimpleNamespace(model_with=lambda picks: timed.append(picks) or "model")
+
+    class Solver(lb._Solver):  # only the whole-model check is replaced: it returns the rounds `again`
+        def __init__(self, again):
+            self.judge, self.again = LatencyJudge(tolerance=0.03), again
+
+        def check(self, picks):
+            timed.append(picks)
+            return check(self.again, 0, 0)
 
     def look(again, near_ratio=0.65):
         far, near = check([0.45] * 3, 0.5, 2), check([near_ratio] * 3, 0.2, 3)
         best = ((0, 0.5, 0.45), {"c": "far"}, far)
         tried = [(0.5, {"c": "far"}, far), (0.2, {"c": "near"}, near)]
-        monkeypatch.setattr(lb, "_timed_check", lambda *a, **k: check(again, 0, 0))
         notes = []
-        got = lb._second_look(best, tried, 0.6, judge, solver, None, (), torch.device("cpu"), torch.float32, False,
-                              None, notes)
+        got = Solver(again).second_look(best, tried, 0.6, notes)
         return got, near, notes
 
     got, near, notes = look([0.58] * 5)  # a burst made it miss: with five more rounds it meets
     assert got[1] == {"c": "near"} and got[2] is near and near["second_look"] and near["rounds"] == 8
     assert near["ratio"] == 0.58 and got[0] == (0, 0.2, 0.58) and "timed again" in notes[0]
+    assert timed == [{"c": "near"}]
     got, near, notes = look([0.70] * 5)  # still too slow: the fast one stays, the pooled check is recorded
     assert got[1] == {"c": "far"} and near["second_look"] and near["ratio"] == 0.70 and not notes
     timed.clear()
