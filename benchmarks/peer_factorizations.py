@@ -1,7 +1,7 @@
 """fxsurgeon's separable forms vs TensorLy-Torch's CP factorisation at equal MACs, on a trained CIFAR ResNet.
 
 Run: .venv/bin/python benchmarks/peer_factorizations.py [--model resnet20|resnet32] [--targets 0.60 0.45] [--seeds 0 1 2]
-                                                        [--no-peer] [--no-calibration] [--json PATH]
+                                                        [--no-peer] [--no-calibration] [--no-synthetic] [--json PATH]
                                                         [--only TEXT ...] [--merge JSON] [--latency-from JSON]
 
 ``--model`` picks the shared trained ResNet-20 (default) or ResNet-32 (original 82.84 %; its JSON goes to
@@ -204,7 +204,7 @@ def retime(base: nn.Module, path: Path) -> None:
         row["cpu_latency_ms"] = latency_ms(architecture(base, row), x)
         lat = row["cpu_latency_ms"]
         print(f"{row['method']:58s} {row['target']!s:>5} b1 {lat['b1']:.2f} ms  b64 {lat['b64']:.1f} ms", flush=True)
-    data["latency_note"] = "retimed in one quiet run (--latency-from)"
+    data["latency_note"] = "retimed in one run (--latency-from)"
     path.write_text(json.dumps(data, indent=1))
 
 
@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-fxsurgeon", action="store_true", help="only the peer's rows (with --merge: add them)")
     ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic-calibration rows")
     ap.add_argument("--only", nargs="+", metavar="TEXT",
                     help="run only the fxsurgeon rows whose method contains one of these (with --merge: re-measure "
                          "them, e.g. --only calibration)")
@@ -299,7 +300,7 @@ def main() -> None:
                 ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks sensitivity-weighted)",
                  dict(form="auto", target_macs=target, weighting="bn", allocation="sensitivity"), x_cal),
             ]
-        if not args.no_fxsurgeon:
+        if not args.no_fxsurgeon and not args.no_synthetic:
             # no data: calibration on images made to match the BatchNorm statistics (calibration="synthetic"),
             # their making included in the conversion time
             fx_runs.append(("fxsurgeon auto, target_macs, weighting=bn + synthetic calibration (no data)",

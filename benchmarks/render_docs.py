@@ -114,14 +114,15 @@ def _later_run(r: dict) -> bool:
 def page_peers() -> str:
     d = _load_json("peer_factorizations.json")
     rows = d["rows"]
-    lines = ["| method | target | MACs (fvcore + mul) | accuracy on x[1::2] | conversion (s) | "
-             "CPU latency, batch 1 / 64 (ms) |", "|---|---|---:|---:|---:|---|"]
+    lines = ["| method | target | MACs (fvcore + mul) | accuracy on x[1::2] | logit error | conversion (s) | "
+             "CPU latency, batch 1 / 64 (ms) |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lat = r["cpu_latency_ms"]
         mark = " ¹" if _later_run(r) else ""
         target = "–" if r["target"] is None else f"{r['target']:g}"
         conv = "–" if r["method"] == "original" else f"{r['convert_s']:.0f}"
-        lines.append(f"| {r['method']} | {target} | {r['mac_ratio']:.3f}× | {_pct(r['accuracy'])} | {conv} | "
+        err = "–" if r.get("logit_error") is None else f"{r['logit_error']:.3f}"
+        lines.append(f"| {r['method']} | {target} | {r['mac_ratio']:.3f}× | {_pct(r['accuracy'])} | {err} | {conv} | "
                      f"{lat['b1']:.2f} / {lat['b64']:.1f}{mark} |")
     later = next((r["latency_carried_over"] for r in rows if _later_run(r)), None)
     note = (f"\n¹ {later[0].upper()}{later[1:]}. CPU timings on a shared machine move by a large fraction "
@@ -134,6 +135,10 @@ def page_peers() -> str:
     seed_lines = "\n".join(f"- {impl} at {t:g}×: {min(a):.2f}–{max(a):.2f} % over {len(a)} seeds"
                            for (impl, t), a in seeds.items())
     identical = [r["method"] + f" ({r['target']:g})" for r in rows if r.get("bit_identical_rerun")]
+    timed = (", every row one after another in one run (`--latency-from`); rows of the same architecture (the peer's "
+             "seeds) differ by what this machine's noise does between them." if d.get("latency_note") else
+             "; a row whose layers (form, rank) did not change between runs keeps the latency of the run that timed it "
+             "(`latency_carried_over` in the JSON).")
     return f"""{_banner("peer_factorizations.json")}
 # Results: separable forms against TensorLy-Torch
 
@@ -145,10 +150,11 @@ ratio, on the same trained ResNet-20.
 {d['torch']}, {d['threads']} threads. MACs are fvcore's plus the peer's CP-weight multiply, which fxsurgeon
 folds away (original: {d['original_macs']:,}). Calibrated rows use the 5,000 images of `x[0::2]`; "synthetic
 calibration" rows use no data at all (`calibration="synthetic"`, the making of the images included in the
-conversion time). Accuracy is on `x[1::2]`. Conversion times were taken on a shared 2-core machine: compare
-them within a group of rows. CPU latencies are `fxsurgeon.benchmark` on one thread, median of 30; a row whose
-layers (form, rank) did not change between runs keeps the latency of the run that timed it
-(`latency_carried_over` in the JSON).
+conversion time). Accuracy is on `x[1::2]`, and so is the logit error: `‖z′ − z‖ / ‖z‖` over the 5,000 × 10
+logits of the converted and the original model ("–": the calibrated rows come from an earlier run that did not record
+it). `fxsurgeon auto, target_macs` is `separable=dict(target_macs=t)` and nothing else: the budget defaults
+([defaults](../accuracy-defaults.md)). Conversion times were taken on a shared 2-core machine: compare
+them within a group of rows. CPU latencies are `fxsurgeon.benchmark` on one thread, median of 30{timed}
 
 {chr(10).join(lines)}
 {note}
@@ -364,7 +370,7 @@ def readme_block() -> str:
                      f"{_pct(r['accuracy'])} |")
     peers = _peer_rows()
     p_orig = peers[0]
-    p_auto = next(r for r in peers if r["method"] == "fxsurgeon auto, target_macs, weighting=bn" and r["target"] == 0.6)
+    p_auto = next(r for r in peers if r["method"] == "fxsurgeon auto, target_macs" and r["target"] == 0.6)
     cov = _coverage_numbers()
     return "\n".join([
         README_START,
@@ -374,7 +380,7 @@ def readme_block() -> str:
         "",
         *_two_model_lines(),
         f"Latency (one CPU thread, batch 1 / 64): original {p_orig['cpu_latency_ms']['b1']:.2f} / "
-        f"{p_orig['cpu_latency_ms']['b64']:.1f} ms, `auto` at {p_auto['mac_ratio']:.2f}× MACs "
+        f"{p_orig['cpu_latency_ms']['b64']:.1f} ms, the defaults at {p_auto['mac_ratio']:.2f}× MACs "
         f"{p_auto['cpu_latency_ms']['b1']:.2f} / {p_auto['cpu_latency_ms']['b64']:.1f} ms — fewer MACs is not "
         "less time; see [GPU and benchmark](docs/gpu.md) and [latency budgets](docs/latency.md).",
         "",
