@@ -59,9 +59,10 @@ __all__ = [
 
 #: ALS sweeps when building a layer (where one sweep is cheap, see :data:`BUILD_WORK`). Chosen with
 #: benchmarks/defaults_two_models.py on the mean logit error of the trained ResNet-20 and ResNet-32 at 0.60× and
-#: 0.45× MACs (``form="auto"``, bias correction): 0.177 at 100 sweeps, 0.166 at 300, 0.163 at 1,000; 300 with
-#: :data:`CHOICE_POINTS` = 24 gives 0.154
-DEFAULT_ITERATIONS = 300
+#: 0.45× MACs (``form="auto"``, bias correction): with 12 menu ranks 0.177 at 100 sweeps, 0.166 at 300, 0.163 at
+#: 1,000; with :data:`CHOICE_POINTS` = 24, 0.154 at 300, 0.151 at 1,000 (lower in each of the four cases) and
+#: 0.151 at 3,000 (higher on the ResNet-20 at 0.45×: a closer weight is not always a closer output)
+DEFAULT_ITERATIONS = 1000
 #: ALS sweeps behind each error in :meth:`PointwiseDepthwisePointwise.choices`. Same start, same ALS, fewer
 #: sweeps: an upper bound on the error the build reaches (ALS never increases it), at a third of the cost.
 CHOICE_ITERATIONS = 30
@@ -75,9 +76,9 @@ CHOICE_POINTS = 24
 #: :data:`MIN_CHOICE_ITERATIONS`) on wider layers at high rank, where one sweep takes a second or more
 CHOICE_WORK = 2e10
 MIN_CHOICE_ITERATIONS = 5
-#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 6.7·10⁷ multiply-adds a sweep (64×64×3×3 at rank
-#: ~900: every CIFAR ResNet layer at every rank; 128×128×3×3 at rank ~230), fewer above, never fewer than
-#: :data:`CHOICE_ITERATIONS` (so a menu's error stays an upper bound on what the build reaches)
+#: ... and a build: all :data:`DEFAULT_ITERATIONS` sweeps up to 2·10⁷ multiply-adds a sweep (64×64×3×3 at rank
+#: ~270; 128×128×3×3 at rank ~70), fewer above (a build never spends more than this many multiply-adds), never
+#: fewer than :data:`CHOICE_ITERATIONS` (so a menu's error stays an upper bound on what the build reaches)
 BUILD_WORK = 2e10
 #: multiply-adds one layer's whole menu may spend (~2 s on one core): :data:`CHOICE_POINTS` ranks where that is
 #: enough (every CIFAR ResNet layer), fewer on wide layers, never under :data:`MIN_CHOICE_POINTS`
@@ -89,7 +90,7 @@ def als_sweeps(shape: tuple[int, ...] | torch.Size, rank: int, *, build: bool) -
     """ALS sweeps spent on a (C_out, C_in, kh, kw) weight at CP rank ``rank``, for a build or a menu's error.
 
     >>> als_sweeps((64, 64, 3, 3), 128, build=True), als_sweeps((512, 512, 3, 3), 1376, build=False)
-    (300, 5)
+    (1000, 5)
     """
     c_out, c_in, kh, kw = shape
     per_sweep = 2 * c_out * c_in * kh * kw * max(rank, 1)
