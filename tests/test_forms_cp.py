@@ -8,6 +8,7 @@ import torch.fx as fx
 from torch import nn
 
 import fxsurgeon
+import fxsurgeon.forms.cp as cp
 from fxsurgeon import SurgeryError
 from fxsurgeon.forms import FORMS, get_form
 from fxsurgeon.forms.cp import (
@@ -64,9 +65,32 @@ def test_recovers_a_weight_of_low_cp_rank():
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (12, 10, 9))
     w = torch.einsum("or,ir,kr->oik", a, b, c).reshape(12, 10, 3, 3)
-    f = cp_factors(w, 4, iterations=500)
+    f = cp_factors(w, 4, iterations=500, ridge=0.0)
     assert f.relative_error < 1e-6
     assert f.error <= f.init_error
+    ridged = cp_factors(w, 4, iterations=500)  # the default ridge costs a bias of its own size, no more
+    assert ridged.relative_error < 10 * cp.ALS_RIDGE and ridged.error <= ridged.init_error
+
+
+def test_the_ridge_keeps_a_degenerate_fit_bounded():
+    # a tensor of rank 3 whose best rank-2 approximation does not exist (border rank 2): plain ALS lets two
+    # components grow without bound and cancel; the ridge keeps them near the tensor's norm at a small error
+    g = torch.Generator().manual_seed(0)
+    (a0, a1), (b0, b1), (c0, c1) = [[torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2)]
+                                    for n in (8, 6, 9)]
+    t = (torch.einsum("o,i,k->oik", a1, b0, c0) + torch.einsum("o,i,k->oik", a0, b1, c0)
+         + torch.einsum("o,i,k->oik", a0, b0, c1))
+    w = t.reshape(8, 6, 3, 3)
+    norm = float(w.norm())
+    scale = {}
+    for sweeps in (1000, 3000):
+        for ridge in (0.0, cp.ALS_RIDGE):
+            f = cp_factors(w, 2, iterations=sweeps, tol=0.0, ridge=ridge)
+            scale[sweeps, ridge] = float(f.pointwise.norm()) / norm
+            if ridge:
+                assert f.relative_error < 0.01
+    assert scale[3000, 0.0] > scale[1000, 0.0] > 6  # plain ALS: the components keep growing
+    assert scale[3000, cp.ALS_RIDGE] < 4 and scale[3000, cp.ALS_RIDGE] < 0.5 * scale[3000, 0.0]
 
 
 def test_reported_error_is_the_error_of_the_built_block():

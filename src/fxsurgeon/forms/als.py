@@ -44,12 +44,16 @@ def cp_error(t: torch.Tensor, factors: list[torch.Tensor]) -> float:
     return float((t.reshape(i, j * k) - rec).pow(2).sum())
 
 
-def _solve(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # the normal equations F · V = M, as TensorLy solves them: solve(Vᴴ, Mᵀ)ᵀ
+def _solve(v: torch.Tensor, m: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    # the normal equations F · V = M, as TensorLy solves them: solve(Vᴴ, Mᵀ)ᵀ; a ridge adds μ·I to V, μ relative
+    # to V's mean diagonal (so it does not depend on the tensor's scale)
+    if ridge:
+        v = v + (ridge * float(v.diagonal().mean())) * torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
     return torch.linalg.solve(v.T, m.T).T
 
 
-def cp_als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float) -> tuple[list[torch.Tensor], int]:
+def cp_als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float,
+           ridge: float = 0.0) -> tuple[list[torch.Tensor], int]:
     """Refine rank-R CP ``factors`` of the 3-way tensor ``t`` by ALS with line search; returns (factors, sweeps).
 
     Follows TensorLy's ``parafac`` with all-ones weights, ``linesearch=True`` and ``cvg_criterion=
@@ -58,6 +62,10 @@ def cp_als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float
     (``acc_pow`` grows by one after four failed jumps); it stops after ``n_iter`` sweeps or once the relative
     error changes by less than ``tol``. ``sweeps`` counts the sweeps run. Raises RuntimeError when a normal
     equation is singular (as TensorLy does).
+
+    ``ridge`` > 0 regularises every update (Tikhonov, as TensorLy's ``l2_reg`` but relative to the normal
+    matrix's mean diagonal): it stops the CP degeneracy where components grow large and cancel, which fits the
+    tensor a little better in float64 and computes it badly in low precision. 0 is plain ALS.
     """
     a, b, c = (f.clone() for f in factors)
     i, j, k = t.shape
@@ -77,14 +85,14 @@ def cp_als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float
         # mode 0: M0[i, r] = Σ_jk T[i,j,k] B[j,r] C[k,r]
         y = (t_ik_j @ b).reshape(i, k, rank)
         gram_c = c.T @ c
-        a = _solve((b.T @ b) * gram_c, (y * c[None]).sum(1))
+        a = _solve((b.T @ b) * gram_c, (y * c[None]).sum(1), ridge)
         # modes 1 and 2 share Z[j, k, r] = Σ_i T[i,j,k] A[i,r]
         z = (t_jk_i @ a).reshape(j, k, rank)
         gram_a = a.T @ a
-        b = _solve(gram_a * gram_c, (z * c[None]).sum(1))
+        b = _solve(gram_a * gram_c, (z * c[None]).sum(1), ridge)
         m2 = (z * b[:, None, :]).sum(0)
         gram_b = b.T @ b
-        c = _solve(gram_a * gram_b, m2)
+        c = _solve(gram_a * gram_b, m2, ridge)
         sweeps += 1
         line_iter = iteration % 2 == 0 and iteration > 5
         if not line_iter:

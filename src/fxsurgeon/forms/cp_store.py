@@ -47,7 +47,7 @@ FORMAT = "fxsurgeon-cp-menu-errors"
 VERSION = 1
 #: which CP code computed the errors: bump when the start, the ALS or the error changes (old files are then
 #: ignored and rewritten, not trusted)
-ALGORITHM = "slice-svd-start+als-line-search/1"
+ALGORITHM = "slice-svd-start+als-line-search+ridge-1e-5/2"
 #: entries a file keeps (about 100 bytes each; a resnet50 conversion adds a few hundred)
 MAX_ENTRIES = 100_000
 
