@@ -64,7 +64,9 @@ __all__ = [
 #: 0.151 at 3,000 (higher on the ResNet-20 at 0.45×: a closer weight is not always a closer output)
 DEFAULT_ITERATIONS = 1000
 #: ALS sweeps behind each error in :meth:`PointwiseDepthwisePointwise.choices`. Same start, same ALS, fewer
-#: sweeps: an upper bound on the error the build reaches (ALS never increases it), at a third of the cost.
+#: sweeps, at a third of the cost. Plain ALS never increases the error, so this would bound what the build
+#: reaches; with :data:`ALS_RIDGE` the sweeps minimise the ridged error, and the plain error can rise by about
+#: the ridge's bias as they go on (a near bound, not a strict one).
 CHOICE_ITERATIONS = 30
 #: stop when a sweep improves the relative error by less than this
 DEFAULT_TOL = 1e-7
