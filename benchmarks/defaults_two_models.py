@@ -31,6 +31,7 @@ by side.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -73,10 +74,11 @@ def load_model(name: str) -> nn.Module:
     return model.eval()
 
 
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
+def logits(model: nn.Module, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The model's logits on ``x`` in float64, run in ``dtype`` (another dtype runs on a copy of the model)."""
+    model = (model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)).eval()
     with torch.inference_mode():
-        return torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]).double()
+        return torch.cat([model(x[i:i + 500].to(dtype)).double() for i in range(0, len(x), 500)])
 
 
 def compare(ref: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -17,7 +17,6 @@ any conv in the converted model (the original's are under 2). Rows go to
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -25,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from defaults_two_models import CHECKPOINTS, compare, load_model
+from defaults_two_models import CHECKPOINTS, compare, load_model, logits
 from torch import nn
 
 import fxsurgeon
@@ -35,12 +34,6 @@ from fxsurgeon.models import load_cifar10_test
 warnings.filterwarnings("ignore")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def logits_in(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    m = copy.deepcopy(model).to(dtype).eval()
-    with torch.inference_mode():
-        return torch.cat([m(x[i:i + 500].to(dtype)).double() for i in range(0, len(x), 500)])
 
 
 def main() -> None:
@@ -61,9 +54,9 @@ def main() -> None:
                                                "summary": summary or []}, indent=1))
     for name in args.models:
         base = load_model(name)
-        ref = logits_in(base, x, torch.float32)
+        ref = logits(base, x, torch.float32)
         rows.append({"model": name, "ridge": None, "target": None,
-                     **{d: compare(ref, logits_in(base, x, dt), y) for d, dt in DTYPES.items()},
+                     **{d: compare(ref, logits(base, x, dt), y) for d, dt in DTYPES.items()},
                      "max_abs_weight": max(float(m.weight.abs().max()) for m in base.modules()
                                            if isinstance(m, nn.Conv2d))})
         for ridge in args.ridges:
@@ -75,7 +68,7 @@ def main() -> None:
                                           example_inputs=x[:1])
                 seconds = time.perf_counter() - t0
                 row = {"model": name, "ridge": ridge, "target": target, "convert_s": round(seconds, 1),
-                       **{d: compare(ref, logits_in(model, x, dt), y) for d, dt in DTYPES.items()},
+                       **{d: compare(ref, logits(model, x, dt), y) for d, dt in DTYPES.items()},
                        "max_abs_weight": max(float(m.weight.abs().max()) for m in model.modules()
                                              if isinstance(m, nn.Conv2d))}
                 rows.append(row)

@@ -379,8 +379,8 @@ def budget_latency(
             how = "sensitivity"
 
     # the whole model, once, for the budget's reference
-    solver.inputs = inputs = _model_inputs(gm, dev, dtype, cl, batch)
-    solver.original = original = _placed(gm, dev, dtype, cl, compile_opts, judge, inputs)
+    solver.inputs = _model_inputs(gm, dev, dtype, cl, batch)
+    solver.original = _placed(gm, dev, dtype, cl, compile_opts, judge, solver.inputs)
     total_second = None
     if second == "macs":
         raw, _counter = model_macs(gm, example_inputs_from_graph(gm))
@@ -463,7 +463,7 @@ def budget_latency(
     choosable = [lay for lay in solver.layers if len(lay.menu) > 1]
     if choosable:
         # one measurement of the original alone to size the first budget
-        t_orig = model_ms(original, inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
+        t_orig = model_ms(solver.original, solver.inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
                           min_seconds=judge.model_min_seconds,
                           timer=judge.timer)
         bracket_ms = None  # set once checks fall on both sides of the target

@@ -280,13 +280,6 @@ def _threads_for(work: int) -> Iterator[None]:
         yield
 
 
-def _als(t: torch.Tensor, factors: list[torch.Tensor], n_iter: int, tol: float,
-         ridge: float) -> tuple[list[torch.Tensor], int]:
-    """ALS with line search from ``factors`` (:func:`fxsurgeon.forms.als.cp_als`); returns factors and sweeps run."""
-    with _threads_for(t.numel() * factors[0].shape[1]):
-        return cp_als(t, factors, n_iter, tol, ridge=ridge)
-
-
 def _finish(factors: list[torch.Tensor], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalise b_r and c_r, fold every scale into the last 1×1 conv, order components by weight."""
     a, b, c = factors
@@ -345,7 +338,7 @@ def cp_factors(
         err, sweeps = init_err, 0
         if iterations > 0 and init_err > 1e-20 * norm2:
             try:
-                refined, sweeps = _als(t, factors, iterations, tol, ALS_RIDGE if ridge is None else ridge)
+                refined, sweeps = cp_als(t, factors, iterations, tol, ridge=ALS_RIDGE if ridge is None else ridge)
                 new_err = cp_error(t, refined)
             except (RuntimeError, ValueError):  # a singular normal equation: keep the exact-SVD start
                 refined, new_err = factors, init_err
