@@ -419,7 +419,7 @@ def test_replay_runs_on_meta_and_restores_non_persistent_buffers(tmp_path, monke
     assert "shuffle.perm" not in small.state_dict()
     path = tmp_path / "b.safetensors"
     fxsurgeon.save(small, path)
-    import fxsurgeon.io as fio
+    import fxsurgeon.rebuild as fio
 
     devices = []
     real = fio.replay_conversion

@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "fxsurgeon.recipes": 5,
     # 6: saved files: save/load and replay, file checks, exports, original checkpoints of converted models
     "fxsurgeon.io": 6,
+    "fxsurgeon.rebuild": 6,
     "fxsurgeon.filecheck": 6,
     "fxsurgeon.export": 6,
     "fxsurgeon.checkpoints": 6,

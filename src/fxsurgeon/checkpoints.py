@@ -184,7 +184,7 @@ def _original_keys(record, missing: list[str]) -> list[str]:
 def _replay_from_weights(converted: nn.Module, record, sd: dict[str, torch.Tensor],
                          missing: list[str]) -> dict[str, torch.Tensor]:
     """The converted state dict recomputed from the checkpoint: rebuild, load, replay the recorded conversion."""
-    from .io import build_original, rewrite_keys
+    from .rebuild import build_original, rewrite_keys
 
     if record.source is None:
         raise SurgeryError(
@@ -221,7 +221,7 @@ def _replay_with_weights(data: dict[str, Any], source: dict[str, Any], model: nn
     The record is the converted model's own, in memory: the caller's conversion, or one :func:`fxsurgeon.load`
     already checked against its trust list.
     """
-    from .io import replay_conversion
+    from .rebuild import replay_conversion
     from .sources import TRUST_ALL
 
     return replay_conversion(data, source, model, TRUST_ALL, init_from_weights=True)

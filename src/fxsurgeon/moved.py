@@ -54,7 +54,7 @@ MOVED: dict[str, str] = {
 
 
 def current_structure(lines: list[str]) -> list[str]:
-    """Structure lines of a saved file (``"name: module.Class(...)"``, :func:`fxsurgeon.io.structure`) with module
+    """Structure lines of a saved file (``"name: module.Class(...)"``, :func:`fxsurgeon.rebuild.structure`) with module
     classes named by their current paths, so a file saved before a move compares equal to today's rebuild.
 
     >>> current_structure(["layer1.0.conv1: fxsurgeon.forms_dense.TuckerConv2d()"])

@@ -151,7 +151,7 @@ def rebuilt_original(converted: nn.Module, spec: str, trust: list[str] | None = 
         raise SurgeryError(f"{spec} carries no fxsurgeon record: pass --original to say what it was converted from")
     source = getattr(rec, "source", None)
     if source:
-        from ..io import build_original
+        from ..rebuild import build_original
 
         return build_original(source, trust_factories=trust or []).eval()
     import timm
