@@ -365,7 +365,7 @@ def test_model_timing_makes_enough_calls_to_last_min_seconds():
 
 
 def test_a_check_whose_rounds_disagree_is_timed_again_and_pooled(monkeypatch):
-    from fxsurgeon.budget import latency_budget
+    from fxsurgeon.budget import latency_search
     from fxsurgeon.budget.latency import LatencyJudge
 
     def result(ratios):
@@ -375,20 +375,20 @@ def test_a_check_whose_rounds_disagree_is_timed_again_and_pooled(monkeypatch):
 
     queue = [result([0.50, 0.90, 0.60]), result([0.61, 0.62, 0.60])]
     calls = []
-    monkeypatch.setattr(latency_budget, "interleaved_ratio", lambda *a, **k: calls.append(k) or queue.pop(0))
+    monkeypatch.setattr(latency_search, "interleaved_ratio", lambda *a, **k: calls.append(k) or queue.pop(0))
     judge = LatencyJudge(tolerance=0.03)
-    check = latency_budget._timed_check(judge, None, None, (), torch.device("cpu"))
+    check = latency_search.timed_check(judge, None, None, (), torch.device("cpu"))
     assert len(calls) == 2 and check["retimed"] and check["rounds"] == 6
     assert check["ratio"] == pytest.approx(0.605) and check["ratio_max"] == 0.9  # the burst no longer decides
     assert calls[0]["min_seconds"] == judge.model_min_seconds
     queue[:] = [result([0.60, 0.61, 0.62])]
     calls.clear()
-    steady = latency_budget._timed_check(judge, None, None, (), torch.device("cpu"))
+    steady = latency_search.timed_check(judge, None, None, (), torch.device("cpu"))
     assert len(calls) == 1 and "retimed" not in steady
 
 
 def test_second_look_keeps_a_near_miss_with_less_error_when_its_pooled_rounds_meet():
-    from fxsurgeon.budget import latency_budget as lb
+    from fxsurgeon.budget import latency_search as ls
     from fxsurgeon.budget.latency import LatencyJudge
 
     def check(ratios, objective, rnd):
@@ -398,7 +398,7 @@ def test_second_look_keeps_a_near_miss_with_less_error_when_its_pooled_rounds_me
 
     timed = []
 
-    class Solver(lb._Solver):  # only the whole-model check is replaced: it returns the rounds `again`
+    class Solver(ls.LatencySolver):  # only the whole-model check is replaced: it returns the rounds `again`
         def __init__(self, again):
             self.judge, self.again = LatencyJudge(tolerance=0.03), again
 

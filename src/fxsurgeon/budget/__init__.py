@@ -2,5 +2,6 @@
 
 ``allocation`` (least error per MAC or parameter, :data:`BUDGET_DEFAULTS`), ``allotment`` (a uniform multiplier's
 MACs per layer for other forms), ``latency`` (timing candidates on the device), ``latency_table`` (the on-disk
-cache of those timings) and ``latency_budget`` (``target_latency``: allocation on measured milliseconds).
+cache of those timings), ``latency_budget`` (``target_latency``: the layers, their errors and the result) and
+``latency_search`` (its allocation on measured milliseconds, corrected by timing the whole model).
 """
