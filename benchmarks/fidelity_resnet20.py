@@ -1,6 +1,6 @@
 """Keeping a trained model's accuracy at a MAC budget: the CIFAR-10 ResNet-20 of shared/data.
 
-Run (from the repository root; about an hour on 2 shared CPU cores, most of it evaluation and distillation):
+Run (from the repository root; about 15 minutes on 2 CPU cores, most of it calibration and distillation):
 
     .venv/bin/python benchmarks/fidelity_resnet20.py
 
@@ -9,12 +9,13 @@ JPEGs only; every accuracy is on ``x[1::2]`` (5,000 images). MACs are fvcore's c
 one 32×32 image (one multiply-add = one MAC), as a fraction of the original's. Rows:
 
 * ``uniform m``: one channel multiplier everywhere, data-free SVD (and the same ``+ calibration``);
-* ``budget``: ``separable=dict(target_macs=b)``: per-layer ranks chosen by :mod:`fxsurgeon.budget.allocation` on the
-  data-free weight error, for ``form="dw-pw"`` and (with the CP form registered) ``form="auto"`` with
-  ``weighting="bn"`` — both forms compete per layer, errors weighted by the BatchNorms around each conv;
-* ``budget + calibration``: ``convert(..., calibration=...)``: ranks chosen on the layers' output errors
-  measured on the calibration images (``allocation="data"``), then the layers refit in network order
-  (:func:`fxsurgeon.calibrate`);
+* ``budget``: ``separable=dict(target_macs=b)`` with the budget defaults (``form="auto"``: every registered form
+  competes per layer, bias correction from the BatchNorm statistics; :data:`fxsurgeon.budget.allocation.BUDGET_DEFAULTS`),
+  per-layer ranks chosen by :mod:`fxsurgeon.budget.allocation` on the data-free weight error; and the same with
+  ``form="dw-pw"``, the depthwise → pointwise form alone;
+* ``budget + calibration``: the same options and ``convert(..., calibration=...)``: ranks chosen on the layers'
+  output errors measured on the calibration images (``allocation="auto"`` becomes ``"data"``), then the layers
+  refit in network order (:func:`fxsurgeon.calibrate`);
 * ``+ distillation``: ``recipes/distill.py`` on top of the ``auto`` model, at most ``--distill-minutes`` of
   fine-tuning.
 
@@ -136,16 +137,16 @@ def main(argv=None) -> int:
             steps={"convert": {"seconds": st.seconds - cal, "load": st.load},
                    "calibrate": {"seconds": cal, "load": st.load}})
 
-    # dw-pw: the issue's own form; auto: both forms compete per layer, errors weighted by the BatchNorms
-    forms = {"dw-pw": {}}
+    # dw-pw: the MobileNet form alone; auto: the budget defaults, every registered form competing per layer
+    forms = {"dw-pw": {"form": "dw-pw"}}
     if not args.no_cp and "pw-dw-pw" in FORMS:
-        forms["auto"] = {"weighting": "bn"}
+        forms["auto"] = {}
     distill_form = "auto" if "auto" in forms else "dw-pw"
     distill_budgets = {float(v) for v in args.distill_budgets.split(",") if v}
     for budget in [float(v) for v in args.budgets.split(",") if v]:
         for form, extra in forms.items():
-            opts = dict(target_macs=budget, form=form, allocation="weight", **extra)
-            label = form + (" (bn)" if extra else "")
+            opts = dict(target_macs=budget, **extra)
+            label = form
             if not have("budget (weight error)", budget, label):
                 with Step() as st:
                     m = fxsurgeon.convert(model, example_inputs=one, separable=opts)
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
                     not distill_here or have("budget + calibration + distillation", budget, label)):
                 continue
             with Step() as st:  # ranks chosen on measured output errors (allocation="data"), then refit
-                m = fxsurgeon.convert(model, example_inputs=one, calibration=calib,
-                                      separable={**opts, "allocation": "data"})
+                m = fxsurgeon.convert(model, example_inputs=one, calibration=calib, separable=opts)
             rec = fxsurgeon.get_record(m)
             cal = rec.seconds.get("calibrate", 0.0)
             steps = {"convert": {"seconds": st.seconds - cal, "load": st.load},

@@ -86,8 +86,9 @@ How much accuracy a conversion keeps, on a real trained model, as a function of 
 Calibration uses 2,500 images of `x[0::2]`, distillation (`recipes/distill.py`) all of `x[0::2]`; every
 accuracy is on the 5,000 images of `x[1::2]`, which no step sees. MACs are fvcore's whole-model count for one
 32×32 image, as a fraction of the original's {d['base_macs'] / 1e6:.2f} M (one multiply-add = one MAC).
-`dw-pw` is the depthwise → pointwise form, `auto (bn)` lets both forms compete per layer with
-`weighting="bn"`. Wall times are real elapsed time on a 2-core CPU machine shared with other jobs: compare them
+Budget rows are `separable=dict(target_macs=b)` with the budget defaults (`auto`: every form competes per
+layer, bias correction from the BatchNorm statistics; [defaults and why](../accuracy-defaults.md)); `dw-pw` is the
+same with `form="dw-pw"`, the depthwise → pointwise form alone. Wall times are real elapsed time on a 2-core CPU machine shared with other jobs: compare them
 within a row, not across rows.
 
 ![accuracy vs MACs](../fidelity_resnet20.png)
@@ -95,7 +96,7 @@ within a row, not across rows.
 {_fidelity_table(rows)}
 
 **Reading the table.** At the same MACs a budget (`target_macs`) beats one uniform multiplier; letting the CP
-form compete (`auto (bn)`) does better still, from the weights alone. Calibration on real images wins most of
+form compete (`auto`) does better still, from the weights alone. Calibration on real images wins most of
 the rest back in minutes, and a short distillation the remainder. See [Keeping accuracy](../accuracy.md) for
 the options, and [Peers](peers.md) for the same model against TensorLy-Torch.
 """
@@ -360,13 +361,13 @@ def readme_block() -> str:
         return next(r for r in fid if _fidelity_label(r).startswith(method) and r["form"] == form
                     and r["budget"] == budget)
 
-    chosen = [("from the weights alone (no data)", pick("budget (weight error)", "auto (bn)", 0.6)),
-              ("+ calibration on 2,500 images", pick("budget + calibration", "auto (bn)", 0.45)),
-              ("+ calibration + distillation", pick("budget + calibration + distillation", "auto (bn)", 0.45))]
+    chosen = [("from the weights alone (no data)", pick("budget (weight error)", "auto", 0.6)),
+              ("+ calibration on 2,500 images", pick("budget + calibration", "auto", 0.45)),
+              ("+ calibration + distillation", pick("budget + calibration + distillation", "auto", 0.45))]
     lines = ["| ResNet-20, CIFAR-10 | MACs | accuracy |", "|---|---:|---:|",
              f"| original | 1.00× | {_pct(orig['accuracy'])} |"]
     for label, r in chosen:
-        lines.append(f"| `target_macs={r['budget']:g}`, `form=\"auto\"`, `weighting=\"bn\"`, {label} | {r['macs_fraction']:.2f}× | "
+        lines.append(f"| `target_macs={r['budget']:g}` (the defaults), {label} | {r['macs_fraction']:.2f}× | "
                      f"{_pct(r['accuracy'])} |")
     peers = _peer_rows()
     p_orig = peers[0]
