@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import fxsurgeon
-from fxsurgeon.budget.allocation import model_macs
+from fxsurgeon.budget.plan import model_macs
 from fxsurgeon.forms import FORMS
 from fxsurgeon.models import load_cifar10_test, load_resnet20
 

@@ -158,8 +158,8 @@ def runners(original, converted, sample, runtime, batch, device, dtype, threads)
 def run_row(args, row: dict) -> dict:
     import fxsurgeon
     from fxsurgeon.bench import device_name, parse_dtype
-    from fxsurgeon.budget.allocation import model_macs
     from fxsurgeon.budget.latency import interleaved_ratio
+    from fxsurgeon.budget.plan import model_macs
 
     if row["threads"]:
         torch.set_num_threads(row["threads"])

@@ -8,7 +8,8 @@ from torch import nn
 
 import fxsurgeon
 from fxsurgeon import SurgeryError
-from fxsurgeon.budget.allocation import LayerOptions, allocate, layer_options, model_macs, uniform_allocation
+from fxsurgeon.budget.allocation import LayerOptions, allocate, layer_options, uniform_allocation
+from fxsurgeon.budget.plan import model_macs
 from fxsurgeon.forms import FORMS, LayerChoice
 from fxsurgeon.models import resnet20, resnet32
 

@@ -172,7 +172,7 @@ def test_an_unreachable_target_warns_and_returns_the_best_found(tmp_path):
 
 
 def test_combines_with_a_mac_budget(tmp_path):
-    from fxsurgeon.budget.allocation import model_macs
+    from fxsurgeon.budget.plan import model_macs
 
     small, alloc, _, _ = run(tmp_path, target=0.9, form="auto", target_macs=0.5)
     orig = fxsurgeon.convert(Net().eval(), example_inputs=X, separable=False, conv_head=False)

@@ -127,7 +127,7 @@ def test_1x1_convs_are_left_alone_unless_asked():
 
 
 def test_a_mac_budget_with_1x1_convs():
-    from fxsurgeon.budget.allocation import model_macs
+    from fxsurgeon.budget.plan import model_macs
 
     net = bottleneck_net()
     with torch.no_grad():  # 1×1 weights of rank 6: the budget should find them free to cut to rank 6

@@ -39,16 +39,11 @@ import torch.fx as fx
 from ..errors import SurgeryError
 from ..forms.registry import LayerChoice, auto_forms, conv_cost, get_form, layer_form
 from ..runtime import compile_options, dtype_name, parse_dtype, resolve_device
-from .allocation import (
-    LayerOptions,
-    added_bias_params,
-    conv_shapes,
-    example_inputs_from_graph,
-    model_macs,
-)
+from .allocation import LayerOptions, added_bias_params
 from .latency import LatencyJudge, call_site_inputs, has_shapes
 from .latency_search import LatencySolver, choice_loss, menu_ranks, placed_model
 from .latency_table import ORIGINAL, LatencyTable, hardware_multiple
+from .plan import conv_shapes, example_inputs_from_graph, model_macs
 
 __all__ = ["LatencyPlan", "budget_latency", "menu_ranks"]
 
@@ -126,7 +121,7 @@ def budget_latency(
         target_latency: fraction of the original model's measured latency to reach, in (0, 1].
         judge: where and how to time.
         target_macs / target_params: a second budget (one of them), as for MAC budgets.
-        calibration / errors / added_bias: as for :func:`fxsurgeon.budget.allocation.plan_budget`.
+        calibration / errors / added_bias: as for :func:`fxsurgeon.budget.plan.plan_budget`.
         hint: what else could reach the target, added to the status and warning when it is not met (the pass
             names the 1×1 convs that ``kernel_sizes`` left out).
 

@@ -108,7 +108,7 @@ def separable(gm: fx.GraphModule, options: SeparableOptions | None = None, /, **
         budget["defaults"] = defaulted  # the options the budget's defaults filled in (the rest were given)
         layers = {**chosen, **layers}
     elif target_macs is not None or target_params is not None:
-        from ...budget.allocation import budget_layers
+        from ...budget.plan import budget_layers
 
         chosen, kept, budget = budget_layers(gm, ranked, form, layers, target_macs=target_macs,
                                              target_params=target_params, calibration=calibration,
