@@ -293,18 +293,17 @@ def main() -> None:
                 # ranks chosen on the layers' output errors measured on x[0::2] (allocation="data", the
                 # default with calibration data), then the layers refit
                 ("fxsurgeon dw-pw, target_macs + calibration", dict(form="dw-pw", target_macs=target), x_cal),
-                ("fxsurgeon auto, target_macs, weighting=bn + calibration",
-                 dict(form="auto", target_macs=target, weighting="bn"), x_cal),
-                ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks on weight error)",
-                 dict(form="auto", target_macs=target, weighting="bn", allocation="weight"), x_cal),
-                ("fxsurgeon auto, target_macs, weighting=bn + calibration (ranks sensitivity-weighted)",
-                 dict(form="auto", target_macs=target, weighting="bn", allocation="sensitivity"), x_cal),
+                ("fxsurgeon auto, target_macs + calibration", dict(form="auto", target_macs=target), x_cal),
+                ("fxsurgeon auto, target_macs + calibration (ranks on weight error)",
+                 dict(form="auto", target_macs=target, allocation="weight"), x_cal),
+                ("fxsurgeon auto, target_macs + calibration (ranks sensitivity-weighted)",
+                 dict(form="auto", target_macs=target, allocation="sensitivity"), x_cal),
             ]
         if not args.no_fxsurgeon and not args.no_synthetic:
             # no data: calibration on images made to match the BatchNorm statistics (calibration="synthetic"),
             # their making included in the conversion time
-            fx_runs.append(("fxsurgeon auto, target_macs, weighting=bn + synthetic calibration (no data)",
-                            dict(form="auto", target_macs=target, weighting="bn"), "synthetic"))
+            fx_runs.append(("fxsurgeon auto, target_macs + synthetic calibration (no data)",
+                            dict(form="auto", target_macs=target), "synthetic"))
         if args.only:
             fx_runs = [r for r in fx_runs if any(t in r[0] for t in args.only)]
         for method, opts, cal in fx_runs:

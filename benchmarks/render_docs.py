@@ -112,6 +112,17 @@ def _later_run(r: dict) -> bool:
     return "timed once per" in (r.get("latency_carried_over") or "")
 
 
+def _threads_text(d: dict) -> str:
+    """The conversions' torch threads: the run's, and that of rows re-measured later with another (their own key)."""
+    n = d["threads"]
+    later = sorted({r["threads"] for r in d["rows"] if r.get("threads", n) != n})
+    text = f"{n} thread{'s' if n != 1 else ''}"
+    if later:
+        text += (f" ({' and '.join(map(str, later))} for the calibrated rows, re-measured later: compare their "
+                 "conversion times with each other)")
+    return text
+
+
 def page_peers() -> str:
     d = _load_json("peer_factorizations.json")
     rows = d["rows"]
@@ -140,6 +151,8 @@ def page_peers() -> str:
              "seeds) differ by what this machine's noise does between them." if d.get("latency_note") else
              "; a row whose layers (form, rank) did not change between runs keeps the latency of the run that timed it "
              "(`latency_carried_over` in the JSON).")
+    no_error = (' ("–": rows from an earlier run that did not record it)'
+                if any(r.get("logit_error") is None for r in rows if r["method"] != "original") else "")
     return f"""{_banner("peer_factorizations.json")}
 # Results: separable forms against TensorLy-Torch
 
@@ -148,12 +161,11 @@ fxsurgeon's separable forms next to TensorLy-Torch's CP factorisation
 ratio, on the same trained ResNet-20.
 
 **How it was measured.** `benchmarks/peer_factorizations.py`, every 3×3 conv but the stem, torch
-{d['torch']}, {d['threads']} threads. MACs are fvcore's plus the peer's CP-weight multiply, which fxsurgeon
+{d['torch']}, conversions on {_threads_text(d)}. MACs are fvcore's plus the peer's CP-weight multiply, which fxsurgeon
 folds away (original: {d['original_macs']:,}). Calibrated rows use the 5,000 images of `x[0::2]`; "synthetic
 calibration" rows use no data at all (`calibration="synthetic"`, the making of the images included in the
 conversion time). Accuracy is on `x[1::2]`, and so is the logit error: `‖z′ − z‖ / ‖z‖` over the 5,000 × 10
-logits of the converted and the original model ("–": the calibrated rows come from an earlier run that did not record
-it). `fxsurgeon auto, target_macs` is `separable=dict(target_macs=t)` and nothing else: the budget defaults
+logits of the converted and the original model{no_error}. `fxsurgeon auto, target_macs` is `separable=dict(target_macs=t)` and nothing else: the budget defaults
 ([defaults](../accuracy-defaults.md)). Conversion times were taken on a shared 2-core machine: compare
 them within a group of rows. CPU latencies are `fxsurgeon.benchmark` on one thread, median of 30{timed}
 
