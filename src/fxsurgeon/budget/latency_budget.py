@@ -43,7 +43,7 @@ from .allocation import LayerOptions, added_bias_params
 from .latency import LatencyJudge, call_site_inputs, has_shapes
 from .latency_search import LatencySolver, choice_loss, menu_ranks, placed_model
 from .latency_table import ORIGINAL, LatencyTable, hardware_multiple
-from .plan import conv_shapes, example_inputs_from_graph, model_macs
+from .plan import check_budget_options, conv_shapes, example_inputs_from_graph, model_macs
 
 __all__ = ["LatencyPlan", "budget_latency", "menu_ranks"]
 
@@ -133,14 +133,7 @@ def budget_latency(
     if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) or not 0 < target_latency <= 1:
         raise SurgeryError(f"separable: target_latency is a fraction of the original model's measured latency in "
                            f"(0, 1], got {target_latency!r}")
-    for what, v in (("target_macs", target_macs), ("target_params", target_params)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-            raise SurgeryError(f"separable: {what} is a fraction of the original model's in (0, 1], got {v!r}")
-    if errors not in ("auto", "weight", "data", "sensitivity"):
-        raise SurgeryError(f"separable: allocation errors must be 'auto', 'weight', 'data' or 'sensitivity', "
-                           f"got {errors!r}")
-    if errors in ("data", "sensitivity") and calibration is None:
-        raise SurgeryError(f"separable: errors='{errors}' needs calibration batches (convert(..., calibration=...))")
+    check_budget_options(target_macs, target_params, errors, calibration)
     second = _second_budget(target_macs, target_params)
     if not has_shapes(gm):
         raise SurgeryError("separable: target_latency times each layer at its real input shape, and this graph has "

@@ -26,8 +26,8 @@ from ..runtime import data_device_of
 from .allocation import Allocation, LayerOptions, added_bias_params, allocate, layer_options
 from .latency_table import cache_root_set, default_cache_dir
 
-__all__ = ["BudgetPlan", "LayerShape", "budget_layers", "conv_shapes", "example_inputs_from_graph", "model_macs",
-           "plan_budget"]
+__all__ = ["BudgetPlan", "LayerShape", "budget_layers", "check_budget_options", "conv_shapes",
+           "example_inputs_from_graph", "model_macs", "plan_budget"]
 
 
 @dataclass
@@ -185,6 +185,24 @@ class BudgetPlan:
         }
 
 
+def check_budget_options(target_macs: Any, target_params: Any, errors: Any, calibration: Any) -> None:
+    """Refuse a MAC or parameter fraction outside (0, 1], an unknown error measure, or a data measure without data.
+
+    >>> check_budget_options(0.6, None, "data", None)
+    Traceback (most recent call last):
+    ...
+    fxsurgeon.errors.SurgeryError: separable: errors='data' needs calibration batches (convert(..., calibration=...))
+    """
+    if errors not in ("auto", "weight", "data", "sensitivity"):
+        raise SurgeryError(f"separable: allocation errors must be 'auto', 'weight', 'data' or 'sensitivity', "
+                           f"got {errors!r}")
+    for what, v in (("target_macs", target_macs), ("target_params", target_params)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise SurgeryError(f"separable: {what} is a fraction of the original model's in (0, 1], got {v!r}")
+    if errors in ("data", "sensitivity") and calibration is None:
+        raise SurgeryError(f"separable: errors='{errors}' needs calibration batches (convert(..., calibration=...))")
+
+
 def plan_budget(
     gm: fx.GraphModule,
     convs: dict[str, tuple[list[str], nn.Conv2d]],
@@ -223,14 +241,7 @@ def plan_budget(
     Returns:
         A :class:`BudgetPlan` whose allocation picks, per conv, a choice (``form == "original"``: keep it).
     """
-    if errors not in ("auto", "weight", "data", "sensitivity"):
-        raise SurgeryError(f"separable: allocation errors must be 'auto', 'weight', 'data' or 'sensitivity', "
-                           f"got {errors!r}")
-    for what, v in (("target_macs", target_macs), ("target_params", target_params)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-            raise SurgeryError(f"separable: {what} is a fraction of the original model's in (0, 1], got {v!r}")
-    if errors in ("data", "sensitivity") and calibration is None:
-        raise SurgeryError(f"separable: errors='{errors}' needs calibration batches (convert(..., calibration=...))")
+    check_budget_options(target_macs, target_params, errors, calibration)
     fixed = dict(fixed or {})
     total_params = sum(p.numel() for p in gm.parameters())
     everything = {**convs}
