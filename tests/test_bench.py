@@ -18,8 +18,8 @@ from fxsurgeon.bench.eager import (
     parse_dtype,
     percentile,
     time_calls,
-    write_result,
 )
+from fxsurgeon.bench.results import write_result
 from fxsurgeon.cli import main
 
 

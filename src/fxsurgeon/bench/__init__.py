@@ -1,7 +1,7 @@
 """Benchmarks: latency and throughput of an original and its converted model, timed interleaved in rounds.
 
-Modules: ``eager`` (PyTorch eager and ``torch.compile``, CPU or CUDA) and ``ort`` (onnxruntime on CPU, imported
-only when asked for).
+Modules: ``eager`` (PyTorch eager and ``torch.compile``, CPU or CUDA), ``ort`` (onnxruntime on CPU, imported
+only when asked for) and ``results`` (what they measured, side by side, as Markdown or JSON).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from ..runtime import (
     prepare_inputs,
     time_calls,
 )
-from .eager import BenchmarkResult, BenchmarkRow, Comparison, interleaved_rounds
+from .eager import interleaved_rounds
+from .results import BenchmarkResult, BenchmarkRow, Comparison
 
 __all__ = ["benchmark_onnxruntime", "benchmark_onnxruntime_pair", "export_onnx", "ort_runner"]
 

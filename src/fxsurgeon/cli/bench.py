@@ -124,7 +124,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..bench.eager import benchmark_pair, parse_dtype, resolve_device, write_result
+    from ..bench.eager import benchmark_pair, parse_dtype, resolve_device
+    from ..bench.results import write_result
     from .common import check_output, progress, show_progress
 
     for path in args.out:
