@@ -68,16 +68,17 @@ def test_choices_read_error_and_relative_error_from_the_store(tmp_path, conv, mo
         [(c.rank, c.error, c.extra["relative_error"]) for c in plain]
 
 
-def test_the_key_names_weight_rank_sweeps_tolerance_and_threads(tmp_path):
+def test_the_key_names_weight_rank_sweeps_tolerance_ridge_and_threads(tmp_path):
     store = CPErrorStore(tmp_path)
     w = torch.randn(4, 3, 3, 3)
     wid = store.weight_id(w)
-    store.put(wid, 2, 30, 1e-7, 1, 0.5, 2.0)
-    assert store.get(wid, 2, 30, 1e-7, 1) == (0.5, 2.0)
-    assert store.get(wid, 3, 30, 1e-7, 1) is None
-    assert store.get(wid, 2, 29, 1e-7, 1) is None
-    assert store.get(wid, 2, 30, 1e-6, 1) is None
-    assert store.get(wid, 2, 30, 1e-7, 2) is None
+    store.put(wid, 2, 30, 1e-7, 1e-5, 1, 0.5, 2.0)
+    assert store.get(wid, 2, 30, 1e-7, 1e-5, 1) == (0.5, 2.0)
+    assert store.get(wid, 3, 30, 1e-7, 1e-5, 1) is None
+    assert store.get(wid, 2, 29, 1e-7, 1e-5, 1) is None
+    assert store.get(wid, 2, 30, 1e-6, 1e-5, 1) is None
+    assert store.get(wid, 2, 30, 1e-7, 0.0, 1) is None  # a fit with another ridge is another fit
+    assert store.get(wid, 2, 30, 1e-7, 1e-5, 2) is None
     w2 = w.clone()
     w2[0, 0, 0, 0] += 1e-6
     assert store.weight_id(w2) != wid

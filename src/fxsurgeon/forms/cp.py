@@ -377,7 +377,7 @@ def clear_cache() -> None:
 
 
 def _cached_factors(weight: torch.Tensor, rank: int, iterations: int, tol: float) -> CPFactors:
-    key = (_weight_key(weight), rank, iterations, tol)
+    key = (_weight_key(weight), rank, iterations, tol, ALS_RIDGE)  # the ridge cp_factors reads when called
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -427,11 +427,11 @@ def _menu_errors(weight: torch.Tensor, ranks: list[int]) -> list[tuple[float, fl
     for r in ranks:
         sweeps = als_sweeps(weight.shape, r, build=False)
         threads = _fit_threads(numel * r)
-        hit = store.get(wid, r, sweeps, DEFAULT_TOL, threads)
+        hit = store.get(wid, r, sweeps, DEFAULT_TOL, ALS_RIDGE, threads)
         if hit is None:
             f = _menu_factors(weight, r)
             hit = (f.error, f.norm2)
-            store.put(wid, r, sweeps, DEFAULT_TOL, threads, *hit)
+            store.put(wid, r, sweeps, DEFAULT_TOL, ALS_RIDGE, threads, *hit)
         out.append(hit)
     return out
 

@@ -2,9 +2,9 @@
 
 A ``form="auto"`` budget asks, for every 3×3 conv, the error of a rank-R CP decomposition at up to 24 ranks; each
 is an ALS fit (:mod:`fxsurgeon.forms.cp`), two thirds of a warm latency-budget conversion of timm resnet50. The
-result is two floats that depend only on the weight's values, the rank, the sweeps, the tolerance, the number of
-threads the fit ran on and the code that computed it, so they can be kept: one entry per
-``sha256(weight) × shape × dtype × rank × sweeps × tol × threads`` in a JSON file whose context names the torch
+result is two floats that depend only on the weight's values, the rank, the sweeps, the tolerance, the ALS ridge,
+the number of threads the fit ran on and the code that computed it, so they can be kept: one entry per
+``sha256(weight) × shape × dtype × rank × sweeps × tol × ridge × threads`` in a JSON file whose context names the torch
 version, the CPU's instruction set and :data:`ALGORITHM` (bumped whenever the decomposition changes). A cached
 error is the same float a new fit on this machine would give, so a warm conversion decides exactly as a cold one.
 
@@ -18,10 +18,10 @@ Stores are used through :func:`cp_error_store` (a context variable, nothing glob
 >>> from pathlib import Path
 >>> store = CPErrorStore(Path(tempfile.mkdtemp()))
 >>> w = CPErrorStore.weight_id(torch.ones(4, 4, 3, 3))
->>> store.get(w, 2, 30, 1e-7, 1) is None
+>>> store.get(w, 2, 30, 1e-7, 1e-5, 1) is None
 True
->>> store.put(w, 2, 30, 1e-7, 1, 0.25, 144.0); store.flush()
->>> CPErrorStore(store.path.parent).get(w, 2, 30, 1e-7, 1)
+>>> store.put(w, 2, 30, 1e-7, 1e-5, 1, 0.25, 144.0); store.flush()
+>>> CPErrorStore(store.path.parent).get(w, 2, 30, 1e-7, 1e-5, 1)
 (0.25, 144.0)
 """
 
@@ -46,8 +46,8 @@ __all__ = ["ALGORITHM", "CPErrorStore", "active_store", "cp_error_store"]
 FORMAT = "fxsurgeon-cp-menu-errors"
 VERSION = 1
 #: which CP code computed the errors: bump when the start, the ALS or the error changes (old files are then
-#: ignored and rewritten, not trusted)
-ALGORITHM = "slice-svd-start+als-line-search+ridge-1e-5/2"
+#: ignored and rewritten, not trusted). The fit's settings (sweeps, tolerance, ridge, threads) are in each key.
+ALGORITHM = "slice-svd-start+als-line-search+ridge/3"
 #: entries a file keeps (about 100 bytes each; a resnet50 conversion adds a few hundred)
 MAX_ENTRIES = 100_000
 
@@ -93,17 +93,22 @@ class CPErrorStore:
         shape = "x".join(str(d) for d in w.shape)
         return f"{hashlib.sha256(raw).hexdigest()[:32]}|{shape}|{str(w.dtype).removeprefix('torch.')}"
 
-    def get(self, weight_id: str, rank: int, sweeps: int, tol: float, threads: int) -> tuple[float, float] | None:
+    @staticmethod
+    def _key(weight_id: str, rank: int, sweeps: int, tol: float, ridge: float, threads: int) -> str:
+        return f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|g{ridge!r}|th{threads}"
+
+    def get(self, weight_id: str, rank: int, sweeps: int, tol: float, ridge: float,
+            threads: int) -> tuple[float, float] | None:
         """``(error, norm2)`` of this fit when it was kept, else None."""
-        hit = self.file.get(f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}")
+        hit = self.file.get(self._key(weight_id, rank, sweeps, tol, ridge, threads))
         if hit is None:
             return None
         self.hits += 1
         return float(hit[0]), float(hit[1])
 
-    def put(self, weight_id: str, rank: int, sweeps: int, tol: float, threads: int, error: float,
+    def put(self, weight_id: str, rank: int, sweeps: int, tol: float, ridge: float, threads: int, error: float,
             norm2: float) -> None:
-        self.file.put(f"{weight_id}|r{rank}|s{sweeps}|t{tol!r}|th{threads}", [float(error), float(norm2)])
+        self.file.put(self._key(weight_id, rank, sweeps, tol, ridge, threads), [float(error), float(norm2)])
         self.fits += 1
 
     def flush(self) -> None:
