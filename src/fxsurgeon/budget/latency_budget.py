@@ -224,13 +224,12 @@ def budget_latency(
     notes: list[str] = []
     found = solver.search(target_latency, fixed_saving, notes)
     best, checks, t_orig = found.best, found.checks, found.original_ms
-    choosable = any(len(lay.menu) > 1 for lay in solver.layers)
 
     used = [f for f in forms if any(lay.ranks.get(f) for lay in solver.layers)] or forms
     if best is None:
         final: dict[str, LayerChoice] = {lay.name: lay.menu[-1] for lay in solver.layers}
         final_check = None
-        if not choosable:
+        if not found.choosable:
             status = (f"no candidate of {', '.join(used)} is faster than the original conv at any layer on "
                       f"{dev} ({dtype_name(dtype)}, batch {batch}): every conv is kept")
         else:

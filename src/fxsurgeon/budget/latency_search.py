@@ -72,8 +72,10 @@ class Layer:
 
 @dataclass
 class Search:
-    """What :meth:`LatencySolver.search` found: the conversion kept, every check, and the original's last time."""
+    """What :meth:`LatencySolver.search` found: the conversion kept, every check, and the original's last time
+    (``choosable`` False: no layer had a candidate faster than its conv, so nothing was solved or timed)."""
 
+    choosable: bool = False
     best: tuple | None = None  # ((meets?, objective or ratio, ...), picks, check) of the conversion kept
     checks: list[dict[str, Any]] = field(default_factory=list)
     tried: list[tuple[float, dict[str, LayerChoice], dict[str, Any]]] = field(default_factory=list)
@@ -281,15 +283,14 @@ class LatencySolver:
         """Solve, check the whole model, correct the layer budget from what the check measured; up to the judge's
         ``solve_rounds`` checks, then a second look at a near miss with less error."""
         judge = self.judge
-        out = Search()
+        out = Search(choosable=any(len(lay.menu) > 1 for lay in self.layers))
         dev = self.placement[0]
-        if not any(len(lay.menu) > 1 for lay in self.layers):
+        if not out.choosable:
             return out
         layers_orig_ms = sum(lay.ms[ORIGINAL] for lay in self.layers)
         # one measurement of the original alone to size the first budget
         t_orig = model_ms(self.original, self.inputs, dev, warmup=judge.model_warmup, iters=judge.model_iters,
                           min_seconds=judge.model_min_seconds, timer=judge.timer)
-        out.original_ms = t_orig
         efficiency = 1.0
         bracket_ms = None  # set once checks fall on both sides of the target
         points: list[tuple[float, float]] = []  # (predicted layer ms, measured ratio) of every check
