@@ -52,31 +52,33 @@ def main() -> None:
                                                "threads": torch.get_num_threads(), "default_ridge": default_ridge,
                                                "evaluated_on": "x[1::2] (5,000 images)", "rows": rows,
                                                "summary": summary or []}, indent=1))
-    for name in args.models:
-        base = load_model(name)
-        ref = logits(base, x, torch.float32)
-        rows.append({"model": name, "ridge": None, "target": None,
-                     **{d: compare(ref, logits(base, x, dt), y) for d, dt in DTYPES.items()},
-                     "max_abs_weight": max(float(m.weight.abs().max()) for m in base.modules()
-                                           if isinstance(m, nn.Conv2d))})
-        for ridge in args.ridges:
-            cp.ALS_RIDGE = ridge
-            for target in args.targets:
-                cp.clear_cache()
-                t0 = time.perf_counter()
-                model = fxsurgeon.convert(base, separable=dict(target_macs=target), conv_head=False,
-                                          example_inputs=x[:1])
-                seconds = time.perf_counter() - t0
-                row = {"model": name, "ridge": ridge, "target": target, "convert_s": round(seconds, 1),
-                       **{d: compare(ref, logits(model, x, dt), y) for d, dt in DTYPES.items()},
-                       "max_abs_weight": max(float(m.weight.abs().max()) for m in model.modules()
-                                             if isinstance(m, nn.Conv2d))}
-                rows.append(row)
-                save()
-                print(f"{name} ridge {ridge:g} target {target:.2f}: " + "  ".join(
-                    f"{d} {row[d]['logit_error']:.4f} / {row[d]['accuracy']:.2f} %" for d in DTYPES)
-                    + f"  max|w| {row['max_abs_weight']:.1f}  ({seconds:.0f} s)", flush=True)
-    cp.ALS_RIDGE = default_ridge
+    try:  # the ridge is a module global: put it back however the run ends
+        for name in args.models:
+            base = load_model(name)
+            ref = logits(base, x, torch.float32)
+            rows.append({"model": name, "ridge": None, "target": None,
+                         **{d: compare(ref, logits(base, x, dt), y) for d, dt in DTYPES.items()},
+                         "max_abs_weight": max(float(m.weight.abs().max()) for m in base.modules()
+                                               if isinstance(m, nn.Conv2d))})
+            for ridge in args.ridges:
+                cp.ALS_RIDGE = ridge
+                for target in args.targets:
+                    cp.clear_cache()
+                    t0 = time.perf_counter()
+                    model = fxsurgeon.convert(base, separable=dict(target_macs=target), conv_head=False,
+                                              example_inputs=x[:1])
+                    seconds = time.perf_counter() - t0
+                    row = {"model": name, "ridge": ridge, "target": target, "convert_s": round(seconds, 1),
+                           **{d: compare(ref, logits(model, x, dt), y) for d, dt in DTYPES.items()},
+                           "max_abs_weight": max(float(m.weight.abs().max()) for m in model.modules()
+                                                 if isinstance(m, nn.Conv2d))}
+                    rows.append(row)
+                    save()
+                    print(f"{name} ridge {ridge:g} target {target:.2f}: " + "  ".join(
+                        f"{d} {row[d]['logit_error']:.4f} / {row[d]['accuracy']:.2f} %" for d in DTYPES)
+                        + f"  max|w| {row['max_abs_weight']:.1f}  ({seconds:.0f} s)", flush=True)
+    finally:
+        cp.ALS_RIDGE = default_ridge
     summary = []
     for ridge in args.ridges:
         cells = [r for r in rows if r["ridge"] == ridge]

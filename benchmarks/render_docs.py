@@ -118,8 +118,8 @@ def _threads_text(d: dict) -> str:
     later = sorted({r["threads"] for r in d["rows"] if r.get("threads", n) != n})
     text = f"{n} thread{'s' if n != 1 else ''}"
     if later:
-        text += (f" ({' and '.join(map(str, later))} for the calibrated rows, re-measured later: compare their "
-                 "conversion times with each other)")
+        text += (f" ({' and '.join(map(str, later))} for the rows whose conversion time is marked ², re-measured "
+                 "later: compare their conversion times with each other)")
     return text
 
 
@@ -133,6 +133,8 @@ def page_peers() -> str:
         mark = " ¹" if _later_run(r) else ""
         target = "–" if r["target"] is None else f"{r['target']:g}"
         conv = "–" if r["method"] == "original" else f"{r['convert_s']:.0f}"
+        if r.get("threads", d["threads"]) != d["threads"]:
+            conv += " ²"
         err = "–" if r.get("logit_error") is None else f"{r['logit_error']:.3f}"
         lines.append(f"| {r['method']} | {target} | {r['mac_ratio']:.3f}× | {_pct(r['accuracy'])} | {err} | {conv} | "
                      f"{lat['b1']:.2f} / {lat['b64']:.1f}{mark} |")
