@@ -77,3 +77,9 @@ def test_bad_inputs():
         separable_factors(torch.empty(4, 4, 3, 3, device="meta"), 1)
     with pytest.raises(SurgeryError, match="multiplier"):
         separable_factors(torch.randn(4, 4, 3, 3), 0)
+    bad = torch.randn(4, 4, 3, 3)
+    bad[1, 2, 0, 0] = float("nan")  # refused by name, as the other forms do, not left to the SVD
+    with pytest.raises(SurgeryError, match=r"^dw-pw: .*NaN or infinite"):
+        separable_factors(bad, 1)
+    with pytest.raises(SurgeryError, match=r"^dw-pw: .*NaN or infinite"):
+        channel_singular_values(bad)

@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from ..errors import SurgeryError
 
-__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "conv_cost", "default_form", "forms_for",
+__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "check_weight", "conv_cost", "default_form", "forms_for",
            "get_form", "is_pointwise", "layer_form", "register_form"]
 
 
@@ -80,6 +81,18 @@ class Form(Protocol):
 
 
 FORMS: dict[str, Form] = {}
+
+
+def check_weight(weight: torch.Tensor, what: str) -> None:
+    """A :class:`SurgeryError` naming ``what`` (the form) unless ``weight`` is a 4-D conv weight with real, finite
+    values: every form decomposes the numbers, so the meta device and NaN are refused before any work."""
+    if weight.dim() != 4:
+        raise SurgeryError(f"{what}: expected a 4-D conv weight (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")
+    if weight.is_meta:
+        raise SurgeryError(f"{what}: the conv weight is on the meta device and cannot be decomposed; load the "
+                           "weights first, or convert with init='random' for the structure only")
+    if not torch.isfinite(weight).all():
+        raise SurgeryError(f"{what}: the conv weight has NaN or infinite values: it cannot be decomposed")
 
 
 def register_form(cls: type) -> type:

@@ -9,10 +9,11 @@ padding mode, so the block computes exactly the CP-approximated conv. The λ sca
 1×1 conv: no multiply is left in the graph.
 
 Rank R may exceed C_in and C_out (up to :func:`cp_max_rank`, where the form is exact). The decomposition is
-deterministic: the initial point is the best of three slice-SVD factorisations (each exact at its full
-rank; the one along C_in is the depthwise→pointwise form's own SVD), refined by ALS with Bro's line search
-in float64 (:mod:`fxsurgeon.forms.als`: TensorLy's ``parafac`` algorithm, in fewer, larger matmuls). A
-result worse than the initial point is never kept.
+deterministic (:mod:`fxsurgeon.forms.cp_fit`: the best of three slice-SVD starts, refined by ALS with Bro's
+line search in float64, :mod:`fxsurgeon.forms.als`). This module is the form around that fit: how much work
+each fit may spend (:func:`als_sweeps`, :data:`ALS_RIDGE`), the caches in front of it, the menus of ranks and
+errors a budget chooses from (:meth:`PointwiseDepthwisePointwise.choices`), and the block it builds
+(:func:`make_cp_separable`).
 
 >>> import torch.nn as nn
 >>> conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
@@ -29,7 +30,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +37,8 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..modules import SeparableConv2d, depthwise_conv_class
-from .als import cp_als, cp_error
-from .base import LayerChoice, register_form
+from .base import LayerChoice, check_weight, register_form
+from .cp_fit import CPFactors, clear_svds, cp_max_rank, fit_cp, fit_threads, slice_svd_init
 from .cp_store import active_store
 
 __all__ = [
@@ -107,67 +107,6 @@ def als_sweeps(shape: tuple[int, ...] | torch.Size, rank: int, *, build: bool) -
     return int(max(least, min(most, work // per_sweep)))
 
 
-@dataclass(frozen=True)
-class CPFactors:
-    """Weights of the 1×1 → depthwise k×k → 1×1 block approximating one conv weight.
-
-    Attributes:
-        reduce: (R, C_in, 1, 1), unit-norm filters b_r.
-        depthwise: (R, 1, kh, kw), unit-norm filters c_r.
-        pointwise: (C_out, R, 1, 1), columns λ_r·a_r: the CP weights are folded in here.
-        rank: R.
-        error: squared Frobenius error ||W − Ŵ||² (float64).
-        norm2: ||W||².
-        init: which slice SVD started ALS (``"c_out"``, ``"c_in"`` or ``"kernel"``).
-        init_error: squared error of that starting point (ALS only lowers it).
-        iterations: ALS sweeps run.
-    """
-
-    reduce: torch.Tensor
-    depthwise: torch.Tensor
-    pointwise: torch.Tensor
-    rank: int
-    error: float
-    norm2: float
-    init: str
-    init_error: float
-    iterations: int
-
-    @property
-    def relative_error(self) -> float:
-        """||W − Ŵ||_F / ||W||_F."""
-        return math.sqrt(self.error / self.norm2) if self.norm2 > 0 else 0.0
-
-
-_MODES = ("c_out", "c_in", "kernel")
-
-
-def _check_weight(weight: torch.Tensor) -> None:
-    if weight.dim() != 4:
-        raise SurgeryError(f"expected a 4-D conv weight (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")
-    if weight.is_meta:
-        raise SurgeryError(
-            "the conv weight is on the meta device: a CP decomposition needs real values. Load the weights "
-            "first, or convert with init='random' for the structure only."
-        )
-    if not torch.isfinite(weight).all():
-        raise SurgeryError("the conv weight has NaN or infinite values: it cannot be decomposed")
-
-
-def cp_max_rank(shape: tuple[int, ...] | torch.Size) -> int:
-    """The CP rank at which the form is exact by construction: the smallest slice-SVD total.
-
-    Each mode of the (C_out, C_in, k²) tensor gives an exact CP of rank ``n_mode · min(other two)`` (one SVD
-    per slice); the smallest of the three bounds the tensor's CP rank.
-
-    >>> cp_max_rank((64, 64, 3, 3)), cp_max_rank((16, 4, 3, 3))
-    (576, 36)
-    """
-    c_out, c_in, kh, kw = shape
-    k = kh * kw
-    return min(c_out * min(c_in, k), c_in * min(c_out, k), k * min(c_out, c_in))
-
-
 def cp_cost(shape: tuple[int, ...] | torch.Size, rank: int) -> tuple[int, int, int]:
     """(weights, MACs per input position, MACs per output position) of the block at ``rank``.
 
@@ -181,125 +120,6 @@ def cp_cost(shape: tuple[int, ...] | torch.Size, rank: int) -> tuple[int, int, i
     return rank * (c_in + kh * kw + c_out), c_in * rank, rank * (kh * kw + c_out)
 
 
-def _tensor3(weight: torch.Tensor) -> torch.Tensor:
-    c_out, c_in, kh, kw = weight.shape
-    return weight.detach().to(device="cpu", dtype=torch.float64).reshape(c_out, c_in, kh * kw)
-
-
-def _slice_svd(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of every slice along ``mode``: U (n, a, r), S (n, r), Vh (n, r, b) and the descending triplet order."""
-    u, s, vh = torch.linalg.svd(t.movedim(mode, 0), full_matrices=False)
-    order = torch.argsort(s.pow(2).flatten(), descending=True, stable=True)
-    return u, s, vh, order
-
-
-# The three slice SVDs of a weight do not depend on the rank: a menu asks for up to CHOICE_POINTS ranks of one
-# weight in a row, so keep the last few (about a second each on a 512×512×3×3 weight).
-_SVDS: OrderedDict[tuple, list] = OrderedDict()
-_SVDS_KEPT = 4
-_SVDS_LOCK = threading.Lock()
-
-
-def _slice_svds(t: torch.Tensor) -> list:
-    key = (tuple(t.shape), str(t.dtype), hash(t.detach().cpu().contiguous().numpy().tobytes()))
-    with _SVDS_LOCK:
-        hit = _SVDS.get(key)
-        if hit is not None:
-            _SVDS.move_to_end(key)
-            return hit
-    svds = [_slice_svd(t, mode) for mode in range(3)]
-    with _SVDS_LOCK:
-        _SVDS[key] = svds
-        while len(_SVDS) > _SVDS_KEPT:
-            _SVDS.popitem(last=False)
-    return svds
-
-
-def slice_svd_init(t: torch.Tensor, rank: int) -> tuple[list[torch.Tensor], float, str]:
-    """Deterministic CP starting point: the ``rank`` largest singular triplets over all slices of one mode.
-
-    For the mode along C_in this is exactly the depthwise→pointwise form's per-channel SVD, regrouped: its
-    triplets (σ, u, v) of channel c become CP components ``σu ∘ e_c ∘ v``. Its squared error is the sum of the
-    discarded σ² (exact), so the best of the three modes is picked without reconstructing anything.
-
-    Args:
-        t: (C_out, C_in, k²) float tensor.
-        rank: R ≥ 1.
-
-    Returns:
-        ``([A (C_out, R), B (C_in, R), C (k², R)], squared error, mode name)``. Components beyond the
-        available triplets (only when the init is already exact) are zero.
-
-    >>> fac, err, mode = slice_svd_init(torch.eye(4, dtype=torch.float64).reshape(4, 4, 1).expand(4, 4, 2), 4)
-    >>> err < 1e-24, [f.shape[1] for f in fac]
-    (True, [4, 4, 4])
-    """
-    total = float(t.pow(2).sum())
-    best: tuple[list[torch.Tensor], float, str] | None = None
-    for mode, (u, s, vh, order) in enumerate(_slice_svds(t)):
-        n, r = s.shape
-        take = order[:rank]
-        ch, j = take // r, take % r
-        kept = float(s[ch, j].pow(2).sum())
-        err = max(total - kept, 0.0)
-        if best is not None and not err < best[1]:
-            continue
-        sel = torch.zeros(n, len(take), dtype=t.dtype)
-        sel[ch, torch.arange(len(take))] = 1.0
-        left = u[ch, :, j].T * s[ch, j]  # (a, R): the slice's left vectors carry σ
-        right = vh[ch, j, :].T  # (b, R)
-        others = [d for d in range(3) if d != mode]
-        fac: list[torch.Tensor] = [sel, sel, sel]
-        fac[mode], fac[others[0]], fac[others[1]] = sel, left, right
-        if len(take) < rank:
-            fac = [torch.cat([f, f.new_zeros(f.shape[0], rank - len(take))], 1) for f in fac]
-        best = (fac, err, _MODES[mode])
-    assert best is not None
-    return best
-
-
-def _fit_threads(work: int) -> int:
-    """Intra-op threads a decomposition of ``work`` (tensor elements × rank) runs on: one below 5·10⁷, where
-    thread hand-offs cost more than they save (7× slower with 2 threads on a 24×16×9 tensor on a busy 2-core
-    machine), else the process's."""
-    n = torch.get_num_threads()
-    return 1 if work < 50_000_000 else n
-
-
-@contextlib.contextmanager
-def _threads_for(work: int) -> Iterator[None]:
-    """Run on :func:`_fit_threads` threads; restored after."""
-    n, fit = torch.get_num_threads(), _fit_threads(work)
-    if fit != n:
-        torch.set_num_threads(fit)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
-    else:
-        yield
-
-
-def _finish(factors: list[torch.Tensor], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise b_r and c_r, fold every scale into the last 1×1 conv, order components by weight."""
-    a, b, c = factors
-    nb = b.norm(dim=0)
-    nc = c.norm(dim=0)
-    live = (nb > 0) & (nc > 0)
-    b = torch.where(live, b / torch.where(live, nb, 1.0), 0.0)
-    c = torch.where(live, c / torch.where(live, nc, 1.0), 0.0)
-    a = torch.where(live, a * (nb * nc), 0.0)
-    # deterministic, readable order: strongest component first; sign so that the depthwise peak is positive
-    order = torch.argsort(a.norm(dim=0), descending=True, stable=True)
-    a, b, c = a[:, order], b[:, order], c[:, order]
-    peak = c.gather(0, c.abs().argmax(0, keepdim=True)).sign()
-    peak = torch.where(peak == 0, 1.0, peak)
-    c, a = c * peak, a * peak
-    c_out, c_in, kh, kw = shape
-    rank = a.shape[1]
-    return b.T.reshape(rank, c_in, 1, 1), c.T.reshape(rank, 1, kh, kw), a.reshape(c_out, rank, 1, 1)
-
-
 def cp_factors(
     weight: torch.Tensor,
     rank: int,
@@ -308,47 +128,24 @@ def cp_factors(
     tol: float = DEFAULT_TOL,
     ridge: float | None = None,
 ) -> CPFactors:
-    """Rank-R CP decomposition of a conv weight into 1×1 → depthwise → 1×1 weights.
-
-    Deterministic: slice-SVD start (:func:`slice_svd_init`), then ALS with line search
-    (:func:`fxsurgeon.forms.als.cp_als`) in float64 on the CPU. Results come back in the weight's dtype and
-    device.
+    """Rank-R CP decomposition of a conv weight into 1×1 → depthwise → 1×1 weights, uncached
+    (:func:`fxsurgeon.forms.cp_fit.fit_cp` with this form's defaults).
 
     Args:
         weight: (C_out, C_in, kh, kw) conv weight (groups=1).
         rank: R ≥ 1; capped at :func:`cp_max_rank`, where the result is exact.
         iterations: most ALS sweeps (0: the slice-SVD start alone).
         tol: stop once a sweep improves the relative error by less than this.
-        ridge: the ALS updates' Tikhonov ridge (None: :data:`ALS_RIDGE`; 0: plain ALS, which can recover a weight of
-            low CP rank to float64 precision but drifts into large cancelling components on trained weights).
+        ridge: the ALS updates' Tikhonov ridge (None: :data:`ALS_RIDGE`, read when called; 0: plain ALS, which can
+            recover a weight of low CP rank to float64 precision but drifts into large cancelling components on
+            trained weights).
 
     >>> w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     >>> f = cp_factors(w, 8)
     >>> f.reduce.shape, f.depthwise.shape, f.pointwise.shape, f.error <= f.init_error
     (torch.Size([8, 4, 1, 1]), torch.Size([8, 1, 3, 3]), torch.Size([6, 8, 1, 1]), True)
     """
-    _check_weight(weight)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise SurgeryError(f"CP rank must be an int >= 1, got {rank!r}")
-    rank = min(rank, cp_max_rank(weight.shape))
-    t = _tensor3(weight)
-    norm2 = float(t.pow(2).sum())
-    with _threads_for(t.numel() * rank):
-        factors, init_err, mode = slice_svd_init(t, rank)
-        err, sweeps = init_err, 0
-        if iterations > 0 and init_err > 1e-20 * norm2:
-            try:
-                refined, sweeps = cp_als(t, factors, iterations, tol, ridge=ALS_RIDGE if ridge is None else ridge)
-                new_err = cp_error(t, refined)
-            except (RuntimeError, ValueError):  # a singular normal equation: keep the exact-SVD start
-                refined, new_err = factors, init_err
-            if math.isfinite(new_err) and new_err <= init_err:
-                factors, err = refined, new_err
-        else:
-            err = cp_error(t, factors)
-        red, dw, pw = _finish(factors, weight.shape)
-    like = {"dtype": weight.dtype, "device": weight.device}
-    return CPFactors(red.to(**like), dw.to(**like), pw.to(**like), rank, err, norm2, mode, init_err, sweeps)
+    return fit_cp(weight, rank, iterations=iterations, tol=tol, ridge=ALS_RIDGE if ridge is None else ridge)
 
 
 # A conversion asks for the same (weight, rank) more than once (choices, then build): keep recent results,
@@ -372,8 +169,7 @@ def clear_cache() -> None:
     """Forget cached decompositions (they are only a speed-up: results are the same without them)."""
     with _CACHE_LOCK:
         _CACHE.clear()
-    with _SVDS_LOCK:
-        _SVDS.clear()
+    clear_svds()
 
 
 def _cached_factors(weight: torch.Tensor, rank: int, iterations: int, tol: float) -> CPFactors:
@@ -426,7 +222,7 @@ def _menu_errors(weight: torch.Tensor, ranks: list[int]) -> list[tuple[float, fl
     out = []
     for r in ranks:
         sweeps = als_sweeps(weight.shape, r, build=False)
-        threads = _fit_threads(numel * r)
+        threads = fit_threads(numel * r)
         hit = store.get(wid, r, sweeps, DEFAULT_TOL, ALS_RIDGE, threads)
         if hit is None:
             f = _menu_factors(weight, r)
@@ -482,7 +278,7 @@ def cp_error_curve(weight: torch.Tensor, ranks: list[int], *, iterations: int | 
     >>> curve[0] > curve[1] > 0, curve[2] < 1e-8 * float(w.pow(2).sum())
     (True, True)
     """
-    _check_weight(weight)
+    check_weight(weight, "pw-dw-pw")
     if iterations is None:
         return [e for e, _ in _menu_errors(weight, [min(r, cp_max_rank(weight.shape)) for r in ranks])]
     return [_cached_factors(weight, r, iterations, tol).error for r in ranks]
@@ -560,7 +356,7 @@ class PointwiseDepthwisePointwise:
         Each error is that of :func:`als_sweeps` (``build=False``) ALS sweeps: an upper bound on what
         :meth:`build` reaches at that rank (same start, at least as many sweeps).
         """
-        _check_weight(conv.weight)
+        check_weight(conv.weight, "pw-dw-pw")
         top = min(max_rank or self.full_rank(conv), self.full_rank(conv))
         out = []
         ranks = cp_rank_grid(conv.weight.shape, top, menu_points(conv.weight.shape, top))
@@ -573,7 +369,7 @@ class PointwiseDepthwisePointwise:
 
     def error_at(self, conv: nn.Conv2d, ranks: list[int]) -> list[float]:
         """Squared Frobenius weight error at each rank, after :func:`als_sweeps` ALS sweeps (a bound)."""
-        _check_weight(conv.weight)
+        check_weight(conv.weight, "pw-dw-pw")
         return [e for e, _ in _menu_errors(conv.weight, [min(r, self.full_rank(conv)) for r in ranks])]
 
     def build(self, conv: nn.Conv2d, rank: int, init: str = "svd") -> tuple[nn.Module, dict[str, Any]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SurgeryError
+from .base import check_weight
 
 __all__ = [
     "SeparableFactors",
@@ -50,16 +51,6 @@ class SeparableFactors:
         return (self.discarded_energy / total) ** 0.5 if total > 0 else 0.0
 
 
-def _check_weight(weight: torch.Tensor) -> None:
-    if weight.dim() != 4:
-        raise SurgeryError(f"expected a 4-D conv weight (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")
-    if weight.is_meta:
-        raise SurgeryError(
-            "the conv weight is on the meta device: an SVD needs real values. Load the weights first, "
-            "or convert with init='random' for the structure only."
-        )
-
-
 def _slices(weight: torch.Tensor) -> torch.Tensor:
     """(C_in, C_out, kh·kw) float64 slices, one matrix per input channel."""
     c_out, c_in, kh, kw = weight.shape
@@ -85,7 +76,7 @@ def channel_singular_values(weight: torch.Tensor) -> torch.Tensor:
     >>> channel_singular_values(torch.ones(4, 2, 3, 3)).shape
     torch.Size([2, 4])
     """
-    _check_weight(weight)
+    check_weight(weight, "dw-pw")
     c_out, _, kh, kw = weight.shape
     s2, _, _ = _gram_eig(_slices(weight))
     return s2[:, : min(c_out, kh * kw)].sqrt()
@@ -128,7 +119,7 @@ def separable_factors(weight: torch.Tensor, multiplier: int) -> SeparableFactors
     >>> f.depthwise.shape, f.pointwise.shape, f.discarded_energy < 1e-20
     (torch.Size([32, 1, 3, 3]), torch.Size([8, 32, 1, 1]), True)
     """
-    _check_weight(weight)
+    check_weight(weight, "dw-pw")
     if not isinstance(multiplier, int) or isinstance(multiplier, bool) or multiplier < 1:
         raise SurgeryError(f"multiplier must be an int >= 1, got {multiplier!r}")
     c_out, c_in, kh, kw = weight.shape

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..modules import depthwise_conv_class
-from .base import LayerChoice, register_form
+from .base import LayerChoice, check_weight, register_form
 
 __all__ = [
     "SpatialSVD",
@@ -56,16 +56,6 @@ __all__ = [
 HOOI_SWEEPS = 2
 #: ranks per layer that the dense forms' :meth:`choices` list (any rank can still be asked for by name)
 CHOICE_POINTS = 12
-
-
-def check_weight(weight: torch.Tensor, what: str) -> None:
-    if weight.dim() != 4:
-        raise SurgeryError(f"{what}: expected a 4-D conv weight (C_out, C_in, kh, kw), got shape {tuple(weight.shape)}")
-    if weight.is_meta:
-        raise SurgeryError(f"{what}: the conv weight is on the meta device and cannot be decomposed; load the "
-                           "weights first, or convert with init='random' for the structure only")
-    if not torch.isfinite(weight).all():
-        raise SurgeryError(f"{what}: the conv weight has NaN or infinite values: it cannot be decomposed")
 
 
 def check_rank(rank: Any, what: str) -> int:

@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from .base import LayerChoice, register_form
+from .base import LayerChoice, check_weight, register_form
 from .dense import (
     balanced_svd,
     check_conv,
     check_rank,
-    check_weight,
     core_conv,
     finish_block,
     rank_grid,
