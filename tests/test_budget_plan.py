@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -36,6 +38,8 @@ def test_model_macs_counts_one_multiply_add_as_one():
 def test_a_budget_the_rest_of_the_model_cannot_meet_says_how_low_it_can_go():
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                         nn.Flatten(), nn.Linear(16 * 8 * 8, 10)).eval()
-    with pytest.raises(SurgeryError, match=r"cannot be met.*of the parameters"):
+    with pytest.raises(SurgeryError, match=r"cannot be met.*of the parameters") as info:
         fxsurgeon.convert(net, example_inputs=torch.randn(1, 3, 8, 8), conv_head=False,
                           separable=dict(target_params=0.05))
+    # the allocation's own reason follows as a sentence of its own
+    assert re.search(r"by this pass\)\. [A-Z]", str(info.value)), str(info.value)

@@ -295,6 +295,7 @@ def plan_budget(
     try:
         alloc = allocate(options, max_macs=max_macs, max_params=max_params)
     except SurgeryError as exc:
+        why = str(exc)
         floor_m = fixed_macs + sum(min(o.macs(c) for c in o.choices) for o in options)
         floor_p = fixed_params + sum(min(c.params for c in o.choices) for o in options)
         lows = []
@@ -303,7 +304,7 @@ def plan_budget(
         lows.append(f"{floor_p / total_params:.3f} of the parameters")
         raise SurgeryError(
             f"separable: the budget cannot be met: rewriting every candidate at its cheapest still leaves "
-            f"{' and '.join(lows)} (the rest of the model is not rewritten by this pass). {exc}"
+            f"{' and '.join(lows)} (the rest of the model is not rewritten by this pass). {why[:1].upper()}{why[1:]}"
             + (f"; {hint}" if hint else "")
         ) from None
     return BudgetPlan(alloc, options, total_macs, total_params, fixed_macs, fixed_params, target_macs,
