@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import SurgeryError
 
-__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "check_weight", "conv_cost", "default_form", "forms_for",
-           "get_form", "is_pointwise", "layer_form", "register_form"]
+__all__ = ["FORMS", "Form", "LayerChoice", "applies", "auto_forms", "check_weight", "conv_cost", "default_form",
+           "forms_for", "get_form", "is_pointwise", "layer_form", "register_form"]
 
 
 @dataclass(frozen=True)

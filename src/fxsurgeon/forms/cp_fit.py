@@ -92,7 +92,8 @@ def _slice_svd(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 # The three slice SVDs of a weight do not depend on the rank: a menu asks for up to
-# fxsurgeon.forms.cp.CHOICE_POINTS ranks of one weight in a row, so keep the last few (about a second each on a 512×512×3×3 weight).
+# fxsurgeon.forms.cp.CHOICE_POINTS ranks of one weight in a row, so keep the last few (about a second each
+# on a 512×512×3×3 weight).
 _SVDS: OrderedDict[tuple, list] = OrderedDict()
 _SVDS_KEPT = 4
 _SVDS_LOCK = threading.Lock()
